@@ -1,0 +1,439 @@
+//! The command line: argument parsing, logging set-up, and the one place that turns errors into
+//! messages and exit codes.
+//!
+//! Exit codes: 0 success; 2 usage or configuration error (including credentials an admin must
+//! fix); 75 (`EX_TEMPFAIL`) an upstream is temporarily unavailable or rate limited, so a timer
+//! should simply retry later; 1 anything else. Errors print once, on one line, with their cause
+//! chain, and never contain secrets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::bitrix24::{Bitrix24Client, Bitrix24Error};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError, Env, Mode};
+use crate::store::{SharedStore, Store, StoreError};
+use crate::unitalk::{UnitalkClient, UnitalkError};
+
+/// Exit code for configuration and usage errors.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code when an upstream is temporarily unavailable (EX_TEMPFAIL).
+pub const EXIT_TEMPFAIL: u8 = 75;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ubsync",
+    version,
+    about = "Keeps Bitrix24 CRM in step with the Unitalk cloud PBX",
+    long_about = "ubsync pulls call history and inner-line statuses from Unitalk, diffs them against a local \
+SQLite state store, and pushes calls, recordings and missed-call tasks to Bitrix24 in rate-limited batches.\n\n\
+Start with `ubsync sim --write-config sim.toml` to try it against the built-in simulators, or copy \
+ubsync.example.toml to ubsync.toml, fill it in and run `ubsync check`.\n\n\
+Exit codes: 0 success, 2 usage or configuration error, 75 upstream temporarily unavailable (retry later), 1 other errors."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "UBSYNC_CONFIG",
+        default_value = "ubsync.toml",
+        value_name = "PATH"
+    )]
+    pub config: PathBuf,
+
+    /// More logging (-v debug, -vv trace). UBSYNC_LOG overrides, e.g. UBSYNC_LOG=ubsync=debug.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only warnings and errors.
+    #[arg(long, short = 'q', global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration, open the state store, and make one cheap authenticated request
+    /// to Unitalk and to Bitrix24, printing a verdict for each.
+    Check {
+        /// Skip the requests to Unitalk and Bitrix24.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Run the Unitalk and Bitrix24 simulators on loopback, seeded with a realistic call-centre day.
+    Sim(SimArgs),
+    /// Manage the Bitrix24 OAuth tokens of the local application (telephony mode).
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Exchange a refresh token for a fresh token pair and store it. Use this when the install
+    /// callback cannot reach ubsync: copy the refresh token from the application's install data.
+    SetRefreshToken {
+        /// The refresh token (from the portal's install callback or the application page).
+        token: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address of the Unitalk simulator (loopback only).
+    #[arg(long, default_value = "127.0.0.1:18081")]
+    pub unitalk: SocketAddr,
+    /// Address of the Bitrix24 simulator (loopback only).
+    #[arg(long, default_value = "127.0.0.1:18082")]
+    pub bitrix24: SocketAddr,
+    /// Local day of the seeded calls (default: yesterday in Europe/Kyiv).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    pub date: Option<chrono::NaiveDate>,
+    /// Number of seeded calls.
+    #[arg(long, default_value_t = 400)]
+    pub calls: usize,
+    /// Number of seeded operators.
+    #[arg(long, default_value_t = 20)]
+    pub operators: usize,
+    /// Seed of the scenario generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write a ubsync configuration pointing at the simulators to this file (the state file goes
+    /// beside it, in state/).
+    #[arg(long, value_name = "PATH")]
+    pub write_config: Option<PathBuf>,
+    /// Configure the written file for activity mode (incoming webhook) instead of telephony mode.
+    #[arg(long)]
+    pub activity: bool,
+}
+
+/// Parses arguments, runs the command, prints any error, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ubsync: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ubsync: error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// The exit code an error maps to.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return EXIT_CONFIG;
+        }
+        if let Some(b) = cause.downcast_ref::<Bitrix24Error>() {
+            return bitrix24_code(b);
+        }
+        if let Some(u) = cause.downcast_ref::<UnitalkError>() {
+            return unitalk_code(u);
+        }
+        if let Some(StoreError::Busy(_)) = cause.downcast_ref::<StoreError>() {
+            return EXIT_TEMPFAIL;
+        }
+    }
+    1
+}
+
+fn bitrix24_code(e: &Bitrix24Error) -> u8 {
+    if e.needs_admin() {
+        EXIT_CONFIG
+    } else if e.is_retryable() {
+        EXIT_TEMPFAIL
+    } else {
+        1
+    }
+}
+
+fn unitalk_code(e: &UnitalkError) -> u8 {
+    match e {
+        UnitalkError::Auth { .. } => EXIT_CONFIG,
+        e if e.is_retryable() => EXIT_TEMPFAIL,
+        _ => 1,
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "info",
+        (_, 1) => "ubsync=debug,info",
+        _ => "ubsync=trace,debug",
+    };
+    let filter = EnvFilter::try_from_env("UBSYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // Under systemd, journald adds its own timestamps and does not render colours.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Loads and validates the configuration.
+pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigError> {
+    Config::load(path, &Env::from_process())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Check { offline } => check(&cli.config, offline).await,
+        Command::Sim(args) => sim(args).await,
+        Command::Auth(AuthCommand::SetRefreshToken { token }) => {
+            set_refresh_token(&cli.config, &token).await
+        }
+    }
+}
+
+fn verdict(what: &str, ok: &str, detail: &str) {
+    println!("{what:<9} {ok:<7} {detail}");
+}
+
+async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => {
+            verdict("config", "FAIL", &e.to_string());
+            return Ok(EXIT_CONFIG);
+        }
+    };
+    verdict(
+        "config",
+        "ok",
+        &format!(
+            "{} (mode {}, portal {})",
+            cfg.source.display(),
+            cfg.bitrix24.mode,
+            cfg.bitrix24.portal_display()
+        ),
+    );
+    let store = match Store::open(&cfg.state.path) {
+        Ok(s) => s,
+        Err(e) => {
+            verdict("store", "FAIL", &e.to_string());
+            return Ok(if matches!(e, StoreError::Busy(_)) {
+                EXIT_TEMPFAIL
+            } else {
+                1
+            });
+        }
+    };
+    verdict(
+        "store",
+        "ok",
+        &format!(
+            "{} (schema v{})",
+            cfg.state.path.display(),
+            store.schema_version()?
+        ),
+    );
+    if offline {
+        verdict("unitalk", "skipped", "--offline");
+        verdict("bitrix24", "skipped", "--offline");
+        return Ok(0);
+    }
+    let store = SharedStore::new(store);
+    let mut worst = 0u8;
+    let mut note = |code: u8| {
+        // 2 (an admin must act) outranks 75 (retry later), which outranks 1.
+        let rank = |c: u8| match c {
+            0 => 0,
+            1 => 1,
+            EXIT_TEMPFAIL => 2,
+            _ => 3,
+        };
+        if rank(code) > rank(worst) {
+            worst = code;
+        }
+    };
+
+    let unitalk = UnitalkClient::new(&cfg.unitalk)?;
+    match unitalk.users().await {
+        Ok(users) => verdict(
+            "unitalk",
+            "ok",
+            &format!(
+                "{}: key accepted, {} operators with inner lines",
+                cfg.unitalk.base_url,
+                users.len()
+            ),
+        ),
+        Err(e) => {
+            verdict("unitalk", "FAIL", &e.to_string());
+            note(unitalk_code(&e));
+        }
+    }
+
+    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    match b24.call("user.current", serde_json::Value::Null).await {
+        Ok(env) => {
+            let r = &env.result;
+            let name = format!(
+                "{} {}",
+                r.get("NAME").and_then(|v| v.as_str()).unwrap_or(""),
+                r.get("LAST_NAME").and_then(|v| v.as_str()).unwrap_or("")
+            );
+            let id = r
+                .get("ID")
+                .and_then(crate::bitrix24::wire::as_text)
+                .unwrap_or_default();
+            let how = match cfg.bitrix24.mode {
+                Mode::Telephony => "OAuth application",
+                Mode::Activity => "incoming webhook",
+            };
+            verdict(
+                "bitrix24",
+                "ok",
+                &format!(
+                    "{}: {how} authenticated as user {id} ({})",
+                    cfg.bitrix24.portal_display(),
+                    name.trim()
+                ),
+            );
+        }
+        Err(e) => {
+            verdict("bitrix24", "FAIL", &e.to_string());
+            note(bitrix24_code(&e));
+        }
+    }
+    Ok(worst)
+}
+
+async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    if cfg.bitrix24.mode != Mode::Telephony {
+        anyhow::bail!(ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: "bitrix24.mode".into(),
+                problem: "OAuth tokens are only used in telephony mode".into(),
+                fix: "set bitrix24.mode = \"telephony\" with client_id and client_secret".into(),
+            }],
+        });
+    }
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    let tokens = client
+        .exchange(token.trim())
+        .await
+        .context("cannot exchange the refresh token")?;
+    println!(
+        "stored a new OAuth token pair for {} (access token valid until {})",
+        cfg.bitrix24.portal_display(),
+        tokens
+            .expires_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "unknown".into())
+    );
+    Ok(0)
+}
+
+async fn sim(args: SimArgs) -> anyhow::Result<u8> {
+    use crate::sim::{Bitrix24SimConfig, Scenario, Simulators};
+    let tz = chrono_tz::Europe::Kyiv;
+    let clock = Clock::system();
+    let date = args.date.unwrap_or_else(|| {
+        (clock.now().with_timezone(&tz) - chrono::Duration::days(1)).date_naive()
+    });
+    let scenario = Scenario::call_centre_day(tz, date, args.operators, args.calls, args.seed);
+    let sims = Simulators::start(
+        &scenario,
+        Bitrix24SimConfig::default(),
+        clock,
+        args.unitalk,
+        args.bitrix24,
+    )
+    .await
+    .context("cannot start the simulators")?;
+    let (_access, refresh) = sims.bitrix24.install_app(scenario.admin_user_id);
+    let b24 = sims.bitrix24_url();
+    let webhook = format!(
+        "{b24}/rest/1/{}/",
+        crate::sim::bitrix24::DEFAULT_WEBHOOK_CODE
+    );
+    println!(
+        "Unitalk simulator   {}   (API key {})",
+        sims.unitalk_url(),
+        crate::sim::unitalk::DEFAULT_API_KEY
+    );
+    println!("Bitrix24 simulator  {b24}");
+    println!("  incoming webhook  {webhook}");
+    println!(
+        "  client_id         {}",
+        crate::sim::bitrix24::DEFAULT_CLIENT_ID
+    );
+    println!(
+        "  client_secret     {}",
+        crate::sim::bitrix24::DEFAULT_CLIENT_SECRET
+    );
+    println!("  refresh token     {refresh}");
+    println!(
+        "Seeded {} operators, {} CRM clients and {} calls on {date} ({tz}).",
+        scenario.operators.len(),
+        scenario.crm.len(),
+        scenario.calls.len()
+    );
+    if let Some(path) = &args.write_config {
+        let mode = if args.activity {
+            "activity"
+        } else {
+            "telephony"
+        };
+        let start = format!("{date} 00:00:00");
+        let text = format!(
+            "# Written by `ubsync sim`: points ubsync at the local simulators.\n\
+             [unitalk]\nbase_url = \"{}\"\napi_key = \"{}\"\ntimezone = \"{tz}\"\n\n\
+             [bitrix24]\nmode = \"{mode}\"\nportal_url = \"{b24}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
+             oauth_url = \"{b24}\"\nwebhook_url = \"{webhook}\"\ndefault_user_id = {}\n\n\
+             [state]\npath = \"state/sim.db\"\n\n[sync]\nstart = \"{start}\"\n",
+            sims.unitalk_url(),
+            crate::sim::unitalk::DEFAULT_API_KEY,
+            crate::sim::bitrix24::DEFAULT_CLIENT_ID,
+            crate::sim::bitrix24::DEFAULT_CLIENT_SECRET,
+            scenario.admin_user_id,
+        );
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("Wrote {} ({mode} mode).", path.display());
+        if !args.activity {
+            println!(
+                "Store the tokens with:  ubsync --config {} auth set-refresh-token {refresh}",
+                path.display()
+            );
+        }
+        println!(
+            "Then check the set-up:  ubsync --config {} check",
+            path.display()
+        );
+    }
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
+    sims.shutdown();
+    Ok(0)
+}

@@ -1,0 +1,13 @@
+//! ubsync keeps Bitrix24 CRM in step with the Unitalk cloud PBX.
+//!
+//! See `ARCHITECTURE.md` for the bird's-eye view and the codemap.
+
+pub mod bitrix24;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod phpquery;
+pub mod sim;
+pub mod store;
+pub mod timezone;
+pub mod unitalk;

@@ -1,0 +1,997 @@
+//! The Bitrix24 portal simulator.
+//!
+//! Follows `bitrix24-api.md`, section by section:
+//! - §1.1 both URL forms: incoming webhooks `/rest/<user>/<code>/<method>` and OAuth
+//!   `/rest/<method>` with `auth` in the query or body; an optional `.json` suffix; method names
+//!   case-insensitive. §1.2 GET, form and JSON bodies.
+//! - §1.3 the OAuth server at `/oauth/token/`: the refresh grant returns a *new* refresh token and
+//!   invalidates the old one; access tokens expire (configurable) and then answer 401
+//!   `expired_token`.
+//! - §2.1 the leaky bucket per portal (capacity and drain configurable, default 50 and 2/s): once
+//!   full, requests get HTTP 503 `QUERY_LIMIT_EXCEEDED` "Too many requests". A batch counts once.
+//! - §2.2 the per-method operating budget over ten one-minute buckets: `time.operating` and
+//!   `time.operating_reset_at` in every response; the call after the one that crosses the limit
+//!   gets HTTP 429 `OPERATION_TIME_LIMIT`. Nested batch commands are billed to their own methods.
+//! - §3 `batch`: at most 50 commands, `halt`, `$result[key][FIELD]` references, per-command
+//!   `result_error`, PHP's JSON quirks (empty maps as `[]`, sequential numeric keys as a list).
+//! - §4–§7 the methods themselves live in [`methods`].
+//!
+//! Fault injection ([`Fault`]) reproduces what real portals do under stress: HTML 5xx pages,
+//! 503 storms, answers slower than the client's timeout, a connection dropped after the write was
+//! committed, and forced `expired_token`.
+
+mod methods;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Extension, Json, Router};
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde_json::{json, Map, Value};
+
+pub use methods::{Activity, CrmEntity, ExtCall, PortalUser, StatRow, Task};
+
+use super::scenario::{CrmKind, Scenario};
+use super::ConnectionKill;
+use crate::clock::Clock;
+use crate::phpquery;
+
+/// The local application's credentials the simulator accepts unless told otherwise.
+pub const DEFAULT_CLIENT_ID: &str = "local.sim0000000000.00000000";
+pub const DEFAULT_CLIENT_SECRET: &str = "sim-client-secret";
+/// The incoming webhook the simulator accepts: `/rest/1/<code>/`.
+pub const DEFAULT_WEBHOOK_CODE: &str = "simwebhookcode01";
+
+/// How the simulated portal behaves.
+#[derive(Debug, Clone)]
+pub struct Bitrix24SimConfig {
+    /// Leaky bucket capacity (X in §2.1).
+    pub burst: f64,
+    /// Leaky bucket drain per second (Y in §2.1).
+    pub drain_per_sec: f64,
+    /// Operating budget per method over 10 minutes, in seconds (§2.2).
+    pub operating_limit: f64,
+    /// Simulated execution time of one method call, in seconds.
+    pub default_cost: f64,
+    /// Per-method execution time overrides (lowercase method names).
+    pub method_costs: HashMap<String, f64>,
+    /// Access token lifetime.
+    pub token_ttl: Duration,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Incoming webhooks: (user id, code).
+    pub webhooks: Vec<(u64, String)>,
+    /// The portal's time zone (dates in responses carry its offset).
+    pub timezone: Tz,
+    /// Whether `attachRecord` may run inside a batch (some portals refuse file methods there).
+    pub attach_record_in_batch: bool,
+    /// Whether a new `register` for an unknown number creates a lead when `CRM_CREATE=1`.
+    pub lead_creation: bool,
+}
+
+impl Default for Bitrix24SimConfig {
+    fn default() -> Self {
+        Self {
+            burst: 50.0,
+            drain_per_sec: 2.0,
+            operating_limit: 480.0,
+            default_cost: 0.02,
+            method_costs: HashMap::new(),
+            token_ttl: Duration::hours(1),
+            client_id: DEFAULT_CLIENT_ID.into(),
+            client_secret: DEFAULT_CLIENT_SECRET.into(),
+            webhooks: vec![(1, DEFAULT_WEBHOOK_CODE.into())],
+            timezone: chrono_tz::Europe::Kyiv,
+            attach_record_in_batch: true,
+            lead_creation: true,
+        }
+    }
+}
+
+/// What a fault does to the request it hits.
+#[derive(Debug, Clone)]
+pub enum FaultKind {
+    /// HTTP `status` with an HTML page; nothing is executed.
+    Html(u16),
+    /// HTTP 503 `QUERY_LIMIT_EXCEEDED`; nothing is executed.
+    QueryLimit,
+    /// HTTP 429 `OPERATION_TIME_LIMIT`; nothing is executed.
+    OperationLimit,
+    /// Executes and commits, then answers only after this delay.
+    Slow(std::time::Duration),
+    /// Executes and commits, then drops the connection without answering.
+    CommitThenDrop,
+    /// The OAuth access token used is expired (401 `expired_token`); nothing is executed.
+    ExpiredToken,
+}
+
+/// A fault applied to the next `remaining` requests that match `method`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Lowercase method name (`batch` or a method inside a batch); `None` matches any request.
+    pub method: Option<String>,
+    pub kind: FaultKind,
+    pub remaining: u32,
+}
+
+impl Fault {
+    pub fn once(method: Option<&str>, kind: FaultKind) -> Self {
+        Self::times(method, kind, 1)
+    }
+
+    pub fn times(method: Option<&str>, kind: FaultKind, n: u32) -> Self {
+        Self {
+            method: method.map(str::to_lowercase),
+            kind,
+            remaining: n,
+        }
+    }
+}
+
+/// One HTTP request the portal received.
+#[derive(Debug, Clone)]
+pub struct LoggedRequest {
+    pub at: DateTime<Utc>,
+    /// Lowercase method (`batch` for batches).
+    pub method: String,
+    /// Methods of the commands inside a batch.
+    pub commands: Vec<String>,
+    pub status: u16,
+    pub error: Option<String>,
+    pub via_webhook: bool,
+}
+
+#[derive(Debug, Clone)]
+struct AccessToken {
+    user_id: u64,
+    expires_at: DateTime<Utc>,
+}
+
+/// The credential a request runs under.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    Webhook { user_id: u64, code: String },
+    App { user_id: u64 },
+}
+
+impl Caller {
+    fn user_id(&self) -> u64 {
+        match self {
+            Caller::Webhook { user_id, .. } | Caller::App { user_id } => *user_id,
+        }
+    }
+
+    fn budget_key(&self) -> String {
+        match self {
+            Caller::Webhook { code, .. } => format!("webhook:{code}"),
+            Caller::App { .. } => "app".into(),
+        }
+    }
+
+    fn is_app(&self) -> bool {
+        matches!(self, Caller::App { .. })
+    }
+}
+
+/// A method's failure, as the portal reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub description: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, description: &str) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            description: description.into(),
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": self.code, "error_description": self.description})
+    }
+}
+
+/// A method's success: its result, and `total`/`next` for list methods.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiOk {
+    pub result: Value,
+    pub total: Option<u64>,
+    pub next: Option<u64>,
+}
+
+impl ApiOk {
+    pub fn new(result: Value) -> Self {
+        Self {
+            result,
+            total: None,
+            next: None,
+        }
+    }
+}
+
+pub(crate) type ApiResult = Result<ApiOk, ApiError>;
+
+/// One method's operating time for one credential: one-minute buckets (opened at, seconds used).
+type OperatingBuckets = Vec<(DateTime<Utc>, f64)>;
+
+/// Everything the portal holds.
+pub(crate) struct PortalState {
+    pub cfg: Bitrix24SimConfig,
+    pub base_url: String,
+    pub data: methods::PortalData,
+    access_tokens: HashMap<String, AccessToken>,
+    refresh_tokens: HashMap<String, u64>,
+    bucket_level: f64,
+    bucket_at: Option<DateTime<Utc>>,
+    operating: HashMap<(String, String), OperatingBuckets>,
+    faults: Vec<Fault>,
+    log: Vec<LoggedRequest>,
+    token_seq: u64,
+    pub member_id: String,
+}
+
+/// Handle to the simulated portal.
+#[derive(Clone)]
+pub struct Bitrix24Sim {
+    state: Arc<Mutex<PortalState>>,
+    clock: Clock,
+}
+
+impl Bitrix24Sim {
+    pub fn new(cfg: Bitrix24SimConfig, clock: Clock) -> Self {
+        let data = methods::PortalData::new(cfg.timezone);
+        Self {
+            state: Arc::new(Mutex::new(PortalState {
+                cfg,
+                base_url: "http://127.0.0.1".into(),
+                data,
+                access_tokens: HashMap::new(),
+                refresh_tokens: HashMap::new(),
+                bucket_level: 0.0,
+                bucket_at: None,
+                operating: HashMap::new(),
+                faults: Vec::new(),
+                log: Vec::new(),
+                token_seq: 0,
+                member_id: "a223c6b3710f85df22e9377d6c4f7553".into(),
+            })),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PortalState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The address clients reach the portal on (used for `client_endpoint`).
+    pub fn set_base_url(&self, url: &str) {
+        self.lock().base_url = url.trim_end_matches('/').to_string();
+    }
+
+    /// Creates users (the admin and one per operator) and CRM clients from `scenario`.
+    pub fn seed(&self, scenario: &Scenario) {
+        let mut st = self.lock();
+        let d = &mut st.data;
+        d.add_user(PortalUser {
+            id: scenario.admin_user_id,
+            name: "Admin".into(),
+            last_name: "Portal".into(),
+            email: "admin@example.com".into(),
+            inner: None,
+            active: true,
+        });
+        for o in &scenario.operators {
+            d.add_user(PortalUser {
+                id: o.b24_user_id,
+                name: o.first_name.clone(),
+                last_name: o.last_name.clone(),
+                email: o.email.clone(),
+                inner: Some(o.inner_line.clone()),
+                active: true,
+            });
+        }
+        for c in &scenario.crm {
+            d.add_entity(CrmEntity {
+                kind: c.kind,
+                id: c.id,
+                title: c.name.clone(),
+                phones: vec![c.phone.clone()],
+                assigned_by_id: c.responsible_id,
+                source: None,
+            });
+        }
+    }
+
+    /// Adds or replaces a portal user.
+    pub fn add_user(&self, user: PortalUser) {
+        self.lock().data.add_user(user);
+    }
+
+    /// Simulates installing the local application: mints and returns (access, refresh) tokens
+    /// for `user_id`, as the install callback would deliver them.
+    pub fn install_app(&self, user_id: u64) -> (String, String) {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        st.mint_tokens(user_id, now)
+    }
+
+    /// Makes every access token issued so far expire now.
+    pub fn expire_access_tokens(&self) {
+        let now = self.clock.now();
+        for t in self.lock().access_tokens.values_mut() {
+            t.expires_at = now - Duration::seconds(1);
+        }
+    }
+
+    /// Whether `refresh` is currently a valid refresh token.
+    pub fn refresh_token_valid(&self, refresh: &str) -> bool {
+        self.lock().refresh_tokens.contains_key(refresh)
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+
+    /// Fills the leaky bucket to `level` (e.g. another app on the same IP used it).
+    pub fn set_bucket_level(&self, level: f64) {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        st.bucket_level = level;
+        st.bucket_at = Some(now);
+    }
+
+    /// Changes the portal's behaviour while running.
+    pub fn configure(&self, f: impl FnOnce(&mut Bitrix24SimConfig)) {
+        f(&mut self.lock().cfg);
+    }
+
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.lock().log.clone()
+    }
+
+    pub fn calls(&self) -> Vec<ExtCall> {
+        self.lock().data.calls.clone()
+    }
+
+    pub fn stats(&self) -> Vec<StatRow> {
+        self.lock().data.stats.clone()
+    }
+
+    pub fn activities(&self) -> Vec<Activity> {
+        self.lock().data.activities.clone()
+    }
+
+    pub fn tasks(&self) -> Vec<Task> {
+        self.lock().data.tasks.clone()
+    }
+
+    pub fn entities(&self) -> Vec<CrmEntity> {
+        self.lock().data.entities.clone()
+    }
+
+    /// Leads created through the API (not seeded).
+    pub fn created_leads(&self) -> Vec<CrmEntity> {
+        self.lock()
+            .data
+            .entities
+            .iter()
+            .filter(|e| e.kind == CrmKind::Lead && e.source.is_some())
+            .cloned()
+            .collect()
+    }
+
+    pub fn notifications(&self) -> Vec<Value> {
+        self.lock().data.notifications.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/rest/{*path}", any(rest))
+            .route("/oauth/token", any(oauth_token))
+            .route("/oauth/token/", any(oauth_token))
+            .with_state(self.clone())
+    }
+}
+
+impl PortalState {
+    fn mint_tokens(&mut self, user_id: u64, now: DateTime<Utc>) -> (String, String) {
+        self.token_seq += 1;
+        let access = format!(
+            "sim-access-{:08x}{:04}",
+            rand::random::<u32>(),
+            self.token_seq
+        );
+        let refresh = format!(
+            "sim-refresh-{:08x}{:04}",
+            rand::random::<u32>(),
+            self.token_seq
+        );
+        self.access_tokens.insert(
+            access.clone(),
+            AccessToken {
+                user_id,
+                expires_at: now + self.cfg.token_ttl,
+            },
+        );
+        self.refresh_tokens.insert(refresh.clone(), user_id);
+        (access, refresh)
+    }
+
+    /// Leaky bucket (§2.1): drains continuously, refuses once full.
+    fn admit(&mut self, now: DateTime<Utc>) -> bool {
+        if let Some(at) = self.bucket_at {
+            let elapsed = (now - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.bucket_level =
+                (self.bucket_level - elapsed.max(0.0) * self.cfg.drain_per_sec).max(0.0);
+        }
+        self.bucket_at = Some(now);
+        if self.bucket_level + 1.0 > self.cfg.burst + 1e-9 {
+            return false;
+        }
+        self.bucket_level += 1.0;
+        true
+    }
+
+    fn live_buckets(
+        &mut self,
+        key: &(String, String),
+        now: DateTime<Utc>,
+    ) -> &mut OperatingBuckets {
+        let buckets = self.operating.entry(key.clone()).or_default();
+        buckets.retain(|(opened, _)| *opened + Duration::minutes(10) > now);
+        buckets
+    }
+
+    /// §2.2: whether `method` is blocked for `caller` right now.
+    fn operating_blocked(&mut self, caller: &Caller, method: &str, now: DateTime<Utc>) -> bool {
+        let limit = self.cfg.operating_limit;
+        let key = (caller.budget_key(), method.to_string());
+        let used: f64 = self.live_buckets(&key, now).iter().map(|(_, s)| s).sum();
+        used > limit
+    }
+
+    /// Bills one execution of `method`; returns (operating, operating_reset_at).
+    fn bill(&mut self, caller: &Caller, method: &str, now: DateTime<Utc>) -> (f64, i64) {
+        let cost = self
+            .cfg
+            .method_costs
+            .get(method)
+            .copied()
+            .unwrap_or(self.cfg.default_cost);
+        let key = (caller.budget_key(), method.to_string());
+        let buckets = self.live_buckets(&key, now);
+        match buckets.last_mut() {
+            Some((opened, secs)) if now - *opened < Duration::minutes(1) => *secs += cost,
+            _ => buckets.push((now, cost)),
+        }
+        let used = buckets.iter().map(|(_, s)| s).sum();
+        let reset = buckets[0].0 + Duration::minutes(10);
+        (used, reset.timestamp())
+    }
+
+    fn take_fault(&mut self, method: &str, commands: &[String]) -> Option<FaultKind> {
+        let i = self.faults.iter().position(|f| match &f.method {
+            None => true,
+            Some(m) => m == method || commands.iter().any(|c| c == m),
+        })?;
+        let f = &mut self.faults[i];
+        let kind = f.kind.clone();
+        f.remaining -= 1;
+        if f.remaining == 0 {
+            self.faults.remove(i);
+        }
+        Some(kind)
+    }
+
+    fn time_obj(&self, start: DateTime<Utc>, operating: Option<(f64, i64)>) -> Value {
+        let tz = self.cfg.timezone;
+        let s = start.timestamp_micros() as f64 / 1e6;
+        let mut t = json!({
+            "start": s, "finish": s + 0.012, "duration": 0.012, "processing": 0.004,
+            "date_start": start.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            "date_finish": start.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+        });
+        if let Some((op, reset)) = operating {
+            t["operating_reset_at"] = json!(reset);
+            t["operating"] = json!(op);
+        }
+        t
+    }
+
+    /// Runs one method (outside or inside a batch), with the operating check and billing.
+    fn execute(
+        &mut self,
+        caller: &Caller,
+        method: &str,
+        params: &Map<String, Value>,
+        now: DateTime<Utc>,
+        in_batch: bool,
+    ) -> (ApiResult, Option<(f64, i64)>) {
+        if in_batch
+            && (method == "batch"
+                || (method == "telephony.externalcall.attachrecord"
+                    && !self.cfg.attach_record_in_batch))
+        {
+            return (
+                Err(ApiError::new(
+                    405,
+                    "ERROR_BATCH_METHOD_NOT_ALLOWED",
+                    "Method is not allowed for batch usage",
+                )),
+                None,
+            );
+        }
+        if self.operating_blocked(caller, method, now) {
+            return (
+                Err(ApiError::new(
+                    429,
+                    "OPERATION_TIME_LIMIT",
+                    "Method is blocked due to operation time limit.",
+                )),
+                None,
+            );
+        }
+        let r = methods::dispatch(self, caller, method, params, now);
+        let billed = match &r {
+            Err(e) if e.code == "ERROR_METHOD_NOT_FOUND" => None,
+            _ => Some(self.bill(caller, method, now)),
+        };
+        (r, billed)
+    }
+
+    fn batch(
+        &mut self,
+        caller: &Caller,
+        params: &Map<String, Value>,
+        now: DateTime<Utc>,
+    ) -> Result<Value, ApiError> {
+        let cmd = get_ci(params, "cmd").cloned().unwrap_or(Value::Null);
+        let commands: Vec<(String, String)> = match cmd {
+            Value::Object(m) => m.into_iter().map(|(k, v)| (k, scalar(&v))).collect(),
+            Value::Array(a) => a
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), scalar(&v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if commands.len() > 50 {
+            return Err(ApiError::new(
+                400,
+                "ERROR_BATCH_LENGTH_EXCEEDED",
+                "Max batch length exceeded",
+            ));
+        }
+        let halt = get_ci(params, "halt").map(truthy).unwrap_or(false);
+        let mut results = Map::new();
+        let mut errors = Map::new();
+        let mut totals = Map::new();
+        let mut nexts = Map::new();
+        let mut times = Map::new();
+        for (key, command) in commands {
+            let (method, query) = command.split_once('?').unwrap_or((command.as_str(), ""));
+            let method = normalize_method(method);
+            let mut sub = phpquery::parse(query);
+            substitute_refs(&mut sub, &results);
+            let (r, billed) = self.execute(caller, &method, &sub, now, true);
+            match r {
+                Ok(ok) => {
+                    if let Some(t) = ok.total {
+                        totals.insert(key.clone(), json!(t));
+                    }
+                    if let Some(n) = ok.next {
+                        nexts.insert(key.clone(), json!(n));
+                    }
+                    times.insert(key.clone(), self.time_obj(now, billed));
+                    results.insert(key, ok.result);
+                }
+                Err(e) => {
+                    errors.insert(key, e.body());
+                    if halt {
+                        break;
+                    }
+                }
+            }
+        }
+        let php = |m: Map<String, Value>| {
+            if m.is_empty() {
+                json!([])
+            } else {
+                phpquery::php_arrays_to_lists_shallow(Value::Object(m))
+            }
+        };
+        Ok(json!({
+            "result": php(results),
+            "result_error": php(errors),
+            "result_total": php(totals),
+            "result_next": php(nexts),
+            "result_time": php(times),
+        }))
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_i64().unwrap_or(0) != 0,
+        Value::String(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "y" | "yes"
+        ),
+        _ => false,
+    }
+}
+
+/// A parameter by name, ignoring case (Bitrix24's handlers upper-case their parameter keys).
+pub(crate) fn get_ci<'a>(params: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    params.get(key).or_else(|| {
+        params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
+fn normalize_method(m: &str) -> String {
+    let m = m.trim().trim_matches('/');
+    let m = m.strip_suffix(".json").unwrap_or(m);
+    m.to_lowercase()
+}
+
+/// Replaces `$result[key][field]...` in every string leaf with the referenced earlier result.
+/// An unresolvable reference stays as written, as on a real portal (the command then fails).
+fn substitute_refs(params: &mut Map<String, Value>, results: &Map<String, Value>) {
+    fn walk(v: &mut Value, results: &Map<String, Value>, re: &regex::Regex) {
+        match v {
+            Value::String(s) if s.contains("$result[") => {
+                let replaced = re.replace_all(s, |caps: &regex::Captures| {
+                    let mut cur = results.get(&caps[1]);
+                    for seg in caps[2]
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .split("][")
+                        .filter(|x| !x.is_empty())
+                    {
+                        cur = cur.and_then(|c| match c {
+                            Value::Object(m) => m.get(seg),
+                            Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+                            _ => None,
+                        });
+                    }
+                    match cur {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Number(n)) => n.to_string(),
+                        Some(Value::Bool(b)) => {
+                            if *b {
+                                "1".into()
+                            } else {
+                                String::new()
+                            }
+                        }
+                        _ => caps[0].to_string(),
+                    }
+                });
+                *s = replaced.into_owned();
+            }
+            Value::Object(m) => m.values_mut().for_each(|x| walk(x, results, re)),
+            Value::Array(a) => a.iter_mut().for_each(|x| walk(x, results, re)),
+            _ => {}
+        }
+    }
+    let re = regex::Regex::new(r"\$result\[([^\]]+)\]((?:\[[^\]]*\])*)").expect("valid regex");
+    for v in params.values_mut() {
+        walk(v, results, &re);
+    }
+}
+
+/// Query string and body merged into one parameter map.
+fn request_params(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Map<String, Value> {
+    let mut params = query.map(phpquery::parse).unwrap_or_default();
+    if body.is_empty() {
+        return params;
+    }
+    let ctype = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let from_body = if ctype.contains("json") || body.first() == Some(&b'{') {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        }
+    } else {
+        phpquery::parse(&String::from_utf8_lossy(body))
+    };
+    params.extend(from_body);
+    params
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, Json(e.body())).into_response()
+}
+
+fn html_page(status: u16) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [("content-type", "text/html; charset=UTF-8")],
+        format!("<!DOCTYPE html><html><head><title>{status}</title></head><body><h1>{status}</h1><p>nginx</p></body></html>"),
+    )
+        .into_response()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rest(
+    State(sim): State<Bitrix24Sim>,
+    Extension(kill): Extension<ConnectionKill>,
+    Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    _method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = sim.clock.now();
+    let mut params = request_params(query.as_deref(), &headers, &body);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (webhook, method) = match segments.as_slice() {
+        [m] => (None, normalize_method(m)),
+        [user, code, m] => (
+            Some((user.parse::<u64>().unwrap_or(0), code.to_string())),
+            normalize_method(m),
+        ),
+        _ => {
+            return error_response(&ApiError::new(
+                404,
+                "ERROR_METHOD_NOT_FOUND",
+                "Method not found!",
+            ))
+        }
+    };
+    let commands: Vec<String> = if method == "batch" {
+        match get_ci(&params, "cmd") {
+            Some(Value::Object(m)) => m
+                .values()
+                .map(|v| normalize_method(scalar(v).split('?').next().unwrap_or("")))
+                .collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| normalize_method(scalar(v).split('?').next().unwrap_or("")))
+                .collect(),
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+
+    let (response, after) = {
+        let mut st = sim.lock();
+        let fault = st.take_fault(&method, &commands);
+        let mut log = LoggedRequest {
+            at: now,
+            method: method.clone(),
+            commands: commands.clone(),
+            status: 200,
+            error: None,
+            via_webhook: webhook.is_some(),
+        };
+        let outcome = handle(&mut st, &mut params, webhook, &method, fault.as_ref(), now);
+        let response = match &outcome {
+            Ok(body) => (StatusCode::OK, Json(body.clone())).into_response(),
+            Err(Handled::Api(e)) => {
+                log.status = e.status;
+                log.error = Some(e.code.clone());
+                error_response(e)
+            }
+            Err(Handled::Html(code)) => {
+                log.status = *code;
+                log.error = Some("HTML".into());
+                html_page(*code)
+            }
+        };
+        st.log.push(log);
+        (response, fault)
+    };
+    match after {
+        Some(FaultKind::CommitThenDrop) => {
+            kill.kill();
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Some(FaultKind::Slow(d)) => {
+            tokio::time::sleep(d).await;
+            response
+        }
+        _ => response,
+    }
+}
+
+enum Handled {
+    Api(ApiError),
+    Html(u16),
+}
+
+fn handle(
+    st: &mut PortalState,
+    params: &mut Map<String, Value>,
+    webhook: Option<(u64, String)>,
+    method: &str,
+    fault: Option<&FaultKind>,
+    now: DateTime<Utc>,
+) -> Result<Value, Handled> {
+    match fault {
+        Some(FaultKind::Html(code)) => return Err(Handled::Html(*code)),
+        Some(FaultKind::QueryLimit) => {
+            return Err(Handled::Api(ApiError::new(
+                503,
+                "QUERY_LIMIT_EXCEEDED",
+                "Too many requests",
+            )))
+        }
+        Some(FaultKind::OperationLimit) => {
+            return Err(Handled::Api(ApiError::new(
+                429,
+                "OPERATION_TIME_LIMIT",
+                "Method is blocked due to operation time limit.",
+            )))
+        }
+        _ => {}
+    }
+    if !st.admit(now) {
+        return Err(Handled::Api(ApiError::new(
+            503,
+            "QUERY_LIMIT_EXCEEDED",
+            "Too many requests",
+        )));
+    }
+    let caller = match webhook {
+        Some((user_id, code)) => {
+            if !st
+                .cfg
+                .webhooks
+                .iter()
+                .any(|(u, c)| *u == user_id && *c == code)
+            {
+                return Err(Handled::Api(ApiError::new(
+                    401,
+                    "NO_AUTH_FOUND",
+                    "Wrong authorization data",
+                )));
+            }
+            Caller::Webhook { user_id, code }
+        }
+        None => {
+            let token = get_ci(params, "auth").map(scalar).unwrap_or_default();
+            if token.is_empty() {
+                return Err(Handled::Api(ApiError::new(
+                    401,
+                    "NO_AUTH_FOUND",
+                    "Wrong authorization data",
+                )));
+            }
+            if matches!(fault, Some(FaultKind::ExpiredToken)) {
+                if let Some(t) = st.access_tokens.get_mut(&token) {
+                    t.expires_at = now - Duration::seconds(1);
+                }
+            }
+            match st.access_tokens.get(&token) {
+                None => {
+                    return Err(Handled::Api(ApiError::new(
+                        401,
+                        "invalid_token",
+                        "Token expired or invalid",
+                    )))
+                }
+                Some(t) if t.expires_at <= now => {
+                    return Err(Handled::Api(ApiError::new(
+                        401,
+                        "expired_token",
+                        "The access token provided has expired.",
+                    )))
+                }
+                Some(t) => Caller::App { user_id: t.user_id },
+            }
+        }
+    };
+    params.retain(|k, _| !k.eq_ignore_ascii_case("auth"));
+    if method == "batch" {
+        let result = st.batch(&caller, params, now).map_err(Handled::Api)?;
+        return Ok(json!({"result": result, "time": st.time_obj(now, None)}));
+    }
+    let (r, billed) = st.execute(&caller, method, params, now, false);
+    let ok = r.map_err(Handled::Api)?;
+    let mut body = json!({"result": ok.result});
+    if let Some(t) = ok.total {
+        body["total"] = json!(t);
+    }
+    if let Some(n) = ok.next {
+        body["next"] = json!(n);
+    }
+    body["time"] = st.time_obj(now, billed);
+    Ok(body)
+}
+
+async fn oauth_token(
+    State(sim): State<Bitrix24Sim>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = sim.clock.now();
+    let params = request_params(query.as_deref(), &headers, &body);
+    let p = |k: &str| params.get(k).map(scalar).unwrap_or_default();
+    let mut st = sim.lock();
+    if p("client_id") != st.cfg.client_id || p("client_secret") != st.cfg.client_secret {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client", "error_description": "Invalid client credentials"}))).into_response();
+    }
+    if p("grant_type") != "refresh_token" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(
+                json!({"error": "invalid_request", "error_description": "Unsupported grant_type"}),
+            ),
+        )
+            .into_response();
+    }
+    let Some(user_id) = st.refresh_tokens.remove(&p("refresh_token")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "error_description": "Invalid grant"})),
+        )
+            .into_response();
+    };
+    let (access, refresh) = st.mint_tokens(user_id, now);
+    let ttl = st.cfg.token_ttl.num_seconds();
+    let base = st.base_url.clone();
+    let host = base
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .to_string();
+    Json(json!({
+        "access_token": access,
+        "client_endpoint": format!("{base}/rest/"),
+        "domain": host,
+        "expires": now.timestamp() + ttl,
+        "expires_in": ttl,
+        "member_id": st.member_id,
+        "refresh_token": refresh,
+        "scope": "crm,task,telephony,user_basic,im",
+        "server_endpoint": format!("{base}/rest/"),
+        "status": "L",
+        "user_id": user_id,
+    }))
+    .into_response()
+}
+
+/// Sorted, deduplicated list of what a batch's commands were, for logs and tests.
+pub fn command_histogram(reqs: &[LoggedRequest]) -> BTreeMap<String, usize> {
+    let mut h = BTreeMap::new();
+    for r in reqs.iter().filter(|r| r.status == 200) {
+        if r.method == "batch" {
+            for c in &r.commands {
+                *h.entry(c.clone()).or_default() += 1;
+            }
+        } else {
+            *h.entry(r.method.clone()).or_default() += 1;
+        }
+    }
+    h
+}

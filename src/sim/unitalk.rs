@@ -1,0 +1,358 @@
+//! The Unitalk simulator: `POST /api/history/get`, `/api/users/list`, `/api/phones/inner`.
+//!
+//! Follows `unitalk-api.md`: POST with JSON bodies; `Authorization: <key>` or `Bearer <key>`;
+//! errors as `{"status":"Error","message":...}` with HTTP 200 (as the ancestor did); history dates
+//! are `YYYY-MM-DD HH:MM:SS` wall-clock in the account's zone, matched inclusively against the
+//! call start; results newest first; `count` is the total for the whole query; `limit` above 1000
+//! is rejected. A call appears only once it has ended, and its recording `link` only once the
+//! recording is ready, which may be a later poll.
+//!
+//! `/phones/inner` is our choice of shape (the real endpoint is unconfirmed):
+//! `{"count": n, "items": [{"number": "101", "status": "ONLINE", "userId": 500,
+//! "updatedAt": "YYYY-MM-DD HH:MM:SS"}]}`. `/users/list` answers `{"count": n, "items": [...]}` with
+//! `line` as a JSON number when it is all digits, as live data has it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::{json, Value};
+
+use super::scenario::{Operator, Scenario, SimCall};
+use crate::clock::Clock;
+use crate::timezone::local_to_utc;
+
+/// The API key the simulator accepts unless told otherwise.
+pub const DEFAULT_API_KEY: &str = "sim-unitalk-key";
+
+/// A fault the next matching request suffers.
+#[derive(Debug, Clone)]
+pub enum UnitalkFault {
+    /// `{"status":"Error","message":"Internal error"}` with HTTP 200.
+    InternalError,
+    /// An HTTP status with an HTML body.
+    Http(u16),
+    /// Answer after this delay.
+    Delay(std::time::Duration),
+}
+
+/// An inner line and its current status.
+#[derive(Debug, Clone)]
+pub struct InnerLine {
+    pub number: String,
+    pub status: String,
+    pub user_id: Option<u64>,
+    pub updated_at: NaiveDateTime,
+}
+
+/// One request the simulator answered.
+#[derive(Debug, Clone)]
+pub struct UnitalkRequest {
+    pub path: String,
+    pub body: Value,
+    pub authorized: bool,
+}
+
+struct UnitalkState {
+    api_key: String,
+    tz: Tz,
+    calls: Vec<SimCall>,
+    users: Vec<Operator>,
+    lines: Vec<InnerLine>,
+    faults: VecDeque<(Option<String>, UnitalkFault)>,
+    requests: Vec<UnitalkRequest>,
+}
+
+/// Handle to a running (or runnable) Unitalk simulator.
+#[derive(Clone)]
+pub struct UnitalkSim {
+    state: Arc<Mutex<UnitalkState>>,
+    clock: Clock,
+}
+
+impl UnitalkSim {
+    pub fn new(scenario: &Scenario, clock: Clock) -> Self {
+        let now_local = clock.now().with_timezone(&scenario.timezone).naive_local();
+        let lines = scenario
+            .operators
+            .iter()
+            .map(|o| InnerLine {
+                number: o.inner_line.clone(),
+                status: "ONLINE".into(),
+                user_id: Some(o.unitalk_user_id),
+                updated_at: now_local,
+            })
+            .collect();
+        Self {
+            state: Arc::new(Mutex::new(UnitalkState {
+                api_key: DEFAULT_API_KEY.into(),
+                tz: scenario.timezone,
+                calls: scenario.calls.clone(),
+                users: scenario.operators.clone(),
+                lines,
+                faults: VecDeque::new(),
+                requests: Vec::new(),
+            })),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnitalkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_api_key(&self, key: &str) {
+        self.lock().api_key = key.into();
+    }
+
+    /// Adds calls (they still appear only once ended).
+    pub fn add_calls(&self, calls: impl IntoIterator<Item = SimCall>) {
+        self.lock().calls.extend(calls);
+    }
+
+    /// Changes a call in place, e.g. to correct its duration.
+    pub fn update_call(&self, id: u64, f: impl FnOnce(&mut SimCall)) {
+        if let Some(c) = self.lock().calls.iter_mut().find(|c| c.id == id) {
+            f(c);
+        }
+    }
+
+    /// Sets an inner line's status as of now.
+    pub fn set_line_status(&self, number: &str, status: &str) {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let local = now.with_timezone(&st.tz).naive_local();
+        match st.lines.iter_mut().find(|l| l.number == number) {
+            Some(l) => {
+                l.status = status.into();
+                l.updated_at = local;
+            }
+            None => st.lines.push(InnerLine {
+                number: number.into(),
+                status: status.into(),
+                user_id: None,
+                updated_at: local,
+            }),
+        }
+    }
+
+    /// Makes the next request to `path` (any path when `None`) suffer `fault`.
+    pub fn inject(&self, path: Option<&str>, fault: UnitalkFault) {
+        self.lock()
+            .faults
+            .push_back((path.map(str::to_string), fault));
+    }
+
+    /// Every request answered so far.
+    pub fn requests(&self) -> Vec<UnitalkRequest> {
+        self.lock().requests.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/api/history/get", post(history_get))
+            .route("/api/users/list", post(users_list))
+            .route("/api/phones/inner", post(phones_inner))
+            .with_state(self.clone())
+    }
+
+    fn visible(&self, call: &SimCall, tz: Tz, now: DateTime<Utc>) -> bool {
+        call_end(call, tz) <= now
+    }
+}
+
+fn call_end(call: &SimCall, tz: Tz) -> DateTime<Utc> {
+    local_to_utc(call.date, tz) + Duration::seconds(call.seconds_full as i64)
+}
+
+fn error(message: &str) -> Response {
+    Json(json!({"status": "Error", "message": message})).into_response()
+}
+
+/// Checks auth and faults and logs the request. `Err` is the response to send instead.
+async fn admit(
+    sim: &UnitalkSim,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+) -> Result<(), Response> {
+    let fault = {
+        let mut st = sim.lock();
+        let pos = st
+            .faults
+            .iter()
+            .position(|(p, _)| p.as_deref().is_none_or(|p| path.ends_with(p)));
+        pos.and_then(|i| st.faults.remove(i)).map(|(_, f)| f)
+    };
+    match fault {
+        Some(UnitalkFault::InternalError) => return Err(error("Internal error")),
+        Some(UnitalkFault::Http(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            return Err((
+                status,
+                [("content-type", "text/html")],
+                "<html><body><h1>Bad Gateway</h1></body></html>",
+            )
+                .into_response());
+        }
+        Some(UnitalkFault::Delay(d)) => tokio::time::sleep(d).await,
+        None => {}
+    }
+    let mut st = sim.lock();
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_string());
+    let authorized = given.as_deref() == Some(st.api_key.as_str());
+    st.requests.push(UnitalkRequest {
+        path: path.into(),
+        body: body.clone(),
+        authorized,
+    });
+    if !authorized {
+        return Err(error("Authorization invalid"));
+    }
+    Ok(())
+}
+
+fn parse_date(v: Option<&Value>) -> Option<NaiveDateTime> {
+    NaiveDateTime::parse_from_str(v?.as_str()?, "%Y-%m-%d %H:%M:%S").ok()
+}
+
+fn int(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+async fn history_get(
+    State(sim): State<UnitalkSim>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    if let Err(r) = admit(&sim, "/history/get", &headers, &body).await {
+        return r;
+    }
+    let Some(from) = parse_date(body.get("dateFrom")) else {
+        return error("Wrong FROM date");
+    };
+    let Some(to) = parse_date(body.get("dateTo")) else {
+        return error("Wrong TO date");
+    };
+    let limit = match int(body.get("limit")) {
+        Some(l) if (1..=1000).contains(&l) => l as usize,
+        _ => return error("Limit range is 1-1000"),
+    };
+    let offset = match int(body.get("offset")).unwrap_or(0) {
+        o if o >= 0 => o as usize,
+        _ => return error("Offset is less than 0"),
+    };
+    let filter = body.get("filter").cloned().unwrap_or(Value::Null);
+    let now = sim.clock.now();
+    let st = sim.lock();
+    let mut matching: Vec<&SimCall> = st
+        .calls
+        .iter()
+        .filter(|c| c.date >= from && c.date <= to)
+        .filter(|c| sim.visible(c, st.tz, now))
+        .filter(|c| match filter.get("direction").and_then(Value::as_str) {
+            Some(d) => c.direction.eq_ignore_ascii_case(d),
+            None => true,
+        })
+        .filter(|c| match filter.get("answered").and_then(Value::as_bool) {
+            Some(a) => (c.state == "ANSWER") == a,
+            None => true,
+        })
+        .collect();
+    matching.sort_by(|a, b| b.date.cmp(&a.date).then(b.id.cmp(&a.id)));
+    let count = matching.len();
+    let calls: Vec<Value> = matching
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|c| render_call(c, st.tz, now))
+        .collect();
+    Json(json!({"count": count, "calls": calls, "warning": null})).into_response()
+}
+
+fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
+    if let Some(raw) = &c.raw_override {
+        return raw.clone();
+    }
+    let mut v = json!({
+        "id": c.id,
+        "date": c.date.format("%Y-%m-%d %H:%M:%S").to_string(),
+        "direction": c.direction,
+        "from": c.from,
+        "to": c.to,
+        "outerNumber": c.outer_number,
+        "secondsFullTime": c.seconds_full,
+        "secondsTalk": c.seconds_talk,
+        "state": c.state,
+        "cause": c.cause,
+        "callback": false,
+        "source": c.source,
+    });
+    if let Some(link) = &c.link {
+        if call_end(c, tz) + c.link_delay <= now {
+            v["link"] = Value::String(link.clone());
+        }
+    }
+    v
+}
+
+async fn users_list(
+    State(sim): State<UnitalkSim>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    if let Err(r) = admit(&sim, "/users/list", &headers, &body).await {
+        return r;
+    }
+    let st = sim.lock();
+    let items: Vec<Value> = st
+        .users
+        .iter()
+        .map(|u| {
+            let line = match u.inner_line.parse::<u64>() {
+                Ok(n) => json!(n),
+                Err(_) => json!(u.inner_line),
+            };
+            json!({"id": u.unitalk_user_id, "firstName": u.first_name, "lastName": u.last_name,
+                   "line": line, "email": u.email})
+        })
+        .collect();
+    Json(json!({"count": items.len(), "items": items})).into_response()
+}
+
+async fn phones_inner(
+    State(sim): State<UnitalkSim>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    if let Err(r) = admit(&sim, "/phones/inner", &headers, &body).await {
+        return r;
+    }
+    let st = sim.lock();
+    let items: Vec<Value> = st
+        .lines
+        .iter()
+        .map(|l| {
+            json!({"number": l.number, "status": l.status, "userId": l.user_id,
+                   "updatedAt": l.updated_at.format("%Y-%m-%d %H:%M:%S").to_string()})
+        })
+        .collect();
+    Json(json!({"count": items.len(), "items": items})).into_response()
+}

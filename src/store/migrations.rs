@@ -1,0 +1,123 @@
+//! The schema, as an append-only list of migrations keyed on `PRAGMA user_version`.
+//!
+//! Never edit or reorder a migration that has shipped: append a new one. Each runs in its own
+//! transaction together with the `user_version` bump, so a crash leaves the file at a whole version.
+//! All instants are stored as RFC 3339 UTC text (`2026-11-22T08:15:00Z`), which sorts correctly.
+
+/// Migration 1: the pipeline's tables.
+const V1: &str = r#"
+-- Per-stream progress. `position` is an instant: every call that started before it has been
+-- handled (pushed, skipped or quarantined). Advanced only in the transaction that records what
+-- Bitrix24 acknowledged for the window it closes.
+CREATE TABLE cursors (
+    stream      TEXT PRIMARY KEY,          -- 'history' (regular passes), 'backfill:<from>..<to>', ...
+    position    TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+
+-- The latest observation of each Unitalk call. When the same call is fetched twice with different
+-- content, the later fetch wins (`observed_at`), whichever pass made it.
+CREATE TABLE calls (
+    call_id       TEXT PRIMARY KEY,        -- Unitalk `id`, as text
+    started_at    TEXT NOT NULL,           -- call start as an instant (Unitalk `date` read in its zone)
+    raw           TEXT NOT NULL,           -- the record exactly as Unitalk sent it (JSON)
+    content_hash  TEXT NOT NULL,           -- hash of the fields that matter to Bitrix24
+    observed_at   TEXT NOT NULL,           -- when this version was fetched
+    first_seen_at TEXT NOT NULL
+);
+CREATE INDEX calls_by_start ON calls(started_at);
+
+-- What Bitrix24 has acknowledged for each call: the source of truth for "already pushed".
+CREATE TABLE ledger (
+    call_id          TEXT PRIMARY KEY REFERENCES calls(call_id),
+    stage            TEXT NOT NULL CHECK (stage IN
+                       ('pending', 'in_flight', 'registered', 'finished', 'done', 'skipped', 'quarantined')),
+    b24_call_id      TEXT,                 -- telephony CALL_ID from register
+    b24_stat_id      INTEGER,              -- statistics row id from finish
+    b24_activity_id  INTEGER,              -- CRM call activity (finish or crm.activity.add)
+    crm_entity_type  TEXT,                 -- CONTACT | LEAD | COMPANY
+    crm_entity_id    INTEGER,
+    responsible_id   INTEGER,              -- Bitrix24 user the call and its task belong to
+    record_url       TEXT,                 -- recording link Bitrix24 acknowledged
+    task_id          INTEGER,              -- missed-call task, once created
+    pushed_hash      TEXT,                 -- content hash as of the last full acknowledgement
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    next_attempt_at  TEXT,                 -- retryable failures wait until then
+    in_flight_since  TEXT,                 -- set before a batch is sent; cleared when it is recorded
+    updated_at       TEXT NOT NULL
+);
+CREATE INDEX ledger_by_stage ON ledger(stage);
+
+-- What could not be processed, with why. Never blocks the cursor or other calls; `ubsync retry`
+-- releases entries.
+CREATE TABLE quarantine (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT NOT NULL CHECK (source IN ('unitalk', 'bitrix24')),
+    call_id      TEXT,                     -- when the record had a readable id
+    raw          TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    released_at  TEXT                      -- set by `ubsync retry`
+);
+CREATE INDEX quarantine_open ON quarantine(released_at, call_id);
+
+-- Latest known status of each Unitalk inner line. An observation replaces the stored one only if
+-- it is newer (timestamp wins; late or out-of-order observations are ignored).
+CREATE TABLE line_status (
+    line         TEXT PRIMARY KEY,
+    status       TEXT NOT NULL,
+    observed_at  TEXT NOT NULL,
+    raw          TEXT
+);
+
+-- Unitalk operators (by inner line) and the Bitrix24 user each maps to via user.get UF_PHONE_INNER.
+CREATE TABLE operators (
+    line         TEXT PRIMARY KEY,
+    first_name   TEXT,
+    last_name    TEXT,
+    b24_user_id  INTEGER,                  -- NULL: looked up, no active user has this extension
+    resolved_at  TEXT                      -- NULL: not looked up yet
+);
+
+-- The OAuth pair of the local application, per portal. Replaced in one statement on every
+-- refresh, so a crash leaves either the old or the new pair, never neither.
+CREATE TABLE oauth_tokens (
+    portal             TEXT PRIMARY KEY,   -- portal host
+    access_token       TEXT NOT NULL,
+    refresh_token      TEXT NOT NULL,
+    expires_at         TEXT,
+    client_endpoint    TEXT,
+    server_endpoint    TEXT,
+    member_id          TEXT,
+    application_token  TEXT,
+    scope              TEXT,
+    updated_at         TEXT NOT NULL
+);
+
+-- One row per pass or command run, for `status`, health and metrics.
+CREATE TABLE runs (
+    id           INTEGER PRIMARY KEY,
+    job          TEXT NOT NULL,            -- sync | lines | reconcile | backfill | demo
+    started_at   TEXT NOT NULL,
+    finished_at  TEXT,
+    outcome      TEXT,                     -- ok | failed | interrupted
+    summary      TEXT,                     -- JSON counters
+    error        TEXT
+);
+CREATE INDEX runs_by_job ON runs(job, id);
+"#;
+
+/// Migration 2: facts learned about the portal at run time.
+const V2: &str = r#"
+-- What ubsync has learned about this portal's behaviour, e.g. that it refuses attachRecord inside
+-- a batch, or that it moved to a new address (302). Keyed by fact name.
+CREATE TABLE portal_facts (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+"#;
+
+/// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[V1, V2];

@@ -1,0 +1,189 @@
+//! Everything ubsync knows about Unitalk: the HTTP client and the tolerant wire parsing.
+//!
+//! The client keeps one request in flight (Unitalk bills by processing time and documents no
+//! rate limit), sends the key in `Authorization`, treats any `"status":"Error"` body as an error
+//! whatever the HTTP status, and records the request units each call costs. Its boundary error
+//! [`UnitalkError`] says whether retrying can help.
+
+pub mod wire;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use url::Url;
+
+use crate::config::UnitalkConfig;
+
+pub use wire::{Call, CallState, Direction, HistoryPage, LineStatus, RecordError, UnitalkUser};
+
+/// Why a Unitalk request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UnitalkError {
+    /// The key was refused; an admin must fix `unitalk.api_key`.
+    #[error(
+        "unitalk refused the API key ({message}); check unitalk.api_key or {}",
+        crate::config::ENV_UNITALK_API_KEY
+    )]
+    Auth { message: String },
+    /// Unitalk answered `"status":"Error"` for a reason other than auth.
+    #[error("unitalk {path} failed: {message}")]
+    Api { path: String, message: String },
+    /// Transport error, timeout, 5xx or an unreadable body: retry later.
+    #[error("unitalk temporarily unavailable: {detail}")]
+    Unavailable { detail: String },
+}
+
+impl UnitalkError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UnitalkError::Unavailable { .. } => true,
+            // "Internal error" is documented as something to report, but it is transient often
+            // enough that a later pass should try again.
+            UnitalkError::Api { message, .. } => message.eq_ignore_ascii_case("Internal error"),
+            UnitalkError::Auth { .. } => false,
+        }
+    }
+}
+
+/// Unitalk's price of one request (§1.4), from its processing time.
+pub fn request_units(elapsed: std::time::Duration) -> u64 {
+    match elapsed.as_millis() {
+        0..50 => 1,
+        50..200 => 2,
+        200..500 => 3,
+        500..1000 => 4,
+        _ => 5,
+    }
+}
+
+/// A Unitalk API client.
+pub struct UnitalkClient {
+    http: reqwest::Client,
+    base: Url,
+    cfg: UnitalkConfig,
+    /// One request in flight at a time.
+    gate: tokio::sync::Mutex<()>,
+    pub units: Arc<AtomicU64>,
+    pub requests: Arc<AtomicU64>,
+}
+
+impl UnitalkClient {
+    pub fn new(cfg: &UnitalkConfig) -> Result<Self, UnitalkError> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.request_timeout)
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .user_agent(concat!("ubsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UnitalkError::Unavailable {
+                detail: format!("cannot build HTTP client: {}", e.without_url()),
+            })?;
+        let mut base = cfg.base_url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        Ok(Self {
+            http,
+            base,
+            cfg: cfg.clone(),
+            gate: tokio::sync::Mutex::new(()),
+            units: Arc::new(AtomicU64::new(0)),
+            requests: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// POSTs `body` to `path` and returns the JSON answer, errors classified.
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, UnitalkError> {
+        let _one_at_a_time = self.gate.lock().await;
+        let url = self.base.join(path).expect("static paths are valid");
+        let started = Instant::now();
+        let sent = self
+            .http
+            .post(url)
+            .header("Authorization", self.cfg.api_key.expose_secret())
+            .json(&body)
+            .send()
+            .await;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = sent.map_err(|e| UnitalkError::Unavailable {
+            detail: e.without_url().to_string(),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| UnitalkError::Unavailable {
+            detail: e.without_url().to_string(),
+        })?;
+        self.units
+            .fetch_add(request_units(started.elapsed()), Ordering::Relaxed);
+        let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+        if let Some(v) = &parsed {
+            if v.get("status")
+                .and_then(Value::as_str)
+                .is_some_and(|s| s.eq_ignore_ascii_case("error"))
+            {
+                let message = v
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("(no message)")
+                    .to_string();
+                if message.to_lowercase().contains("authorization") {
+                    return Err(UnitalkError::Auth { message });
+                }
+                return Err(UnitalkError::Api {
+                    path: path.into(),
+                    message,
+                });
+            }
+        }
+        match parsed {
+            Some(v) if status.is_success() => Ok(v),
+            _ => {
+                let snippet: String = String::from_utf8_lossy(&bytes).chars().take(120).collect();
+                Err(UnitalkError::Unavailable {
+                    detail: format!(
+                        "HTTP {} from {path}: {}",
+                        status.as_u16(),
+                        snippet.split_whitespace().collect::<Vec<_>>().join(" ")
+                    ),
+                })
+            }
+        }
+    }
+
+    /// One page of `/history/get` over `[from, to]` (wall-clock strings in Unitalk's zone).
+    pub async fn history_page(
+        &self,
+        from: &str,
+        to: &str,
+        limit: u32,
+        offset: u64,
+    ) -> Result<HistoryPage, UnitalkError> {
+        let body =
+            json!({"dateFrom": from, "dateTo": to, "limit": limit, "offset": offset, "filter": {}});
+        let v = self.post("history/get", body).await?;
+        wire::parse_history(&v).map_err(|message| UnitalkError::Unavailable {
+            detail: format!("unreadable /history/get answer: {message}"),
+        })
+    }
+
+    /// `/users/list`.
+    pub async fn users(&self) -> Result<Vec<UnitalkUser>, UnitalkError> {
+        let v = self.post("users/list", json!({})).await?;
+        wire::parse_users(&v).map_err(|message| UnitalkError::Unavailable {
+            detail: format!("unreadable /users/list answer: {message}"),
+        })
+    }
+
+    /// `/phones/inner` (shape unconfirmed; see [`wire::parse_lines`]).
+    pub async fn inner_lines(&self) -> Result<Vec<LineStatus>, UnitalkError> {
+        let v = self.post("phones/inner", json!({})).await?;
+        wire::parse_lines(&v).map_err(|message| UnitalkError::Unavailable {
+            detail: format!("unreadable /phones/inner answer: {message}"),
+        })
+    }
+
+    pub fn timezone(&self) -> chrono_tz::Tz {
+        self.cfg.timezone
+    }
+}

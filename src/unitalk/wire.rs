@@ -1,0 +1,408 @@
+//! Unitalk's wire formats, parsed tolerantly (`unitalk-api.md` §2.3, §3, §4).
+//!
+//! Only this file knows Unitalk's field names. Records convert once into domain types
+//! ([`Call`], [`UnitalkUser`], [`LineStatus`]); `to` may be a list or a bare string, numbers may be
+//! strings, unknown `state`/`direction`/`source` values are kept as `Other`, and a record that
+//! cannot be understood yields a [`RecordError`] carrying its raw JSON for quarantine, never a
+//! panic. Pure functions, no I/O.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono_tz::Tz;
+use serde_json::Value;
+
+use crate::timezone::local_to_utc;
+
+/// Call direction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Direction {
+    In,
+    Out,
+    Inner,
+    Other(String),
+}
+
+impl Direction {
+    fn parse(s: &str) -> Self {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "IN" | "INCOMING" => Direction::In,
+            "OUT" | "OUTGOING" => Direction::Out,
+            "INNER" | "INTERNAL" => Direction::Inner,
+            _ => Direction::Other(s.to_string()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Direction::In => "IN",
+            Direction::Out => "OUT",
+            Direction::Inner => "INNER",
+            Direction::Other(s) => s,
+        }
+    }
+}
+
+/// Call result (`state`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallState {
+    Answer,
+    NoAnswer,
+    Busy,
+    BusyOut,
+    Fail,
+    ChanUnavail,
+    Unreachable,
+    NoMoney,
+    WrongDir,
+    Blocked,
+    NotExist,
+    /// Still ringing: not final, leave it for a later pass.
+    Dialing,
+    Other(String),
+}
+
+impl CallState {
+    fn parse(s: &str) -> Self {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "ANSWER" | "ANSWERED" => CallState::Answer,
+            "NOANSWER" | "NO_ANSWER" => CallState::NoAnswer,
+            "BUSY" => CallState::Busy,
+            "BUSYOUT" => CallState::BusyOut,
+            "FAIL" | "FAILED" => CallState::Fail,
+            "CHANUNAVAIL" => CallState::ChanUnavail,
+            "UNREACHABLE" => CallState::Unreachable,
+            "NOMONEY" => CallState::NoMoney,
+            "WRONGDIR" => CallState::WrongDir,
+            "BLOCKED" => CallState::Blocked,
+            "NOT_EXIST" => CallState::NotExist,
+            "DIALING" => CallState::Dialing,
+            _ => CallState::Other(s.to_string()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            CallState::Answer => "ANSWER",
+            CallState::NoAnswer => "NOANSWER",
+            CallState::Busy => "BUSY",
+            CallState::BusyOut => "BUSYOUT",
+            CallState::Fail => "FAIL",
+            CallState::ChanUnavail => "CHANUNAVAIL",
+            CallState::Unreachable => "UNREACHABLE",
+            CallState::NoMoney => "NOMONEY",
+            CallState::WrongDir => "WRONGDIR",
+            CallState::Blocked => "BLOCKED",
+            CallState::NotExist => "NOT_EXIST",
+            CallState::Dialing => "DIALING",
+            CallState::Other(s) => s,
+        }
+    }
+}
+
+/// One call from `/history/get`, understood.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub id: String,
+    /// `date` as sent: wall-clock call start in Unitalk's zone.
+    pub local_start: NaiveDateTime,
+    pub started_at: DateTime<Utc>,
+    pub direction: Direction,
+    pub from: String,
+    pub to: Vec<String>,
+    pub outer_number: Option<String>,
+    pub seconds_full: u32,
+    pub seconds_talk: u32,
+    pub state: CallState,
+    pub cause: Option<i64>,
+    pub link: Option<String>,
+    pub source: Option<String>,
+    /// The record exactly as received.
+    pub raw: Value,
+}
+
+/// A record that could not be understood.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("unreadable Unitalk call record{}: {reason}", .id.as_ref().map(|i| format!(" {i}")).unwrap_or_default())]
+pub struct RecordError {
+    pub id: Option<String>,
+    pub reason: String,
+    pub raw: Value,
+}
+
+fn text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => {
+            let t = s.trim();
+            (!t.is_empty()).then(|| t.to_string())
+        }
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn uint(v: Option<&Value>) -> Result<Option<u32>, ()> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .map(|n| Some(n.min(u32::MAX as u64) as u32))
+            .ok_or(()),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s.trim().parse::<u32>().map(Some).map_err(|_| ()),
+        Some(_) => Err(()),
+    }
+}
+
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| text(Some(x))).collect(),
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Some(Value::Number(n)) => vec![n.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+/// Parses one history record; `tz` is Unitalk's zone.
+pub fn parse_call(raw: &Value, tz: Tz) -> Result<Call, RecordError> {
+    let fail = |id: Option<String>, reason: String| RecordError {
+        id,
+        reason,
+        raw: raw.clone(),
+    };
+    let Some(obj) = raw.as_object() else {
+        return Err(fail(None, "not a JSON object".into()));
+    };
+    let id = text(obj.get("id")).ok_or_else(|| fail(None, "missing `id`".into()))?;
+    let date_raw =
+        text(obj.get("date")).ok_or_else(|| fail(Some(id.clone()), "missing `date`".into()))?;
+    let local_start = NaiveDateTime::parse_from_str(&date_raw, "%Y-%m-%d %H:%M:%S")
+        .or_else(|_| NaiveDateTime::parse_from_str(&date_raw, "%Y-%m-%dT%H:%M:%S"))
+        .map_err(|_| {
+            fail(
+                Some(id.clone()),
+                format!("`date` {date_raw:?} is not YYYY-MM-DD HH:MM:SS"),
+            )
+        })?;
+    let num = |key: &str| {
+        uint(obj.get(key)).map_err(|_| {
+            fail(
+                Some(id.clone()),
+                format!("`{key}` is not a number: {}", obj[key]),
+            )
+        })
+    };
+    let seconds_full = num("secondsFullTime")?.unwrap_or(0);
+    let seconds_talk = num("secondsTalk")?.unwrap_or(0);
+    let direction = text(obj.get("direction"))
+        .map(|d| Direction::parse(&d))
+        .unwrap_or(Direction::Other(String::new()));
+    let state = text(obj.get("state"))
+        .map(|s| CallState::parse(&s))
+        .unwrap_or(CallState::Other(String::new()));
+    Ok(Call {
+        started_at: local_to_utc(local_start, tz),
+        local_start,
+        direction,
+        from: text(obj.get("from")).unwrap_or_default(),
+        to: string_list(obj.get("to")),
+        outer_number: text(obj.get("outerNumber")),
+        seconds_full: seconds_full.max(seconds_talk),
+        seconds_talk,
+        state,
+        cause: text(obj.get("cause")).and_then(|c| c.parse().ok()),
+        link: text(obj.get("link")).filter(|l| l.starts_with("http")),
+        source: text(obj.get("source")),
+        raw: raw.clone(),
+        id,
+    })
+}
+
+/// A `/history/get` page: the records (unparsed) and the total.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    pub count: u64,
+    pub calls: Vec<Value>,
+    pub warning: Option<String>,
+}
+
+/// Parses a `/history/get` success body.
+pub fn parse_history(body: &Value) -> Result<HistoryPage, String> {
+    let calls = match body.get("calls") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => return Err(format!("`calls` is not a list: {other}")),
+    };
+    let count = body
+        .get("count")
+        .and_then(|c| text(Some(c)))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(calls.len() as u64);
+    Ok(HistoryPage {
+        count,
+        calls,
+        warning: text(body.get("warning")),
+    })
+}
+
+/// A Unitalk user (operator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitalkUser {
+    pub line: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+}
+
+/// The list inside a body that may be a bare array or an object holding it under one of `keys`.
+fn list_in<'a>(body: &'a Value, keys: &[&str]) -> Option<&'a Vec<Value>> {
+    if let Value::Array(a) = body {
+        return Some(a);
+    }
+    keys.iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_array))
+}
+
+/// Parses `/users/list`: a bare array, or an object with `items`/`data`/`list`/`result`/`users`.
+/// Users without a `line` are skipped (they cannot be matched to calls).
+pub fn parse_users(body: &Value) -> Result<Vec<UnitalkUser>, String> {
+    let list = list_in(body, &["items", "data", "list", "result", "users"])
+        .ok_or("no list of users in the response")?;
+    Ok(list
+        .iter()
+        .filter_map(|u| {
+            let line = text(u.get("line")).or_else(|| text(u.get("sip")))?;
+            Some(UnitalkUser {
+                line,
+                first_name: text(u.get("firstName")),
+                last_name: text(u.get("lastName")),
+                email: text(u.get("email")),
+            })
+        })
+        .collect())
+}
+
+/// An inner line and its status as Unitalk reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineStatus {
+    pub line: String,
+    pub status: String,
+    /// When Unitalk says the status last changed, if it says.
+    pub changed_at: Option<NaiveDateTime>,
+    pub raw: Value,
+}
+
+/// Parses `/phones/inner`. The shape is unconfirmed, so: a bare array or an object with
+/// `items`/`data`/`list`/`result`/`phones`/`lines`; the number under `number`/`line`/`sip`/
+/// `inner`; the status under `status`/`state`, or derived from a boolean `busy`/`online`.
+pub fn parse_lines(body: &Value) -> Result<Vec<LineStatus>, String> {
+    let list = list_in(
+        body,
+        &["items", "data", "list", "result", "phones", "lines"],
+    )
+    .ok_or("no list of inner lines in the response")?;
+    Ok(list
+        .iter()
+        .filter_map(|l| {
+            let line = ["number", "line", "sip", "inner"]
+                .iter()
+                .find_map(|k| text(l.get(*k)))?;
+            let status = ["status", "state"]
+                .iter()
+                .find_map(|k| text(l.get(*k)))
+                .map(|s| s.to_ascii_uppercase())
+                .or_else(|| {
+                    l.get("busy")
+                        .and_then(Value::as_bool)
+                        .map(|b| if b { "BUSY" } else { "ONLINE" }.to_string())
+                })
+                .or_else(|| {
+                    l.get("online")
+                        .and_then(Value::as_bool)
+                        .map(|b| if b { "ONLINE" } else { "OFFLINE" }.to_string())
+                })
+                .unwrap_or_else(|| "UNKNOWN".into());
+            let changed_at = ["updatedAt", "changedAt", "since", "date"]
+                .iter()
+                .find_map(|k| {
+                    text(l.get(*k))
+                        .and_then(|d| NaiveDateTime::parse_from_str(&d, "%Y-%m-%d %H:%M:%S").ok())
+                });
+            Some(LineStatus {
+                line,
+                status,
+                changed_at,
+                raw: l.clone(),
+            })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono_tz::Europe::Kyiv;
+    use serde_json::json;
+
+    #[test]
+    fn the_documented_example_record_parses() {
+        let raw = json!({"id": 275, "date": "2024-03-10 14:20:00", "direction": "IN", "from": "380505557182",
+            "to": ["2000"], "outerNumber": "380443334455", "secondsFullTime": 19, "secondsTalk": 9,
+            "state": "ANSWER", "cause": 16, "link": "https://api.unitalk.cloud:8443/tracking/rec/1531144732.920/2018-07-09"});
+        let c = parse_call(&raw, Kyiv).unwrap();
+        assert_eq!(c.id, "275");
+        assert_eq!(c.direction, Direction::In);
+        assert_eq!(c.state, CallState::Answer);
+        assert_eq!(c.started_at.to_rfc3339(), "2024-03-10T12:20:00+00:00");
+        assert_eq!(c.to, vec!["2000"]);
+    }
+
+    #[test]
+    fn tolerates_strings_for_numbers_a_bare_to_and_unknown_enums() {
+        let raw = json!({"id": "77", "date": "2026-11-22 10:00:00", "direction": "SIDEWAYS", "from": "1",
+            "to": "101", "secondsFullTime": "30", "secondsTalk": "12", "state": "TELEPORTED"});
+        let c = parse_call(&raw, Kyiv).unwrap();
+        assert_eq!(c.to, vec!["101"]);
+        assert_eq!(c.seconds_talk, 12);
+        assert_eq!(c.direction, Direction::Other("SIDEWAYS".into()));
+        assert_eq!(c.state, CallState::Other("TELEPORTED".into()));
+    }
+
+    #[test]
+    fn unreadable_records_say_why_and_keep_the_raw_json() {
+        let e = parse_call(&json!({"id": 5, "date": "yesterday"}), Kyiv).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("5"));
+        assert!(e.reason.contains("date"));
+        assert!(parse_call(&json!({"date": "2026-11-22 10:00:00"}), Kyiv)
+            .unwrap_err()
+            .reason
+            .contains("id"));
+        assert!(parse_call(
+            &json!({"id": 1, "date": "2026-11-22 10:00:00", "secondsTalk": [1]}),
+            Kyiv
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn users_and_lines_accept_several_shapes() {
+        let users =
+            parse_users(&json!([{"line": 8309, "firstName": "A"}, {"firstName": "no line"}]))
+                .unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].line, "8309");
+        let users = parse_users(&json!({"data": [{"line": "101"}]})).unwrap();
+        assert_eq!(users[0].line, "101");
+        let lines = parse_lines(
+            &json!({"items": [{"number": "101", "status": "online"}, {"sip": 102, "busy": true}]}),
+        )
+        .unwrap();
+        assert_eq!(lines[0].status, "ONLINE");
+        assert_eq!(lines[1].line, "102");
+        assert_eq!(lines[1].status, "BUSY");
+    }
+}

@@ -1,0 +1,113 @@
+//! `ubsync check` through the real binary: verdicts per upstream and exit codes.
+
+use crate::harness::{text, TestEnv};
+use ubsync::sim::Scenario;
+
+fn scenario() -> Scenario {
+    Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_offline_validates_config_and_store_without_network() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    let out = env.ubsync(&["check", "--offline"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("config    ok"), "{t}");
+    assert!(t.contains("schema v2"), "{t}");
+    assert!(t.contains("skipped"), "{t}");
+    assert!(env.dir.path().join("state/ubsync.db").exists());
+    assert!(
+        !t.contains(ubsync::sim::bitrix24::DEFAULT_WEBHOOK_CODE),
+        "webhook code leaked: {t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_in_activity_mode_authenticates_both_upstreams() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("unitalk   ok"), "{t}");
+    assert!(
+        t.contains("bitrix24  ok") && t.contains("incoming webhook authenticated as user 1"),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_in_telephony_mode_needs_tokens_then_works_after_set_refresh_token() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("telephony", "");
+    let out = env.ubsync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("set-refresh-token"), "{}", text(&out));
+
+    let (_, refresh) = env.sims.bitrix24.install_app(1);
+    let out = env.ubsync(&["auth", "set-refresh-token", &refresh]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !env.sims.bitrix24.refresh_token_valid(&refresh),
+        "the used refresh token must be rotated away"
+    );
+    assert!(!text(&out).contains(&refresh), "token leaked");
+
+    let out = env.ubsync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("OAuth application authenticated as user 1"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_unitalk_key_is_a_configuration_error() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    env.sims.unitalk.set_api_key("another-key");
+    let out = env.ubsync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("Authorization invalid"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_portal_exits_75_so_a_timer_retries() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    env.sims.bitrix24.set_bucket_level(50.0);
+    let out = env.ubsync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(
+        text(&out).contains("QUERY_LIMIT_EXCEEDED"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_exits_2_and_names_the_key() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "[tasks]\ndeadline_minutes = -5\n");
+    let out = env.ubsync(&["check", "--offline"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("tasks.deadline_minutes"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2() {
+    let env = TestEnv::start(scenario()).await;
+    let out = env.ubsync(&["no-such-command"]).await;
+    assert_eq!(out.status.code(), Some(2));
+}
