@@ -17,6 +17,7 @@ use crate::bitrix24::{Bitrix24Client, Bitrix24Error};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError, Env, Mode};
 use crate::store::{SharedStore, Store, StoreError};
+use crate::sync::{run_pass, PassOptions, SyncCtx, SyncError};
 use crate::unitalk::{UnitalkClient, UnitalkError};
 
 /// Exit code for configuration and usage errors.
@@ -68,6 +69,33 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Run one sync pass: pull new Unitalk calls, push them to Bitrix24, create missed-call tasks.
+    /// This is what the systemd timer runs. Ends with a one-line summary.
+    Sync {
+        /// Print the commands that would be sent, per call, and send nothing to Bitrix24. The pass
+        /// runs against a scratch copy of the state, which is left untouched.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the cursor, the last pass, calls by stage, quarantined calls and inner-line statuses.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-attempt quarantined calls (by Unitalk call id), then run a pass.
+    Retry {
+        /// Unitalk call ids, as `ubsync status` lists them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every quarantined call.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Try ubsync end to end: start both simulators with a seeded call-centre day (including a DST
+    /// change), run the real pipeline over real HTTP at the standard plan's limits, and check the
+    /// simulated portal against the expected outcome. Needs no configuration.
+    Demo,
     /// Run the Unitalk and Bitrix24 simulators on loopback, seeded with a realistic call-centre day.
     Sim(SimArgs),
     /// Manage the Bitrix24 OAuth tokens of the local application (telephony mode).
@@ -140,6 +168,14 @@ pub fn main() -> ExitCode {
 /// The exit code an error maps to.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<SyncError>() {
+            return match s {
+                SyncError::Unitalk(u) => unitalk_code(u),
+                SyncError::Bitrix24(b) => bitrix24_code(b),
+                SyncError::Store(StoreError::Busy(_)) | SyncError::Cancelled => EXIT_TEMPFAIL,
+                SyncError::Store(_) => 1,
+            };
+        }
         if cause.downcast_ref::<ConfigError>().is_some() {
             return EXIT_CONFIG;
         }
@@ -203,6 +239,14 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigError> {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Check { offline } => check(&cli.config, offline).await,
+        Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
+        Command::Status { json } => status(&cli.config, json),
+        Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
+        Command::Demo => {
+            let report = crate::demo::run(Clock::system()).await?;
+            print!("{}", report.text);
+            Ok(if report.ok { 0 } else { 1 })
+        }
         Command::Sim(args) => sim(args).await,
         Command::Auth(AuthCommand::SetRefreshToken { token }) => {
             set_refresh_token(&cli.config, &token).await
@@ -435,5 +479,264 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
         .await
         .context("cannot wait for Ctrl-C")?;
     sims.shutdown();
+    Ok(0)
+}
+
+/// Builds the worker's context over `store`.
+fn context(cfg: Config, store: SharedStore) -> anyhow::Result<SyncCtx> {
+    let clock = Clock::system();
+    Ok(SyncCtx {
+        unitalk: UnitalkClient::new(&cfg.unitalk)?,
+        b24: Bitrix24Client::new(&cfg.bitrix24, store.clone(), clock.clone())?,
+        cfg,
+        store,
+        clock,
+        cancel: tokio_util::sync::CancellationToken::new(),
+    })
+}
+
+/// Cancels `ctx` on SIGINT or SIGTERM (what systemd sends), so a pass stops at a safe point.
+fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::warn!("signal received: finishing the batch in flight, then stopping");
+        cancel.cancel();
+    });
+}
+
+/// Runs one pass and records it in the run log.
+async fn run_logged(
+    ctx: &SyncCtx,
+    job: &str,
+    opts: &PassOptions,
+) -> anyhow::Result<crate::sync::PassSummary> {
+    let run_id = ctx.store.lock().begin_run(job, ctx.clock.now())?;
+    let result = run_pass(ctx, opts).await;
+    let now = ctx.clock.now();
+    match &result {
+        Ok(summary) => ctx.store.lock().finish_run(
+            run_id,
+            now,
+            "ok",
+            Some(&serde_json::to_value(summary)?),
+            None,
+        )?,
+        Err(e) => {
+            let outcome = if matches!(e, SyncError::Cancelled) {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            ctx.store
+                .lock()
+                .finish_run(run_id, now, outcome, None, Some(&e.to_string()))?
+        }
+    }
+    Ok(result?)
+}
+
+async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    let store = Store::open(&cfg.state.path)?;
+    if dry_run {
+        let scratch = std::env::temp_dir().join(format!(
+            "ubsync-dry-run-{}-{}.db",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        store.snapshot_to(&scratch)?;
+        drop(store);
+        let ctx = context(cfg, SharedStore::new(Store::open(&scratch)?))?;
+        let result = run_pass(
+            &ctx,
+            &PassOptions {
+                dry_run: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        drop(ctx);
+        for f in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{f}", scratch.display()));
+        }
+        let summary = result?;
+        for line in &summary.plan {
+            println!("{line}");
+        }
+        println!(
+            "dry run: {} commands planned, nothing sent to Bitrix24; {}",
+            summary.plan.len(),
+            summary
+        );
+        return Ok(0);
+    }
+    let ctx = context(cfg, SharedStore::new(store))?;
+    cancel_on_signals(ctx.cancel.clone());
+    let summary = run_logged(&ctx, "sync", &PassOptions::default()).await?;
+    println!("sync: {summary}");
+    Ok(0)
+}
+
+fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    let store = Store::open(&cfg.state.path)?;
+    let now = Clock::system().now();
+    let cursor = store.cursor(crate::sync::HISTORY_STREAM)?;
+    let last = store.last_run(Some("sync"))?;
+    let stages = store.stage_counts()?;
+    let quarantined = store.quarantined()?;
+    let lines = store.line_statuses()?;
+    if json {
+        let v = serde_json::json!({
+            "cursor": cursor.map(|c| c.to_rfc3339()),
+            "cursor_lag_seconds": cursor.map(|c| (now - c).num_seconds()),
+            "last_pass": last.as_ref().map(|r| serde_json::json!({
+                "started_at": r.started_at.to_rfc3339(), "finished_at": r.finished_at.map(|t| t.to_rfc3339()),
+                "outcome": r.outcome, "summary": r.summary, "error": r.error})),
+            "stages": stages.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "quarantined": quarantined.iter().map(|q| serde_json::json!({
+                "entry": q.id, "source": q.source, "call_id": q.call_id, "reason": q.reason, "since": q.created_at.to_rfc3339()})).collect::<Vec<_>>(),
+            "inner_lines": lines.iter().map(|(l, s, t)| serde_json::json!({"line": l, "status": s, "observed_at": t.to_rfc3339()})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    match cursor {
+        Some(c) => println!(
+            "cursor      {} ({} behind now)",
+            c.to_rfc3339(),
+            humantime::format_duration(std::time::Duration::from_secs(
+                (now - c).num_seconds().max(0) as u64
+            ))
+        ),
+        None => println!("cursor      none yet (no pass has completed a window)"),
+    }
+    match &last {
+        Some(r) => {
+            let summary = r
+                .summary
+                .as_ref()
+                .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok());
+            println!(
+                "last pass   {} {}: {}",
+                r.started_at.to_rfc3339(),
+                r.outcome.as_deref().unwrap_or("running"),
+                summary
+                    .map(|s| s.to_string())
+                    .or(r.error.clone())
+                    .unwrap_or_default()
+            );
+        }
+        None => println!("last pass   none"),
+    }
+    let stage_text: Vec<String> = stages.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "calls       {}",
+        if stage_text.is_empty() {
+            "none".into()
+        } else {
+            stage_text.join(", ")
+        }
+    );
+    println!("quarantine  {} open", quarantined.len());
+    for q in &quarantined {
+        println!(
+            "  call {:<12} {:<8} {}  {}",
+            q.call_id.as_deref().unwrap_or("(no id)"),
+            q.source,
+            q.created_at.format("%Y-%m-%d %H:%M"),
+            q.reason
+        );
+    }
+    if !lines.is_empty() {
+        println!("inner lines");
+        for (l, s, t) in &lines {
+            println!("  {l:<8} {s:<10} since {}", t.to_rfc3339());
+        }
+    }
+    Ok(0)
+}
+
+async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    let mut store = Store::open(&cfg.state.path)?;
+    let now = Clock::system().now();
+    let tz = cfg.unitalk.timezone;
+    let entries: Vec<_> = store
+        .quarantined()?
+        .into_iter()
+        .filter(|q| all || q.call_id.as_ref().is_some_and(|c| ids.contains(c)))
+        .collect();
+    if entries.is_empty() {
+        println!("retry: no quarantined calls match");
+        return Ok(if all { 0 } else { 1 });
+    }
+    let mut released = 0;
+    for q in &entries {
+        if q.source == "unitalk"
+            && store
+                .ledger_row(q.call_id.as_deref().unwrap_or(""))?
+                .is_none()
+        {
+            // An unreadable record: read it again; it enters the pipeline only if it now parses.
+            let raw: serde_json::Value =
+                serde_json::from_str(&q.raw).unwrap_or(serde_json::Value::Null);
+            match crate::unitalk::wire::parse_call(&raw, tz) {
+                Ok(call) => {
+                    store.observe(
+                        &[crate::store::ledger::Observation {
+                            call_id: call.id.clone(),
+                            started_at: call.started_at,
+                            content_hash: crate::sync::call::content_hash(&call),
+                            raw: q.raw.clone(),
+                        }],
+                        now,
+                    )?;
+                }
+                Err(e) => {
+                    println!("retry: entry {} is still unreadable: {}", q.id, e.reason);
+                    continue;
+                }
+            }
+        }
+        store.release(q.id, now)?;
+        released += 1;
+    }
+    println!(
+        "retry: released {released} of {} quarantined entries; running a pass",
+        entries.len()
+    );
+    let ctx = context(cfg, SharedStore::new(store))?;
+    cancel_on_signals(ctx.cancel.clone());
+    let summary = run_logged(&ctx, "retry", &PassOptions::default()).await?;
+    println!("sync: {summary}");
+    let still: Vec<_> = ctx
+        .store
+        .lock()
+        .quarantined()?
+        .into_iter()
+        .filter(|q| entries.iter().any(|e| e.call_id == q.call_id))
+        .collect();
+    for q in &still {
+        println!(
+            "still quarantined: call {} — {}",
+            q.call_id.as_deref().unwrap_or("?"),
+            q.reason
+        );
+    }
     Ok(0)
 }

@@ -30,8 +30,13 @@ CREATE INDEX calls_by_start ON calls(started_at);
 -- What Bitrix24 has acknowledged for each call: the source of truth for "already pushed".
 CREATE TABLE ledger (
     call_id          TEXT PRIMARY KEY REFERENCES calls(call_id),
+    -- pending: nothing acknowledged. in_flight: its main chain was sent, outcome not recorded
+    -- (the next pass probes Bitrix24 before anything else). registered: register acknowledged,
+    -- finish not. finished: the call is in Bitrix24; a recording or task may still be due.
+    -- done: nothing left. skipped: deliberately not pushed (internal call, ...). quarantined.
     stage            TEXT NOT NULL CHECK (stage IN
                        ('pending', 'in_flight', 'registered', 'finished', 'done', 'skipped', 'quarantined')),
+    reason           TEXT,                 -- why skipped or quarantined
     b24_call_id      TEXT,                 -- telephony CALL_ID from register
     b24_stat_id      INTEGER,              -- statistics row id from finish
     b24_activity_id  INTEGER,              -- CRM call activity (finish or crm.activity.add)
@@ -40,6 +45,8 @@ CREATE TABLE ledger (
     responsible_id   INTEGER,              -- Bitrix24 user the call and its task belong to
     record_url       TEXT,                 -- recording link Bitrix24 acknowledged
     task_id          INTEGER,              -- missed-call task, once created
+    task_in_flight_since TEXT,             -- set before tasks.task.add is sent; cleared when recorded
+    lead_id          INTEGER,              -- lead ubsync created for this call (activity mode)
     pushed_hash      TEXT,                 -- content hash as of the last full acknowledgement
     attempts         INTEGER NOT NULL DEFAULT 0,
     last_error       TEXT,

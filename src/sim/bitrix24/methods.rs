@@ -412,7 +412,10 @@ pub(crate) fn dispatch(
         "voximplant.statistic.get" => statistic_get(st, p),
         "crm.duplicate.findbycomm" => findbycomm(st, p),
         "crm.lead.add" => lead_add(st, caller, p),
-        "crm.lead.list" => lead_list(st, p),
+        "crm.lead.list" => entity_list(st, p, CrmKind::Lead),
+        "crm.contact.list" => entity_list(st, p, CrmKind::Contact),
+        "crm.company.list" => entity_list(st, p, CrmKind::Company),
+        "crm.activity.update" => activity_update(st, p),
         "crm.activity.add" => activity_add(st, caller, p),
         "crm.activity.list" => activity_list(st, p),
         "tasks.task.add" => task_add(st, caller, p, now),
@@ -931,12 +934,12 @@ fn lead_add(st: &mut PortalState, caller: &Caller, p: &Map<String, Value>) -> Ap
     Ok(ApiOk::new(json!(id)))
 }
 
-fn lead_list(st: &PortalState, p: &Map<String, Value>) -> ApiResult {
+fn entity_list(st: &PortalState, p: &Map<String, Value>, kind: CrmKind) -> ApiResult {
     let rows: Vec<Value> = st
         .data
         .entities
         .iter()
-        .filter(|e| e.kind == CrmKind::Lead)
+        .filter(|e| e.kind == kind)
         .map(|e| {
             json!({"ID": e.id.to_string(), "TITLE": e.title, "ASSIGNED_BY_ID": e.assigned_by_id.to_string(),
                    "PHONE": e.phones.iter().map(|ph| json!({"VALUE": ph, "VALUE_TYPE": "WORK"})).collect::<Vec<_>>()})
@@ -1036,6 +1039,27 @@ fn activity_add(st: &mut PortalState, caller: &Caller, p: &Map<String, Value>) -
         communications: comms,
     });
     Ok(ApiOk::new(json!(id)))
+}
+
+fn activity_update(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
+    let id = int(p, "id").unwrap_or(0) as u64;
+    let fields = obj(p, "fields").cloned().unwrap_or_default();
+    if fields.is_empty() {
+        return Err(err(400, "", "The parameter 'fields' must be array."));
+    }
+    let Some(a) = st.data.activities.iter_mut().find(|a| a.id == id) else {
+        return Err(err(400, "", "Not found"));
+    };
+    if let Some(d) = s(&fields, "DESCRIPTION") {
+        a.description = d;
+    }
+    if let Some(d) = s(&fields, "SUBJECT") {
+        a.subject = d;
+    }
+    if let Some(d) = s(&fields, "END_TIME") {
+        a.end_time = Some(d);
+    }
+    Ok(ApiOk::new(json!(true)))
 }
 
 fn activity_json(a: &Activity) -> Value {

@@ -1,0 +1,354 @@
+//! What a Unitalk call means for Bitrix24: its direction, the client's number in E.164, the
+//! operator's inner line, the telephony `STATUS_CODE`, whether it is a missed call that needs a
+//! task, and a hash of everything Bitrix24 is told. Pure functions over plain data.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::config::SyncConfig;
+use crate::unitalk::{Call, CallState, Direction};
+
+/// Incoming or outgoing, from the call centre's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    In,
+    Out,
+}
+
+/// A call ubsync will push, with everything derived from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallFacts {
+    /// Unitalk `id`.
+    pub id: String,
+    /// `unitalk-<id>`: `EXTERNAL_CALL_ID` in telephony mode, `ORIGIN_ID` in activity mode.
+    pub external_id: String,
+    pub way: Way,
+    /// The client's number in E.164 (`+380501234567`).
+    pub client_number: String,
+    /// The operator's inner line: who answered (IN) or dialled (OUT), if known.
+    pub operator_line: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub seconds_talk: u32,
+    pub seconds_full: u32,
+    pub state: CallState,
+    pub status_code: &'static str,
+    pub link: Option<String>,
+    /// The company line (Unitalk `outerNumber`, Bitrix24 `LINE_NUMBER`).
+    pub line_number: Option<String>,
+    /// An incoming call nobody answered: it gets a follow-up task.
+    pub missed: bool,
+}
+
+/// What to do with a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Push(Box<CallFacts>),
+    /// Deliberately not pushed (e.g. internal calls); recorded with the reason.
+    Skip(String),
+    /// Not final yet (`DIALING`): leave it for a later pass.
+    NotFinal,
+    /// Cannot be pushed; quarantined with the reason.
+    Quarantine(String),
+}
+
+/// Telephony `STATUS_CODE` for a Unitalk `state` (`bitrix24-api.md` §4.2).
+pub fn status_code(state: &CallState) -> &'static str {
+    match state {
+        CallState::Answer => "200",
+        CallState::NoAnswer => "304",
+        CallState::Busy | CallState::BusyOut => "486",
+        CallState::Fail => "603",
+        CallState::ChanUnavail | CallState::Unreachable => "480",
+        CallState::NoMoney => "402",
+        CallState::WrongDir => "484",
+        CallState::Blocked => "423",
+        CallState::NotExist => "404",
+        CallState::Dialing | CallState::Other(_) => "OTHER",
+    }
+}
+
+/// Whether `n` looks like an inner line: a known operator line, or a short all-digit number.
+pub fn is_inner(n: &str, known_lines: &HashSet<String>) -> bool {
+    let n = n.trim();
+    known_lines.contains(n)
+        || (!n.is_empty() && n.len() <= 5 && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// A client number in E.164, read with `country` when it has no international prefix.
+pub fn normalize_phone(raw: &str, country: phonenumber::country::Id) -> Result<String, String> {
+    let cleaned: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '+')
+        .collect();
+    let digits = cleaned.trim_start_matches('+');
+    if digits.len() < 5 {
+        return Err(format!("client number {raw:?} is not a phone number"));
+    }
+    let e164 = |n: &phonenumber::PhoneNumber| n.format().mode(phonenumber::Mode::E164).to_string();
+    if cleaned.starts_with('+') {
+        return phonenumber::parse(None, &cleaned)
+            .map(|n| e164(&n))
+            .map_err(|e| format!("client number {raw:?} is not a phone number ({e})"));
+    }
+    let national = phonenumber::parse(Some(country), digits).ok();
+    if let Some(n) = national.as_ref().filter(|n| phonenumber::is_valid(n)) {
+        return Ok(e164(n));
+    }
+    if let Some(n) = phonenumber::parse(None, format!("+{digits}"))
+        .ok()
+        .filter(phonenumber::is_valid)
+    {
+        return Ok(e164(&n));
+    }
+    // Numbering plans change faster than metadata: accept a number that parses at all.
+    national
+        .map(|n| e164(&n))
+        .ok_or_else(|| format!("client number {raw:?} is not a phone number"))
+}
+
+/// Decides what to do with `call`. `known_lines` are the operators' inner lines.
+pub fn classify(call: &Call, known_lines: &HashSet<String>, cfg: &SyncConfig) -> Disposition {
+    if call.state == CallState::Dialing {
+        return Disposition::NotFinal;
+    }
+    let inner = |n: &str| is_inner(n, known_lines);
+    let external_to: Vec<&String> = call.to.iter().filter(|t| !inner(t)).collect();
+    let internal = match &call.direction {
+        Direction::Inner => true,
+        _ => inner(&call.from) && !call.to.is_empty() && external_to.is_empty(),
+    };
+    if internal {
+        if cfg.skip_internal {
+            return Disposition::Skip("internal call (sync.skip_internal = true)".into());
+        }
+        // Pushed as an outgoing call to the other extension.
+        let other = call.to.first().cloned().unwrap_or_default();
+        return facts(
+            call,
+            Way::Out,
+            other,
+            Some(call.from.clone()).filter(|f| !f.is_empty()),
+        );
+    }
+    let way = match &call.direction {
+        Direction::In => Way::In,
+        Direction::Out => Way::Out,
+        Direction::Inner => unreachable!("handled above"),
+        Direction::Other(d) => {
+            if inner(&call.from) && !external_to.is_empty() {
+                Way::Out
+            } else if !call.from.is_empty() && !inner(&call.from) {
+                Way::In
+            } else {
+                return Disposition::Quarantine(format!(
+                    "unknown direction {d:?} and the numbers do not tell"
+                ));
+            }
+        }
+    };
+    let (client_raw, operator) = match way {
+        Way::In => (
+            call.from.clone(),
+            call.to
+                .iter()
+                .find(|t| known_lines.contains(t.as_str()))
+                .or(call.to.iter().find(|t| inner(t)))
+                .cloned(),
+        ),
+        Way::Out => (
+            external_to
+                .first()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            Some(call.from.clone()).filter(|f| inner(f)),
+        ),
+    };
+    match normalize_phone(&client_raw, cfg.default_country) {
+        Ok(number) => facts(call, way, number, operator),
+        Err(reason) => Disposition::Quarantine(reason),
+    }
+}
+
+fn facts(
+    call: &Call,
+    way: Way,
+    client_number: String,
+    operator_line: Option<String>,
+) -> Disposition {
+    Disposition::Push(Box::new(CallFacts {
+        id: call.id.clone(),
+        external_id: format!("unitalk-{}", call.id),
+        way,
+        client_number,
+        operator_line,
+        started_at: call.started_at,
+        seconds_talk: call.seconds_talk,
+        seconds_full: call.seconds_full,
+        status_code: status_code(&call.state),
+        missed: way == Way::In && call.state != CallState::Answer,
+        state: call.state.clone(),
+        link: call.link.clone(),
+        line_number: call.outer_number.clone(),
+    }))
+}
+
+/// Hash of every field of a call that reaches Bitrix24; a change means follow-ups may be due.
+pub fn content_hash(call: &Call) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        call.direction.as_str(),
+        &call.from,
+        &call.to.join(","),
+        call.outer_number.as_deref().unwrap_or(""),
+        &call.started_at.to_rfc3339(),
+        &call.seconds_talk.to_string(),
+        &call.seconds_full.to_string(),
+        call.state.as_str(),
+        call.link.as_deref().unwrap_or(""),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unitalk::wire::parse_call;
+    use serde_json::json;
+
+    fn cfg() -> SyncConfig {
+        crate::config::Config::parse(
+            "[unitalk]\napi_key=\"k\"\n[bitrix24]\nmode=\"activity\"\nwebhook_url=\"https://p/rest/1/x/\"\n",
+            std::path::Path::new("/x.toml"),
+            &Default::default(),
+        )
+        .unwrap()
+        .sync
+    }
+
+    fn call(v: serde_json::Value) -> Call {
+        parse_call(&v, chrono_tz::Europe::Kyiv).unwrap()
+    }
+
+    fn lines() -> HashSet<String> {
+        ["101", "102"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_unitalk_state_maps_to_its_status_code() {
+        let table = [
+            ("ANSWER", "200"),
+            ("NOANSWER", "304"),
+            ("BUSY", "486"),
+            ("BUSYOUT", "486"),
+            ("FAIL", "603"),
+            ("CHANUNAVAIL", "480"),
+            ("UNREACHABLE", "480"),
+            ("NOMONEY", "402"),
+            ("WRONGDIR", "484"),
+            ("BLOCKED", "423"),
+            ("NOT_EXIST", "404"),
+            ("SOMETHING_NEW", "OTHER"),
+        ];
+        for (state, code) in table {
+            let c = call(
+                json!({"id": 1, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": state}),
+            );
+            let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+                panic!("{state}")
+            };
+            assert_eq!(f.status_code, code, "{state}");
+            assert_eq!(f.missed, state != "ANSWER");
+        }
+    }
+
+    #[test]
+    fn dialing_is_not_final_and_internal_calls_are_skipped() {
+        let c = call(
+            json!({"id": 1, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "state": "DIALING"}),
+        );
+        assert_eq!(classify(&c, &lines(), &cfg()), Disposition::NotFinal);
+        let c = call(
+            json!({"id": 2, "date": "2026-11-22 10:00:00", "direction": "OUT", "from": "101", "to": ["102"], "state": "ANSWER"}),
+        );
+        assert!(matches!(
+            classify(&c, &lines(), &cfg()),
+            Disposition::Skip(_)
+        ));
+        let c = call(
+            json!({"id": 3, "date": "2026-11-22 10:00:00", "direction": "INNER", "from": "101", "to": ["102"], "state": "ANSWER"}),
+        );
+        assert!(matches!(
+            classify(&c, &lines(), &cfg()),
+            Disposition::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn outgoing_calls_take_the_client_from_to_and_the_operator_from_from() {
+        let c = call(
+            json!({"id": 4, "date": "2026-11-22 10:00:00", "direction": "OUT", "from": "102", "to": ["0501112233"], "state": "ANSWER"}),
+        );
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+            panic!()
+        };
+        assert_eq!(f.way, Way::Out);
+        assert_eq!(
+            f.client_number, "+380501112233",
+            "national numbers are read as UA"
+        );
+        assert_eq!(f.operator_line.as_deref(), Some("102"));
+        assert!(!f.missed);
+    }
+
+    #[test]
+    fn numbers_normalize_to_e164_and_garbage_is_quarantined() {
+        let ua = phonenumber::country::Id::UA;
+        assert_eq!(
+            normalize_phone("380505557182", ua).unwrap(),
+            "+380505557182"
+        );
+        assert_eq!(
+            normalize_phone("+48 22 123 45 67", ua).unwrap(),
+            "+48221234567"
+        );
+        assert_eq!(
+            normalize_phone("(050) 555-71-82", ua).unwrap(),
+            "+380505557182"
+        );
+        assert!(normalize_phone("anonymous", ua).is_err());
+        let c = call(
+            json!({"id": 5, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "unknown", "to": ["101"], "state": "ANSWER"}),
+        );
+        assert!(matches!(
+            classify(&c, &lines(), &cfg()),
+            Disposition::Quarantine(_)
+        ));
+    }
+
+    #[test]
+    fn an_unknown_direction_is_inferred_from_the_numbers() {
+        let c = call(
+            json!({"id": 6, "date": "2026-11-22 10:00:00", "direction": "CALLBACK", "from": "101", "to": ["380501112233"], "state": "ANSWER"}),
+        );
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+            panic!()
+        };
+        assert_eq!(f.way, Way::Out);
+    }
+
+    #[test]
+    fn the_content_hash_changes_when_a_recording_appears() {
+        let a = call(
+            json!({"id": 7, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "ANSWER", "secondsTalk": 5}),
+        );
+        let mut b = a.clone();
+        b.link = Some("https://rec/7".into());
+        assert_ne!(content_hash(&a), content_hash(&b));
+        assert_eq!(content_hash(&a), content_hash(&a.clone()));
+    }
+}

@@ -1,0 +1,586 @@
+//! From calls and ledger rows to Bitrix24 commands, and from command outcomes back to ledger rows.
+//!
+//! Pure functions: given a call's facts, its ledger row and what lookups found, [`main_chain`]
+//! says which commands the call still needs (never a second `register` once one is
+//! acknowledged), [`pack`] puts whole chains into batches of at most 50 commands, and
+//! [`record_chain`] / [`record_task`] turn a batch outcome into the call's next ledger row,
+//! classifying each failure as retryable or permanent.
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde_json::{json, Value};
+
+use super::call::{CallFacts, Way};
+use crate::bitrix24::batch::{result_ref, Command, MAX_COMMANDS};
+use crate::bitrix24::wire::{as_i64, as_text, BatchOutcome, ErrorBody};
+use crate::config::Config;
+use crate::store::ledger::{LedgerRow, Stage};
+use crate::timezone::rfc3339_in;
+
+/// Failures before a retryable problem is quarantined instead.
+pub const MAX_ATTEMPTS: i64 = 6;
+
+/// A non-numeric batch key for a call's command (`r_12345`).
+pub fn key(prefix: &str, call_id: &str) -> String {
+    let clean: String = call_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("{prefix}_{clean}")
+}
+
+/// A CRM entity as Bitrix24 names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entity {
+    /// `CONTACT`, `LEAD` or `COMPANY`.
+    pub kind: String,
+    pub id: i64,
+}
+
+impl Entity {
+    /// `UF_CRM_TASK` binding: `C_5`, `L_5`, `CO_5`.
+    pub fn binding(&self) -> Option<String> {
+        let prefix = match self.kind.as_str() {
+            "CONTACT" => "C",
+            "LEAD" => "L",
+            "COMPANY" => "CO",
+            _ => return None,
+        };
+        Some(format!("{prefix}_{}", self.id))
+    }
+
+    /// `OWNER_TYPE_ID` of `crm.activity.add`.
+    pub fn owner_type_id(&self) -> Option<i64> {
+        match self.kind.as_str() {
+            "LEAD" => Some(1),
+            "CONTACT" => Some(3),
+            "COMPANY" => Some(4),
+            _ => None,
+        }
+    }
+}
+
+/// The commands one call needs now, which never split across batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallPlan {
+    pub call_id: String,
+    pub commands: Vec<Command>,
+}
+
+fn attach_record(cfg: &Config, f: &CallFacts, call_id_param: Value) -> Option<Command> {
+    let link = f.link.as_ref()?;
+    let _ = cfg;
+    Some(Command::new(
+        key("a", &f.id),
+        "telephony.externalCall.attachRecord",
+        json!({"CALL_ID": call_id_param, "RECORD_URL": link, "FILENAME": format!("{}.mp3", f.external_id)}),
+    ))
+}
+
+/// The telephony chain a call still needs, given its ledger row: register → finish →
+/// attachRecord for a new call; finish (→ attachRecord) once registered; only attachRecord
+/// for a finished call whose recording is missing or changed. `user_id` is the Bitrix24 user
+/// the call belongs to.
+pub fn telephony_chain(cfg: &Config, f: &CallFacts, l: &LedgerRow, user_id: i64) -> Vec<Command> {
+    let tz = cfg.bitrix24.timezone;
+    let finish = |call_id: Value| {
+        Command::new(
+            key("f", &f.id),
+            "telephony.externalCall.finish",
+            json!({
+                "CALL_ID": call_id, "USER_ID": user_id, "DURATION": f.seconds_talk,
+                "STATUS_CODE": f.status_code, "ADD_TO_CHAT": if cfg.sync.add_to_chat { 1 } else { 0 },
+            }),
+        )
+    };
+    match l.stage {
+        Stage::Pending | Stage::InFlight => {
+            let mut register = json!({
+                "USER_ID": user_id, "PHONE_NUMBER": f.client_number,
+                "TYPE": if f.way == Way::In { 2 } else { 1 },
+                "CALL_START_DATE": rfc3339_in(f.started_at, tz),
+                "EXTERNAL_CALL_ID": f.external_id, "SHOW": 0,
+                "CRM_CREATE": if cfg.sync.crm_create { 1 } else { 0 },
+            });
+            if let Some(line) = &f.line_number {
+                register["LINE_NUMBER"] = json!(line);
+            }
+            let r = key("r", &f.id);
+            let call_ref = json!(result_ref(&r, "CALL_ID"));
+            let mut out = vec![
+                Command::new(r, "telephony.externalCall.register", register),
+                finish(call_ref.clone()),
+            ];
+            out.extend(attach_record(cfg, f, call_ref));
+            out
+        }
+        Stage::Registered => {
+            let id = json!(l.b24_call_id.clone().unwrap_or_default());
+            let mut out = vec![finish(id.clone())];
+            out.extend(attach_record(cfg, f, id));
+            out
+        }
+        Stage::Finished | Stage::Done if needs_recording(f, l) => {
+            attach_record(cfg, f, json!(l.b24_call_id.clone().unwrap_or_default()))
+                .into_iter()
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether a finished call's recording is missing or changed in Bitrix24 (the attached record in
+/// telephony mode, the link in the activity's description in activity mode).
+pub fn needs_recording(f: &CallFacts, l: &LedgerRow) -> bool {
+    f.link.is_some()
+        && l.record_url != f.link
+        && (l.b24_call_id.is_some() || l.b24_activity_id.is_some())
+}
+
+/// Whether a finished call still needs its missed-call task.
+pub fn needs_task(cfg: &Config, f: &CallFacts, l: &LedgerRow) -> bool {
+    cfg.tasks.enabled && f.missed && l.task_id.is_none()
+}
+
+/// Human-readable description of a call, for activities and tasks.
+pub fn describe(f: &CallFacts, tz: Tz, operator: Option<&str>) -> String {
+    let local = f
+        .started_at
+        .with_timezone(&tz)
+        .format("%Y-%m-%d %H:%M:%S %Z");
+    let mut lines = vec![
+        format!(
+            "{} call {} {}",
+            if f.way == Way::In {
+                "Incoming"
+            } else {
+                "Outgoing"
+            },
+            if f.way == Way::In { "from" } else { "to" },
+            f.client_number
+        ),
+        format!("Time: {local}"),
+        format!(
+            "Result: {} (talk {} s, total {} s)",
+            f.state.as_str(),
+            f.seconds_talk,
+            f.seconds_full
+        ),
+    ];
+    if let Some(line) = &f.line_number {
+        lines.push(format!("Line: {line}"));
+    }
+    if let Some(op) = operator {
+        lines.push(format!("Operator: {op}"));
+    }
+    if let Some(link) = &f.link {
+        lines.push(format!("Recording: {link}"));
+    }
+    lines.push(format!("Unitalk call {} ({})", f.id, f.external_id));
+    lines.join("\n")
+}
+
+/// The `crm.activity.add` for a call (activity mode), bound to `entity`.
+pub fn activity_add(
+    cfg: &Config,
+    f: &CallFacts,
+    entity: &Entity,
+    responsible: i64,
+    operator: Option<&str>,
+) -> Command {
+    let tz = cfg.bitrix24.timezone;
+    let subject = match f.way {
+        Way::In if f.missed => format!("Missed call from {}", f.client_number),
+        Way::In => format!("Incoming call from {}", f.client_number),
+        Way::Out => format!("Outgoing call to {}", f.client_number),
+    };
+    Command::new(
+        key("v", &f.id),
+        "crm.activity.add",
+        json!({"fields": {
+            "OWNER_TYPE_ID": entity.owner_type_id(), "OWNER_ID": entity.id, "TYPE_ID": 2,
+            "COMMUNICATIONS": [{"VALUE": f.client_number, "ENTITY_ID": entity.id, "ENTITY_TYPE_ID": entity.owner_type_id(), "TYPE": "PHONE"}],
+            "SUBJECT": subject,
+            "START_TIME": rfc3339_in(f.started_at, tz),
+            "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
+            "COMPLETED": "Y", "DIRECTION": if f.way == Way::In { 1 } else { 2 }, "PRIORITY": 2,
+            "RESPONSIBLE_ID": responsible,
+            "DESCRIPTION": describe(f, tz, operator), "DESCRIPTION_TYPE": 1,
+            "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": f.external_id,
+        }}),
+    )
+}
+
+/// The `tasks.task.add` for a missed call.
+pub fn task_add(
+    cfg: &Config,
+    f: &CallFacts,
+    responsible: i64,
+    entity: Option<&Entity>,
+    operator: Option<&str>,
+) -> Command {
+    let tz = cfg.bitrix24.timezone;
+    let title = cfg.tasks.title.replace("{phone}", &f.client_number);
+    let mut fields = json!({
+        "TITLE": title,
+        "DESCRIPTION": describe(f, tz, operator),
+        "RESPONSIBLE_ID": responsible,
+        "DEADLINE": rfc3339_in(f.started_at + Duration::minutes(cfg.tasks.deadline_minutes as i64), tz),
+        "XML_ID": f.external_id,
+    });
+    if let Some(b) = entity.and_then(Entity::binding) {
+        fields["UF_CRM_TASK"] = json!([b]);
+    }
+    Command::new(
+        key("t", &f.id),
+        "tasks.task.add",
+        json!({ "fields": fields }),
+    )
+}
+
+/// Packs whole plans into batches of at most [`MAX_COMMANDS`] commands, in order.
+pub fn pack(plans: Vec<CallPlan>) -> Vec<Vec<CallPlan>> {
+    let mut out: Vec<Vec<CallPlan>> = Vec::new();
+    let mut size = 0;
+    for p in plans.into_iter().filter(|p| !p.commands.is_empty()) {
+        if out.is_empty() || size + p.commands.len() > MAX_COMMANDS {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += p.commands.len();
+        out.last_mut().expect("just pushed").push(p);
+    }
+    out
+}
+
+/// How a failed command should be handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// May succeed later: retry on a later pass with backoff.
+    Retry(String),
+    /// Will not succeed as sent: quarantine with this text.
+    Permanent(String),
+}
+
+/// Classifies one command's error (`bitrix24-api.md` §9).
+pub fn classify_error(method: &str, e: &ErrorBody) -> Failure {
+    let code = e.effective_code();
+    let text = format!(
+        "{method}: {}{}{}",
+        e.code,
+        if e.code.is_empty() { "" } else { ": " },
+        e.description
+    );
+    let d = e.description.to_lowercase();
+    let transient_codes = [
+        "QUERY_LIMIT_EXCEEDED",
+        "OPERATION_TIME_LIMIT",
+        "INTERNAL_SERVER_ERROR",
+        "ERROR_UNEXPECTED_ANSWER",
+        "expired_token",
+        "invalid_token",
+    ];
+    if transient_codes.contains(&code.as_str())
+        || d.contains("database error")
+        || d.contains("server returns http error")
+        || code == "CALL_NOT_FOUND"
+    {
+        return Failure::Retry(text);
+    }
+    let permanent = d.contains("phone number")
+        || d.contains("user is not found")
+        || d.contains("unknown type")
+        || d.contains("iso-8601")
+        || d.contains("should be set")
+        || d.contains("not defined")
+        || d.contains("responsible")
+        || d.contains("wrong file extension")
+        || d.contains("could not build binding")
+        || matches!(
+            code.as_str(),
+            "INVALID_ARGUMENT"
+                | "ERROR_ARGUMENT"
+                | "INVALID_ARG_VALUE"
+                | "NOT_FOUND"
+                | "ERROR_NOT_FOUND"
+                | "ACCESS_DENIED"
+        );
+    if permanent {
+        Failure::Permanent(text)
+    } else {
+        // Unknown problems are retried; MAX_ATTEMPTS turns a persistent one into quarantine.
+        Failure::Retry(text)
+    }
+}
+
+/// Applies a failure to a row: backoff for retryable ones (quarantine after [`MAX_ATTEMPTS`]),
+/// quarantine for permanent ones. Returns the reason when the row is quarantined.
+pub fn fail(mut l: LedgerRow, failure: Failure, now: DateTime<Utc>) -> (LedgerRow, Option<String>) {
+    l.attempts += 1;
+    l.in_flight_since = None;
+    match failure {
+        Failure::Retry(text) if l.attempts < MAX_ATTEMPTS => {
+            let minutes = 1i64 << (l.attempts - 1).min(8);
+            let jitter = (rand::random::<u64>() % 30) as i64;
+            l.next_attempt_at = Some(now + Duration::minutes(minutes) + Duration::seconds(jitter));
+            l.last_error = Some(text);
+            (l, None)
+        }
+        Failure::Retry(text) | Failure::Permanent(text) => {
+            let reason = if l.attempts >= MAX_ATTEMPTS {
+                format!("{text} (after {} attempts)", l.attempts)
+            } else {
+                text
+            };
+            l.last_error = Some(reason.clone());
+            l.reason = Some(reason.clone());
+            l.stage = Stage::Quarantined;
+            l.next_attempt_at = None;
+            (l, Some(reason))
+        }
+    }
+}
+
+fn entity_from(v: &Value) -> Option<Entity> {
+    let kind = v
+        .get("CRM_ENTITY_TYPE")
+        .and_then(as_text)
+        .filter(|k| !k.is_empty())?;
+    let id = v.get("CRM_ENTITY_ID").and_then(as_i64)?;
+    Some(Entity { kind, id })
+}
+
+/// Whether anything is still due for a call whose main record is in Bitrix24.
+pub fn settle_stage(cfg: &Config, f: &CallFacts, mut l: LedgerRow, hash: &str) -> LedgerRow {
+    let recording_due = needs_recording(f, &l);
+    l.stage = if recording_due || needs_task(cfg, f, &l) {
+        Stage::Finished
+    } else {
+        Stage::Done
+    };
+    l.pushed_hash = Some(hash.to_string());
+    l
+}
+
+/// The ledger row after a telephony chain's batch came back. Returns the row and, when the call
+/// is quarantined, the reason.
+pub fn record_chain(
+    cfg: &Config,
+    f: &CallFacts,
+    mut l: LedgerRow,
+    out: &BatchOutcome,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> (LedgerRow, Option<String>) {
+    let (r, fk, a) = (key("r", &f.id), key("f", &f.id), key("a", &f.id));
+    l.in_flight_since = None;
+    if let Some(res) = out.results.get(&r) {
+        l.b24_call_id = res.get("CALL_ID").and_then(as_text);
+        if let Some(e) = entity_from(res) {
+            l.crm_entity_type = Some(e.kind);
+            l.crm_entity_id = Some(e.id);
+        }
+        l.stage = Stage::Registered;
+    } else if let Some(e) = out.errors.get(&r) {
+        l.stage = if l.b24_call_id.is_some() {
+            Stage::Registered
+        } else {
+            Stage::Pending
+        };
+        return fail(l, classify_error("telephony.externalCall.register", e), now);
+    }
+    if let Some(res) = out.results.get(&fk) {
+        l.b24_stat_id = res.get("ID").and_then(as_i64);
+        l.b24_activity_id = res.get("CRM_ACTIVITY_ID").and_then(as_i64);
+        if let Some(e) = entity_from(res) {
+            l.crm_entity_type = Some(e.kind);
+            l.crm_entity_id = Some(e.id);
+        }
+        if let Some(id) = res.get("CALL_ID").and_then(as_text) {
+            l.b24_call_id = Some(id);
+        }
+        l.stage = Stage::Finished;
+    } else if let Some(e) = out.errors.get(&fk) {
+        return fail(l, classify_error("telephony.externalCall.finish", e), now);
+    }
+    if out.results.contains_key(&a) {
+        l.record_url = f.link.clone();
+    } else if let Some(e) = out.errors.get(&a) {
+        let (row, reason) = fail(
+            l,
+            classify_error("telephony.externalCall.attachRecord", e),
+            now,
+        );
+        return (row, reason);
+    }
+    if matches!(l.stage, Stage::Finished | Stage::Done) {
+        l.attempts = 0;
+        l.last_error = None;
+        l.next_attempt_at = None;
+        l = settle_stage(cfg, f, l, hash);
+    }
+    (l, None)
+}
+
+/// The ledger row after an activity-mode `crm.activity.add` came back.
+pub fn record_activity(
+    cfg: &Config,
+    f: &CallFacts,
+    mut l: LedgerRow,
+    out: &BatchOutcome,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> (LedgerRow, Option<String>) {
+    let v = key("v", &f.id);
+    l.in_flight_since = None;
+    if let Some(res) = out.results.get(&v) {
+        l.b24_activity_id = as_i64(res);
+        l.stage = Stage::Finished;
+        l.attempts = 0;
+        l.last_error = None;
+        l.next_attempt_at = None;
+        l.record_url = f.link.clone();
+        return (settle_stage(cfg, f, l, hash), None);
+    }
+    match out.errors.get(&v) {
+        Some(e) => {
+            l.stage = Stage::Pending;
+            fail(l, classify_error("crm.activity.add", e), now)
+        }
+        None => (l, None),
+    }
+}
+
+/// The `crm.activity.update` that puts a changed recording link into an activity's description.
+pub fn activity_update(
+    cfg: &Config,
+    f: &CallFacts,
+    l: &LedgerRow,
+    operator: Option<&str>,
+) -> Option<Command> {
+    let id = l.b24_activity_id?;
+    Some(Command::new(
+        key("u", &f.id),
+        "crm.activity.update",
+        json!({"id": id, "fields": {"DESCRIPTION": describe(f, cfg.bitrix24.timezone, operator), "DESCRIPTION_TYPE": 1}}),
+    ))
+}
+
+/// The ledger row after an activity's description update came back.
+pub fn record_activity_update(
+    cfg: &Config,
+    f: &CallFacts,
+    mut l: LedgerRow,
+    out: &BatchOutcome,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> (LedgerRow, Option<String>) {
+    let u = key("u", &f.id);
+    if out.results.contains_key(&u) {
+        l.record_url = f.link.clone();
+        return (settle_stage(cfg, f, l, hash), None);
+    }
+    match out.errors.get(&u) {
+        Some(e) => fail(l, classify_error("crm.activity.update", e), now),
+        None => (l, None),
+    }
+}
+
+/// The ledger row after a missed-call task's batch came back.
+pub fn record_task(
+    cfg: &Config,
+    f: &CallFacts,
+    mut l: LedgerRow,
+    out: &BatchOutcome,
+    hash: &str,
+    now: DateTime<Utc>,
+) -> (LedgerRow, Option<String>) {
+    let t = key("t", &f.id);
+    l.task_in_flight_since = None;
+    if let Some(res) = out.results.get(&t) {
+        l.task_id = res.get("task").and_then(|t| t.get("id")).and_then(as_i64);
+        l.attempts = 0;
+        l.last_error = None;
+        l.next_attempt_at = None;
+        return (settle_stage(cfg, f, l, hash), None);
+    }
+    match out.errors.get(&t) {
+        Some(e) => fail(l, classify_error("tasks.task.add", e), now),
+        None => (l, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(n: usize, each: usize) -> CallPlan {
+        CallPlan {
+            call_id: n.to_string(),
+            commands: (0..each)
+                .map(|i| Command::new(format!("c{n}_{i}"), "user.current", json!({})))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn whole_chains_are_packed_and_never_split() {
+        let batches = pack((0..40).map(|n| plan(n, 3)).collect());
+        assert!(batches
+            .iter()
+            .all(|b| b.iter().map(|p| p.commands.len()).sum::<usize>() <= 50));
+        assert_eq!(batches[0].len(), 16, "16 chains of 3 fit in 50");
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 40);
+    }
+
+    #[test]
+    fn keys_are_never_numeric() {
+        assert_eq!(key("r", "12345"), "r_12345");
+        assert_eq!(key("r", "a-b.c"), "r_a_b_c");
+    }
+
+    #[test]
+    fn errors_are_classified_as_the_reference_says() {
+        let e = |code: &str, d: &str| ErrorBody {
+            code: code.into(),
+            description: d.into(),
+        };
+        assert!(matches!(
+            classify_error("m", &e("ERROR_CORE", "Unsupported phone number format")),
+            Failure::Permanent(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("ERROR_CORE", "User is not found or is not active")),
+            Failure::Permanent(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("QUERY_LIMIT_EXCEEDED", "")),
+            Failure::Retry(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("ERROR_CORE", "Unexpected database error")),
+            Failure::Retry(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("", "Something new")),
+            Failure::Retry(_)
+        ));
+    }
+
+    #[test]
+    fn repeated_retryable_failures_end_in_quarantine() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let mut l = LedgerRow::pending("1");
+        for i in 1..MAX_ATTEMPTS {
+            let (row, reason) = fail(l, Failure::Retry("boom".into()), now);
+            assert!(reason.is_none(), "attempt {i}");
+            assert!(row.next_attempt_at.unwrap() > now);
+            l = row;
+        }
+        let (row, reason) = fail(l, Failure::Retry("boom".into()), now);
+        assert_eq!(row.stage, Stage::Quarantined);
+        assert!(reason.unwrap().contains("after 6 attempts"));
+    }
+}
