@@ -82,7 +82,7 @@ mod tests {
             Duration::hours(1),
             t("2026-11-22T12:00:00Z"),
         );
-        assert_eq!(w.len(), 2);
+        assert_eq!(w.len(), 3);
         assert_eq!(
             w[0],
             SyncWindow {
@@ -90,7 +90,13 @@ mod tests {
                 end: t("2026-11-22T10:50:00Z")
             }
         );
-        assert_eq!(w[1].end, t("2026-11-22T11:58:00Z"));
+        assert_eq!(
+            w[2],
+            SyncWindow {
+                start: t("2026-11-22T11:50:00Z"),
+                end: t("2026-11-22T11:58:00Z")
+            }
+        );
         assert!(plan_windows(
             t("2026-11-22T12:00:00Z"),
             Duration::zero(),
