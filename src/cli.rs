@@ -685,6 +685,8 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
         println!("retry: no quarantined calls match");
         return Ok(if all { 0 } else { 1 });
     }
+    // The cause may have been fixed in the portal (a user given the missing extension).
+    store.forget_unmatched_operators()?;
     let mut released = 0;
     for q in &entries {
         if q.source == "unitalk"

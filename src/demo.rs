@@ -169,7 +169,10 @@ pub async fn run(clock: Clock) -> anyhow::Result<DemoReport> {
     Ok(DemoReport { text, ok })
 }
 
-fn check(
+/// Checks the simulated portal against what `s` should produce in telephony mode (every call
+/// once with the right facts, recordings, one task per missed call for the right person) and
+/// that the second pass changed nothing. Returns one line per check and whether all passed.
+pub fn check(
     s: &Scenario,
     sims: &Simulators,
     first: &PassSummary,

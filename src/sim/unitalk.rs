@@ -67,6 +67,8 @@ struct UnitalkState {
     lines: Vec<InnerLine>,
     faults: VecDeque<(Option<String>, UnitalkFault)>,
     requests: Vec<UnitalkRequest>,
+    /// Calls that land right after the n-th `/history/get` request is answered.
+    arrivals: Vec<(usize, SimCall)>,
 }
 
 /// Handle to a running (or runnable) Unitalk simulator.
@@ -98,6 +100,7 @@ impl UnitalkSim {
                 lines,
                 faults: VecDeque::new(),
                 requests: Vec::new(),
+                arrivals: Vec::new(),
             })),
             clock,
         }
@@ -114,6 +117,17 @@ impl UnitalkSim {
     /// Adds calls (they still appear only once ended).
     pub fn add_calls(&self, calls: impl IntoIterator<Item = SimCall>) {
         self.lock().calls.extend(calls);
+    }
+
+    /// Makes `calls` land in the history right after the `n`-th `/history/get` request (counted
+    /// from the start) has been answered: how tests reproduce calls arriving mid-paging.
+    pub fn add_calls_after_history_request(
+        &self,
+        n: usize,
+        calls: impl IntoIterator<Item = SimCall>,
+    ) {
+        let mut st = self.lock();
+        st.arrivals.extend(calls.into_iter().map(|c| (n, c)));
     }
 
     /// Changes a call in place, e.g. to correct its duration.
@@ -282,6 +296,18 @@ async fn history_get(
         .take(limit)
         .map(|c| render_call(c, st.tz, now))
         .collect();
+    drop(st);
+    let mut st = sim.lock();
+    let served = st
+        .requests
+        .iter()
+        .filter(|r| r.path == "/history/get")
+        .count();
+    let (now_due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.arrivals)
+        .into_iter()
+        .partition(|(n, _)| *n <= served);
+    st.arrivals = later;
+    st.calls.extend(now_due.into_iter().map(|(_, c)| c));
     Json(json!({"count": count, "calls": calls, "warning": null})).into_response()
 }
 

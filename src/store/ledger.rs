@@ -461,6 +461,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Forgets every lookup that found no Bitrix24 user, so the next pass asks again.
+    pub fn forget_unmatched_operators(&self) -> Result<()> {
+        self.conn.execute(
+            "UPDATE operators SET resolved_at = NULL WHERE b24_user_id IS NULL",
+            [],
+        )?;
+        Ok(())
+    }
+
     /// Caches the Bitrix24 user of an inner line (`None`: no active user has it).
     pub fn set_operator_user(
         &self,

@@ -110,6 +110,13 @@ impl TestEnv {
         path
     }
 
+    /// Rewrites the written config.
+    pub fn edit_config(&self, f: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("ubsync.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(text)).unwrap();
+    }
+
     /// Runs the real binary with `args` (after `--config <dir>/ubsync.toml`).
     pub async fn ubsync(&self, args: &[&str]) -> Output {
         let config = self.dir.path().join("ubsync.toml");
@@ -135,4 +142,51 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+impl TestEnv {
+    /// Parses the written config.
+    pub fn config(&self) -> ubsync::config::Config {
+        ubsync::config::Config::load(
+            &self.dir.path().join("ubsync.toml"),
+            &ubsync::config::Env::default(),
+        )
+        .expect("valid test config")
+    }
+
+    /// The pipeline's context over the written config, the env's clock and its state file; in
+    /// telephony mode the local application is installed and its tokens stored first.
+    pub async fn ctx(&self) -> ubsync::sync::SyncCtx {
+        let cfg = self.config();
+        let store =
+            ubsync::store::SharedStore::new(ubsync::store::Store::open(&cfg.state.path).unwrap());
+        let b24 =
+            ubsync::bitrix24::Bitrix24Client::new(&cfg.bitrix24, store.clone(), self.clock.clone())
+                .unwrap();
+        if cfg.bitrix24.mode == ubsync::config::Mode::Telephony
+            && store.lock().tokens(&self.portal_key()).unwrap().is_none()
+        {
+            let (_, refresh) = self.sims.bitrix24.install_app(1);
+            b24.exchange(&refresh).await.unwrap();
+        }
+        ubsync::sync::SyncCtx {
+            unitalk: ubsync::unitalk::UnitalkClient::new(&cfg.unitalk).unwrap(),
+            b24,
+            cfg,
+            store,
+            clock: self.clock.clone(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    fn portal_key(&self) -> String {
+        self.b24().trim_start_matches("http://").to_string()
+    }
+}
+
+/// One pass with default options.
+pub async fn pass(
+    ctx: &ubsync::sync::SyncCtx,
+) -> Result<ubsync::sync::PassSummary, ubsync::sync::SyncError> {
+    ubsync::sync::run_pass(ctx, &ubsync::sync::PassOptions::default()).await
 }

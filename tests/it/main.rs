@@ -3,7 +3,9 @@
 mod harness;
 
 mod cli_check;
+mod cli_sync;
 mod config_validation;
 mod official_client;
+mod pipeline;
 mod sim_bitrix24;
 mod sim_unitalk;

@@ -1,0 +1,200 @@
+//! `sync`, `status`, `retry` and `demo` through the real binary (system clock, real HTTP).
+
+use chrono::{Duration, NaiveDateTime};
+use ubsync::clock::Clock;
+use ubsync::sim::scenario::{CrmKind, Scenario};
+use ubsync::sim::Bitrix24SimConfig;
+
+use crate::harness::{text, TestEnv};
+
+const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
+
+/// Yesterday in Kyiv: every call of that day has ended, whatever time CI runs.
+fn yesterday() -> chrono::NaiveDate {
+    (Clock::system().now().with_timezone(&KYIV) - Duration::days(1)).date_naive()
+}
+
+fn at(hms: &str) -> NaiveDateTime {
+    NaiveDateTime::parse_from_str(&format!("{} {hms}", yesterday()), "%Y-%m-%d %H:%M:%S").unwrap()
+}
+
+fn scenario() -> Scenario {
+    let mut s = Scenario::empty(KYIV)
+        .with_operator(10, "101")
+        .with_operator(11, "102")
+        .with_client(CrmKind::Contact, 797, "+380501112233", 11);
+    s.add_call(
+        at("10:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        Some("https://rec/1.mp3"),
+    );
+    s.add_call(
+        at("10:05:00"),
+        "IN",
+        "380671234567",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.add_call(
+        at("11:00:00"),
+        "OUT",
+        "102",
+        &["0501112233"],
+        "BUSY",
+        0,
+        None,
+    );
+    s
+}
+
+async fn env(s: Scenario) -> TestEnv {
+    let env = TestEnv::with(s, Bitrix24SimConfig::default(), Clock::system()).await;
+    env.write_config(
+        "telephony",
+        &format!("[sync]\nstart = \"{}\"\n", yesterday()),
+    );
+    let (_, refresh) = env.sims.bitrix24.install_app(1);
+    let out = env.ubsync(&["auth", "set-refresh-token", &refresh]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_the_whole_pipeline_and_passes_its_checks() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .arg("demo")
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("demo passed"), "{t}");
+    assert!(t.contains("exactly once") && !t.contains("FAIL"), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_dry_run_prints_the_plan_and_writes_nothing() {
+    let env = env(scenario()).await;
+    let out = env.ubsync(&["sync", "--dry-run"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("telephony.externalCall.register?")
+            && t.contains("EXTERNAL_CALL_ID=unitalk-1001"),
+        "{t}"
+    );
+    assert!(t.contains("telephony.externalCall.attachRecord"), "{t}");
+    assert!(
+        t.contains("tasks.task.add") && t.contains("Missed call from +380671234567"),
+        "{t}"
+    );
+    assert!(t.contains("nothing sent to Bitrix24"), "{t}");
+    assert!(env.sims.bitrix24.calls().is_empty() && env.sims.bitrix24.tasks().is_empty());
+    let writes = env
+        .sims
+        .bitrix24
+        .requests()
+        .iter()
+        .flat_map(|r| r.commands.clone())
+        .filter(|c| !c.starts_with("user.get"))
+        .count();
+    assert_eq!(writes, 0);
+    let status = env.ubsync(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        v["cursor"],
+        serde_json::Value::Null,
+        "the real state is untouched"
+    );
+    assert_eq!(v["stages"], serde_json::json!({}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pushes_prints_a_summary_and_status_reports_the_state() {
+    let env = env(scenario()).await;
+    let out = env.ubsync(&["sync"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("sync: pulled 3 calls (3 new, 0 changed)")
+            && t.contains("pushed 3")
+            && t.contains("tasks 1"),
+        "{t}"
+    );
+    assert_eq!(env.sims.bitrix24.stats().len(), 3);
+
+    let again = env.ubsync(&["sync"]).await;
+    assert!(
+        text(&again).contains("pushed 0") && text(&again).contains(" 0 Bitrix24 requests"),
+        "{}",
+        text(&again)
+    );
+
+    let status = env.ubsync(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["stages"]["done"], 3, "{v}");
+    assert!(v["cursor"].is_string());
+    assert_eq!(v["last_pass"]["outcome"], "ok");
+    assert_eq!(v["inner_lines"].as_array().unwrap().len(), 2);
+    let human = env.ubsync(&["status"]).await;
+    assert!(
+        text(&human).contains("calls       done 3"),
+        "{}",
+        text(&human)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
+    let mut s = scenario();
+    let stuck = s.add_call(
+        at("12:00:00"),
+        "IN",
+        "380501112233",
+        &["109"],
+        "ANSWER",
+        5,
+        None,
+    );
+    let env = env(s).await;
+    env.edit_config(|t| t.replace("default_user_id = 1\n", ""));
+    let out = env.ubsync(&["sync"]).await;
+    assert!(text(&out).contains("quarantined 1"), "{}", text(&out));
+    let status = env.ubsync(&["status"]).await;
+    assert!(
+        text(&status).contains(&format!("call {stuck}"))
+            && text(&status).contains("inner line 109"),
+        "{}",
+        text(&status)
+    );
+
+    // Still no user for line 109: retry reports it is still quarantined.
+    let out = env.ubsync(&["retry", &stuck.to_string()]).await;
+    assert!(text(&out).contains("still quarantined"), "{}", text(&out));
+
+    env.sims
+        .bitrix24
+        .add_user(ubsync::sim::bitrix24::PortalUser {
+            id: 12,
+            name: "New".into(),
+            last_name: "Operator".into(),
+            email: "n@example.com".into(),
+            inner: Some("109".into()),
+            active: true,
+        });
+    let out = env.ubsync(&["retry", "--all"]).await;
+    assert!(text(&out).contains("pushed 1"), "{}", text(&out));
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .any(|r| r.external_call_id == Some(format!("unitalk-{stuck}")) && r.portal_user_id == 12));
+}
