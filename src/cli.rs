@@ -333,7 +333,9 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
         }
     }
 
-    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    // A check gives a verdict now: a full bucket is reported, not waited out.
+    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?
+        .with_rate_limit_patience(std::time::Duration::ZERO);
     match b24.call("user.current", serde_json::Value::Null).await {
         Ok(env) => {
             let r = &env.result;

@@ -50,6 +50,8 @@ pub struct UnitalkConfig {
     pub request_timeout: Duration,
     /// Page size for `/history/get` (Unitalk rejects more than 1000).
     pub page_size: u32,
+    /// First delay before retrying a failed request.
+    pub retry_base_delay: Duration,
 }
 
 /// How ubsync writes to Bitrix24.
@@ -89,6 +91,10 @@ pub struct Bitrix24Config {
     /// Bitrix24 user that gets calls and tasks when no operator matches.
     pub default_user_id: Option<u64>,
     pub request_timeout: Duration,
+    /// First delay before retrying a request the portal refused or could not take.
+    pub retry_base_delay: Duration,
+    /// Operating-time budget per method per 10 minutes, in seconds (§2.2).
+    pub operating_limit: f64,
     /// The portal's time zone, used for human-readable times in task descriptions.
     pub timezone: Tz,
 }
@@ -272,6 +278,7 @@ struct RawUnitalk {
     timezone: Option<String>,
     request_timeout: Option<String>,
     page_size: Option<i64>,
+    retry_base_delay: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -288,6 +295,8 @@ struct RawBitrix24 {
     max_per_10s: Option<i64>,
     default_user_id: Option<i64>,
     request_timeout: Option<String>,
+    retry_base_delay: Option<String>,
+    operating_limit: Option<i64>,
     timezone: Option<String>,
 }
 
@@ -498,6 +507,11 @@ impl Validator {
         let page_size = self
             .positive("unitalk.page_size", raw.unitalk.page_size, 1000, 1000)
             .get();
+        let unitalk_retry = self.duration(
+            "unitalk.retry_base_delay",
+            raw.unitalk.retry_base_delay,
+            "1s",
+        );
 
         // Bitrix24.
         let b = raw.bitrix24;
@@ -591,6 +605,10 @@ impl Validator {
             None => None,
         };
         let b24_timeout = self.duration("bitrix24.request_timeout", b.request_timeout, "75s");
+        let retry_base_delay = self.duration("bitrix24.retry_base_delay", b.retry_base_delay, "1s");
+        let operating_limit = self
+            .positive("bitrix24.operating_limit", b.operating_limit, 480, 86_400)
+            .get() as f64;
         let b24_tz = match b.timezone {
             Some(t) => self.tz("bitrix24.timezone", Some(t), "UTC"),
             None => unitalk_tz,
@@ -689,6 +707,7 @@ impl Validator {
                 timezone: unitalk_tz,
                 request_timeout: unitalk_timeout,
                 page_size,
+                retry_base_delay: unitalk_retry,
             },
             bitrix24: Bitrix24Config {
                 mode,
@@ -702,6 +721,8 @@ impl Validator {
                 max_per_10s,
                 default_user_id,
                 request_timeout: b24_timeout,
+                retry_base_delay,
+                operating_limit,
                 timezone: b24_tz,
             },
             state: StateConfig { path: state_path },

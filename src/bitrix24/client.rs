@@ -7,16 +7,16 @@
 //! requests, whose new pair is stored before it is used. Errors never carry URLs (webhook codes
 //! and tokens live there).
 
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use url::Url;
 
 use super::batch::{self, Command};
+use super::limit::{OperatingTracker, RequestBudget};
 use super::wire::{self, BatchOutcome, Decoded, Envelope, ErrorBody};
 use super::{auth_hint, Bitrix24Error};
 use crate::clock::Clock;
@@ -46,13 +46,26 @@ enum Auth {
 pub struct Bitrix24Client {
     http: reqwest::Client,
     auth: Auth,
-    limiter: DefaultDirectRateLimiter,
+    /// The gate every request passes.
+    pub budget: RequestBudget,
+    /// Per-method operating-time budgets.
+    pub operating: OperatingTracker,
     store: SharedStore,
     clock: Clock,
     /// Held while refreshing so concurrent 401s refresh once.
     refresh_lock: tokio::sync::Mutex<()>,
+    /// The webhook's current base when the portal moved (a 302 answered earlier).
+    moved_webhook: Mutex<Option<Url>>,
+    retry_base: Duration,
+    /// How long 503s are waited out before a request gives up.
+    rate_limit_patience: Duration,
     pub stats: Arc<ClientStats>,
 }
+
+/// Fact key of a webhook URL learned from a 302 (the portal moved).
+const FACT_MOVED_WEBHOOK: &str = "bitrix24.moved_webhook_url";
+/// How long 503s are retried before a request gives up (the pass then exits 75).
+pub const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// The store key of a portal's tokens.
 pub fn portal_key(url: &Url) -> String {
@@ -100,23 +113,50 @@ impl Bitrix24Client {
                 oauth_url: cfg.oauth_url.clone(),
             },
         };
-        let quota = Quota::per_second(cfg.per_second).allow_burst(cfg.burst);
+        let moved_webhook = match cfg.mode {
+            Mode::Activity => store
+                .lock()
+                .fact(FACT_MOVED_WEBHOOK)
+                .ok()
+                .flatten()
+                .and_then(|u| Url::parse(&u).ok()),
+            Mode::Telephony => None,
+        };
         Ok(Self {
             http,
             auth,
-            limiter: RateLimiter::direct(quota),
+            budget: RequestBudget::new(cfg.burst, cfg.per_second, cfg.max_per_10s),
+            operating: OperatingTracker::new(cfg.operating_limit),
             store,
             clock,
             refresh_lock: tokio::sync::Mutex::new(()),
+            moved_webhook: Mutex::new(moved_webhook),
+            retry_base: cfg.retry_base_delay,
+            rate_limit_patience: RATE_LIMIT_PATIENCE,
             stats: Arc::new(ClientStats::default()),
         })
     }
 
-    /// A limiter-free burst for tests that need a specific pacing.
-    #[doc(hidden)]
-    pub fn with_rate(mut self, per_second: NonZeroU32, burst: NonZeroU32) -> Self {
-        self.limiter = RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst));
+    /// Sets how long 503 `QUERY_LIMIT_EXCEEDED` is waited out (zero: report it at once, as
+    /// `ubsync check` does).
+    pub fn with_rate_limit_patience(mut self, patience: Duration) -> Self {
+        self.rate_limit_patience = patience;
         self
+    }
+
+    /// The delay before retry number `attempt` (0-based): doubling from `retry_base`, at most
+    /// 32 times it, plus up to 50 % random jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.retry_base * (1u32 << attempt.min(5));
+        base + base.mul_f64(rand::random::<f64>() * 0.5)
+    }
+
+    fn webhook_base(&self, configured: &WebhookUrl) -> Url {
+        self.moved_webhook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| configured.expose())
     }
 
     fn portal_key(&self) -> String {
@@ -155,7 +195,24 @@ impl Bitrix24Client {
             _ => unreachable!("encode returns an object"),
         };
         let env = self.request("batch", body).await?;
-        Ok(BatchOutcome::from_result(&env.result))
+        let out = BatchOutcome::from_result(&env.result);
+        // Follow each nested method's budget; pause the ones the portal refused with 429.
+        let now = self.clock.now();
+        for c in commands {
+            if let Some(t) = out.times.get(&c.key) {
+                self.operating
+                    .observe(&c.method, t.operating, t.operating_reset_at);
+            }
+            if out
+                .errors
+                .get(&c.key)
+                .is_some_and(|e| e.effective_code() == "OPERATION_TIME_LIMIT")
+            {
+                self.stats.operation_limited.fetch_add(1, Ordering::Relaxed);
+                self.operating.pause(&c.method, now);
+            }
+        }
+        Ok(out)
     }
 
     async fn request(
@@ -164,10 +221,27 @@ impl Bitrix24Client {
         params: Map<String, Value>,
     ) -> Result<Envelope, Bitrix24Error> {
         let mut refreshed = false;
+        let mut redirects = 0;
+        let mut rate_limited = 0u32;
+        let mut rate_waited = Duration::ZERO;
         loop {
+            let now = self.clock.now();
+            if let Some(until) = self.operating.paused_until(method, now) {
+                return Err(Bitrix24Error::OperationLimit {
+                    method: method.into(),
+                    reset_at: Some(until.timestamp()),
+                });
+            }
+            let slow = self.operating.slowdown(method, now);
+            if !slow.is_zero() {
+                tracing::debug!(%method, delay_ms = slow.as_millis() as u64, "method near its operating budget; slowing down");
+                tokio::time::sleep(slow).await;
+            }
             let (url, body) = match &self.auth {
                 Auth::Webhook(w) => (
-                    w.expose().join(method).expect("method names are URL-safe"),
+                    self.webhook_base(w)
+                        .join(method)
+                        .expect("method names are URL-safe"),
                     params.clone(),
                 ),
                 Auth::OAuth { portal, .. } => {
@@ -182,7 +256,33 @@ impl Bitrix24Client {
                     (base.join(method).expect("method names are URL-safe"), body)
                 }
             };
-            match self.send(method, url, &body).await {
+            match self.send(method, url.clone(), &body).await {
+                Ok(env) => {
+                    self.budget.on_success();
+                    self.operating
+                        .observe(method, env.time.operating, env.time.operating_reset_at);
+                    return Ok(env);
+                }
+                Err(Bitrix24Error::RateLimited) if rate_waited < self.rate_limit_patience => {
+                    // Nothing was executed: another app may be using the bucket. Slow down and
+                    // try again; a pass never gives up because of this alone.
+                    self.budget.on_rate_limited();
+                    let delay = self.backoff(rate_limited);
+                    rate_limited += 1;
+                    rate_waited += delay;
+                    tokio::time::sleep(delay).await;
+                }
+                Err(Bitrix24Error::OperationLimit { .. }) => {
+                    let until = self.operating.pause(method, self.clock.now());
+                    return Err(Bitrix24Error::OperationLimit {
+                        method: method.into(),
+                        reset_at: Some(until.timestamp()),
+                    });
+                }
+                Err(Bitrix24Error::Moved { location }) if redirects < 3 => {
+                    redirects += 1;
+                    self.relocate(&url, &location, method)?;
+                }
                 Err(Bitrix24Error::Auth { code, .. })
                     if !refreshed
                         && matches!(self.auth, Auth::OAuth { .. })
@@ -201,13 +301,69 @@ impl Bitrix24Client {
         }
     }
 
+    /// The portal answered 302 (it moved, §1.2): remember the new address (in the tokens'
+    /// `client_endpoint`, or as a portal fact for a webhook) so the POST is re-sent there now and
+    /// every later request goes there directly.
+    fn relocate(&self, from: &Url, location: &str, method: &str) -> Result<(), Bitrix24Error> {
+        let moved = |detail: String| Bitrix24Error::Unavailable {
+            detail,
+            outcome_unknown: false,
+        };
+        let target = from
+            .join(location)
+            .map_err(|_| moved("the portal answered 302 without a usable Location".into()))?;
+        let path = target.path().to_string();
+        let Some(rest_at) = path.find("/rest/") else {
+            return Err(moved(
+                "the portal answered 302 to an address that is not a REST endpoint".into(),
+            ));
+        };
+        let after: Vec<&str> = path[rest_at + 6..]
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        let mut base = target.clone();
+        base.set_query(None);
+        let now = self.clock.now();
+        match &self.auth {
+            Auth::Webhook(_) => {
+                if after.len() < 3 {
+                    return Err(moved(
+                        "the portal answered 302 to an address without the webhook code".into(),
+                    ));
+                }
+                base.set_path(&format!("/rest/{}/{}/", after[0], after[1]));
+                self.store
+                    .lock()
+                    .set_fact(FACT_MOVED_WEBHOOK, base.as_str(), now)
+                    .map_err(|e| moved(format!("cannot store the new portal address: {e}")))?;
+                *self.moved_webhook.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.clone());
+            }
+            Auth::OAuth { .. } => {
+                base.set_path("/rest/");
+                let mut tokens = self.tokens()?;
+                tokens.client_endpoint = Some(base.to_string());
+                self.store
+                    .lock()
+                    .save_tokens(&self.portal_key(), &tokens, now)
+                    .map_err(|e| moved(format!("cannot store the new portal address: {e}")))?;
+            }
+        }
+        tracing::warn!(
+            host = base.host_str().unwrap_or(""),
+            %method,
+            "the Bitrix24 portal moved (302); requests now go to the new address; update bitrix24.portal_url / webhook_url in the config"
+        );
+        Ok(())
+    }
+
     async fn send(
         &self,
         method: &str,
         url: Url,
         body: &Map<String, Value>,
     ) -> Result<Envelope, Bitrix24Error> {
-        self.limiter.until_ready().await;
+        self.budget.acquire().await;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = self
             .http

@@ -7,6 +7,7 @@
 
 pub mod batch;
 mod client;
+pub mod limit;
 pub mod wire;
 
 pub use client::{Bitrix24Client, ClientStats};

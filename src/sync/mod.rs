@@ -106,6 +106,17 @@ pub struct PassSummary {
     pub unitalk_units: u64,
     pub lines: u64,
     pub elapsed_ms: u64,
+    /// Requests that waited at the client-side limiter, in total milliseconds.
+    pub limiter_wait_ms: u64,
+    /// 503 `QUERY_LIMIT_EXCEEDED` answers met (and waited out).
+    pub rate_limited: u64,
+    /// 429 `OPERATION_TIME_LIMIT` answers met.
+    pub operation_limited: u64,
+    /// OAuth refreshes.
+    pub refreshes: u64,
+    /// Methods paused by the portal (429), with when they resume; their calls wait.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paused: Vec<String>,
     /// Dry run: the commands that would be sent, one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plan: Vec<String>,
@@ -131,7 +142,23 @@ impl fmt::Display for PassSummary {
             self.unitalk_requests,
             self.unitalk_units,
             self.elapsed_ms as f64 / 1000.0
-        )
+        )?;
+        if self.rate_limited + self.operation_limited + self.refreshes > 0
+            || self.limiter_wait_ms >= 1000
+        {
+            write!(
+                f,
+                "; waited {:.1}s for the rate limit, {} 503s, {} 429s, {} token refreshes",
+                self.limiter_wait_ms as f64 / 1000.0,
+                self.rate_limited,
+                self.operation_limited,
+                self.refreshes
+            )?;
+        }
+        if !self.paused.is_empty() {
+            write!(f, "; paused by Bitrix24: {}", self.paused.join(", "))?;
+        }
+        Ok(())
     }
 }
 
@@ -141,31 +168,32 @@ fn secs(d: std::time::Duration) -> Duration {
 
 /// Runs one pass. See the module docs.
 pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, SyncError> {
+    use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
-    let b24_before = ctx
-        .b24
-        .stats
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let ut_before = ctx
-        .unitalk
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let units_before = ctx.unitalk.units.load(std::sync::atomic::Ordering::Relaxed);
+    let counters = || {
+        let b = &ctx.b24.stats;
+        [
+            b.requests.load(Relaxed),
+            b.rate_limited.load(Relaxed),
+            b.operation_limited.load(Relaxed),
+            b.refreshes.load(Relaxed),
+            ctx.b24.budget.waited_ms.load(Relaxed),
+            ctx.unitalk.requests.load(Relaxed),
+            ctx.unitalk.units.load(Relaxed),
+        ]
+    };
+    let before = counters();
     let mut s = PassSummary::default();
     let result = pass(ctx, opts, &mut s).await;
-    s.bitrix24_requests = ctx
-        .b24
-        .stats
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - b24_before;
-    s.unitalk_requests = ctx
-        .unitalk
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed)
-        - ut_before;
-    s.unitalk_units = ctx.unitalk.units.load(std::sync::atomic::Ordering::Relaxed) - units_before;
+    let after = counters();
+    let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    s.bitrix24_requests = d[0];
+    s.rate_limited = d[1];
+    s.operation_limited = d[2];
+    s.refreshes = d[3];
+    s.limiter_wait_ms = d[4];
+    s.unitalk_requests = d[5];
+    s.unitalk_units = d[6];
     s.elapsed_ms = started.elapsed().as_millis() as u64;
     result.map(|_| s)
 }
@@ -257,6 +285,36 @@ async fn refresh_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncErr
     Ok(())
 }
 
+/// Calls Unitalk, retrying what may succeed later (transport errors, 5xx, `"status":"Error"`
+/// "Internal error") with growing delays; a refused key or cancellation stops at once.
+async fn unitalk_retry<T, F, Fut>(ctx: &SyncCtx, mut call: F) -> Result<T, SyncError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, UnitalkError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            r = call() => r,
+            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+        };
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && attempt < 4 => {
+                let base = ctx.cfg.unitalk.retry_base_delay * (1u32 << attempt);
+                let delay = base + base.mul_f64(rand::random::<f64>() * 0.5);
+                tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "Unitalk request failed; retrying");
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Pulls one window: fixed `dateTo`, paged newest first, deduped by id, and paged again (up to
 /// three times) if the total changed meanwhile.
 async fn pull_window(ctx: &SyncCtx, w: window::SyncWindow) -> Result<Vec<Value>, SyncError> {
@@ -271,10 +329,8 @@ async fn pull_window(ctx: &SyncCtx, w: window::SyncWindow) -> Result<Vec<Value>,
         let mut last_count;
         let mut pages = 0u64;
         loop {
-            if ctx.cancel.is_cancelled() {
-                return Err(SyncError::Cancelled);
-            }
-            let page = ctx.unitalk.history_page(&from, &to, limit, offset).await?;
+            let page =
+                unitalk_retry(ctx, || ctx.unitalk.history_page(&from, &to, limit, offset)).await?;
             if let Some(w) = &page.warning {
                 tracing::warn!(warning = %w, "Unitalk returned a warning");
             }
@@ -362,27 +418,36 @@ struct Due {
     facts: CallFacts,
 }
 
-/// Sends a batch, retrying what cannot have been executed (rate limits, refused connections)
-/// with growing delays. An outcome-unknown failure is returned at once: it must be probed, not
-/// re-sent.
+/// Sends a batch. Rate limits are waited out inside the client; here a refused connection (the
+/// request certainly did not execute) is retried with growing delays. An outcome-unknown failure
+/// is returned at once: it must be probed, not re-sent. Cancellation abandons the request in
+/// flight; its calls stay marked in flight and the next pass probes them.
 async fn send(ctx: &SyncCtx, commands: &[Command]) -> Result<BatchOutcome, SyncError> {
-    let mut delay = std::time::Duration::from_millis(1000);
-    for attempt in 0..6 {
-        match ctx.b24.batch(commands, false).await {
+    let mut attempt = 0;
+    loop {
+        let result = tokio::select! {
+            r = ctx.b24.batch(commands, false) => r,
+            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+        };
+        match result {
             Ok(out) => return Ok(out),
-            Err(e) if e.is_retryable() && !e.outcome_unknown() && attempt < 5 => {
-                tracing::warn!(error = %e, attempt, "batch not executed; retrying");
-                let jitter = std::time::Duration::from_millis(rand::random::<u64>() % 500);
+            Err(
+                e @ Bitrix24Error::Unavailable {
+                    outcome_unknown: false,
+                    ..
+                },
+            ) if attempt < 5 => {
+                let delay = ctx.b24.backoff(attempt);
+                tracing::warn!(error = %e, attempt, "batch not delivered; retrying");
+                attempt += 1;
                 tokio::select! {
-                    _ = tokio::time::sleep(delay + jitter) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
                 }
-                delay *= 2;
             }
             Err(e) => return Err(e.into()),
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// Sends lookups (read-only commands) in batches of 50 and merges their outcomes.
@@ -633,7 +698,8 @@ fn describe_plan(p: &CallPlan) -> Vec<String> {
 }
 
 /// Sends planned batches: marks their calls in flight, sends, and records each call's outcome
-/// with `record`, all of one batch in one transaction.
+/// with `record`, all of one batch in one transaction. Plans that use a method the portal paused
+/// (429) wait for a later pass; an error an admin must fix stops the pass after recording.
 async fn send_plans(
     ctx: &SyncCtx,
     plans: Vec<(CallPlan, LedgerRow, bool)>,
@@ -649,6 +715,24 @@ async fn send_plans(
             return Err(SyncError::Cancelled);
         }
         let now = ctx.clock.now();
+        let (batch, held): (Vec<CallPlan>, Vec<CallPlan>) = batch.into_iter().partition(|p| {
+            p.commands
+                .iter()
+                .all(|c| ctx.b24.operating.paused_until(&c.method, now).is_none())
+        });
+        for p in &held {
+            for c in &p.commands {
+                if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
+                    let note = format!("{} until {}", c.method, until.format("%H:%M:%S UTC"));
+                    if !s.paused.contains(&note) {
+                        s.paused.push(note);
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let originals: Vec<LedgerRow> = batch.iter().map(|p| by_id[&p.call_id].0.clone()).collect();
         let marked: Vec<LedgerRow> = batch
             .iter()
@@ -671,7 +755,8 @@ async fn send_plans(
         let out = match send(ctx, &commands).await {
             Ok(out) => out,
             Err(e) => {
-                let unknown = matches!(&e, SyncError::Bitrix24(b) if b.outcome_unknown());
+                let unknown = matches!(&e, SyncError::Bitrix24(b) if b.outcome_unknown())
+                    || matches!(e, SyncError::Cancelled);
                 if !unknown {
                     // Nothing was executed: put the rows back as they were.
                     ctx.store
@@ -703,9 +788,27 @@ async fn send_plans(
             rows.push(row);
         }
         ctx.store.lock().apply(&rows, &quarantine, None, now)?;
+        if let Some(e) = out
+            .errors
+            .values()
+            .find(|e| plan::is_fatal_code(&e.effective_code()))
+        {
+            let code = e.effective_code();
+            return Err(Bitrix24Error::Auth {
+                hint: crate::bitrix24::auth_hint(&code)
+                    .unwrap_or("check the application's or webhook's rights in the portal")
+                    .into(),
+                code,
+                description: e.description.clone(),
+            }
+            .into());
+        }
     }
     Ok(())
 }
+
+/// Fact: "no" once the portal refused `attachRecord` inside a batch.
+const FACT_ATTACH_IN_BATCH: &str = "bitrix24.attach_record_in_batch";
 
 async fn push_telephony(
     ctx: &SyncCtx,
@@ -715,6 +818,7 @@ async fn push_telephony(
     users: &HashMap<String, i64>,
 ) -> Result<(), SyncError> {
     let now = ctx.clock.now();
+    let attach_in_batch = ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();
@@ -727,7 +831,7 @@ async fn push_telephony(
             unassigned.push(d);
             continue;
         };
-        let commands = plan::telephony_chain(&ctx.cfg, &d.facts, l, user);
+        let commands = plan::telephony_chain(&ctx.cfg, &d.facts, l, user, attach_in_batch);
         if commands.is_empty() {
             continue;
         }
@@ -753,12 +857,16 @@ async fn push_telephony(
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+        if !attach_in_batch {
+            s.plan.extend(facts.values().filter(|(f, _)| f.link.is_some()).map(|(f, _)| format!("call {}: telephony.externalCall.attachRecord (standalone: this portal refuses it in a batch)", f.id)));
+        }
         s.plan.extend(missed_task_lines(ctx, &facts));
         return Ok(());
     }
     let cfg = &ctx.cfg;
     let mut pushed = 0;
     let mut recordings = 0;
+    let mut refused_in_batch = false;
     send_plans(
         ctx,
         plans,
@@ -766,6 +874,13 @@ async fn push_telephony(
             let (f, hash) = &facts[id];
             let before = l.stage;
             let had_record = l.record_url.clone();
+            if out
+                .errors
+                .get(&plan::key("a", id))
+                .is_some_and(|e| e.effective_code() == "ERROR_BATCH_METHOD_NOT_ALLOWED")
+            {
+                refused_in_batch = true;
+            }
             let (row, reason) = plan::record_chain(cfg, f, l, out, hash, now);
             if matches!(row.stage, Stage::Finished | Stage::Done)
                 && !matches!(before, Stage::Finished | Stage::Done)
@@ -782,6 +897,90 @@ async fn push_telephony(
     .await?;
     s.pushed += pushed;
     s.recordings += recordings;
+    if refused_in_batch {
+        tracing::warn!("this portal refuses attachRecord inside a batch; recordings now go as separate requests");
+        ctx.store.lock().set_fact(FACT_ATTACH_IN_BATCH, "no", now)?;
+    }
+    if refused_in_batch || !attach_in_batch {
+        attach_standalone(ctx, s).await?;
+    }
+    Ok(())
+}
+
+/// Attaches recordings one request at a time (still through the request budget), for portals
+/// that refuse `attachRecord` inside a batch.
+async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let cfg = &ctx.cfg;
+    let items = ctx.store.lock().work_due(ctx.clock.now())?;
+    let known: HashSet<String> = ctx
+        .store
+        .lock()
+        .operator_map(ctx.clock.now(), Duration::days(3650))?
+        .into_keys()
+        .collect();
+    for w in items
+        .into_iter()
+        .filter(|w| w.ledger.stage == Stage::Finished)
+    {
+        let Ok(call) = parse_call(
+            &serde_json::from_str(&w.raw).unwrap_or(Value::Null),
+            cfg.unitalk.timezone,
+        ) else {
+            continue;
+        };
+        let Disposition::Push(f) = classify(&call, &known, &cfg.sync) else {
+            continue;
+        };
+        if !plan::needs_recording(&f, &w.ledger) {
+            continue;
+        }
+        let Some(command) = plan::attach_record(
+            cfg,
+            &f,
+            json!(w.ledger.b24_call_id.clone().unwrap_or_default()),
+        ) else {
+            continue;
+        };
+        let result = tokio::select! {
+            r = ctx.b24.call(&command.method, Value::Object(command.params.clone())) => r,
+            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+        };
+        let now = ctx.clock.now();
+        let (row, reason) = match result {
+            Ok(_) => {
+                let mut l = w.ledger.clone();
+                l.record_url = f.link.clone();
+                s.recordings += 1;
+                (plan::settle_stage(cfg, &f, l, &w.content_hash), None)
+            }
+            Err(Bitrix24Error::Api {
+                code, description, ..
+            }) => plan::fail(
+                w.ledger.clone(),
+                plan::classify_error(
+                    &command.method,
+                    &crate::bitrix24::wire::ErrorBody { code, description },
+                ),
+                now,
+            ),
+            Err(e) if e.is_retryable() && !e.needs_admin() => {
+                tracing::warn!(error = %e, call = %f.id, "recording not attached; a later pass retries");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let quarantine: Vec<NewQuarantine> = reason
+            .map(|reason| NewQuarantine {
+                source: "bitrix24",
+                call_id: Some(f.id.clone()),
+                raw: command.encode(),
+                reason,
+            })
+            .into_iter()
+            .collect();
+        s.quarantined += quarantine.len() as u64;
+        ctx.store.lock().apply(&[row], &quarantine, None, now)?;
+    }
     Ok(())
 }
 

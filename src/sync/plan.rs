@@ -67,7 +67,8 @@ pub struct CallPlan {
     pub commands: Vec<Command>,
 }
 
-fn attach_record(cfg: &Config, f: &CallFacts, call_id_param: Value) -> Option<Command> {
+/// The `attachRecord` of a call's recording (`None` without one).
+pub fn attach_record(cfg: &Config, f: &CallFacts, call_id_param: Value) -> Option<Command> {
     let link = f.link.as_ref()?;
     let _ = cfg;
     Some(Command::new(
@@ -81,7 +82,20 @@ fn attach_record(cfg: &Config, f: &CallFacts, call_id_param: Value) -> Option<Co
 /// attachRecord for a new call; finish (→ attachRecord) once registered; only attachRecord
 /// for a finished call whose recording is missing or changed. `user_id` is the Bitrix24 user
 /// the call belongs to.
-pub fn telephony_chain(cfg: &Config, f: &CallFacts, l: &LedgerRow, user_id: i64) -> Vec<Command> {
+pub fn telephony_chain(
+    cfg: &Config,
+    f: &CallFacts,
+    l: &LedgerRow,
+    user_id: i64,
+    attach_in_batch: bool,
+) -> Vec<Command> {
+    let attach_record = |cfg: &Config, f: &CallFacts, id: Value| {
+        if attach_in_batch {
+            attach_record(cfg, f, id)
+        } else {
+            None
+        }
+    };
     let tz = cfg.bitrix24.timezone;
     let finish = |call_id: Value| {
         Command::new(
@@ -260,6 +274,32 @@ pub enum Failure {
     Retry(String),
     /// Will not succeed as sent: quarantine with this text.
     Permanent(String),
+    /// Not the call's fault (a rate or operating limit, a method the portal refuses inside a
+    /// batch): try again without counting an attempt.
+    Deferred(String),
+    /// Credentials, scopes or the plan are wrong: nothing can succeed until an admin acts; the
+    /// pass stops.
+    Fatal(String),
+}
+
+/// Error codes that stop the pass: an admin must act (see `bitrix24::auth_hint`).
+pub fn is_fatal_code(code: &str) -> bool {
+    matches!(
+        code,
+        "WRONG_AUTH_TYPE"
+            | "insufficient_scope"
+            | "invalid_scope"
+            | "NO_AUTH_FOUND"
+            | "PAYMENT_REQUIRED"
+            | "invalid_grant"
+            | "invalid_client"
+            | "wrong_client"
+            | "user_access_error"
+            | "METHOD_CONFIRM_WAITING"
+            | "OVERLOAD_LIMIT"
+            | "PORTAL_DELETED"
+            | "INVALID_CREDENTIALS"
+    )
 }
 
 /// Classifies one command's error (`bitrix24-api.md` §9).
@@ -272,6 +312,15 @@ pub fn classify_error(method: &str, e: &ErrorBody) -> Failure {
         e.description
     );
     let d = e.description.to_lowercase();
+    if is_fatal_code(&code) {
+        return Failure::Fatal(text);
+    }
+    if matches!(
+        code.as_str(),
+        "QUERY_LIMIT_EXCEEDED" | "OPERATION_TIME_LIMIT" | "ERROR_BATCH_METHOD_NOT_ALLOWED"
+    ) {
+        return Failure::Deferred(text);
+    }
     let transient_codes = [
         "QUERY_LIMIT_EXCEEDED",
         "OPERATION_TIME_LIMIT",
@@ -316,8 +365,12 @@ pub fn classify_error(method: &str, e: &ErrorBody) -> Failure {
 /// Applies a failure to a row: backoff for retryable ones (quarantine after [`MAX_ATTEMPTS`]),
 /// quarantine for permanent ones. Returns the reason when the row is quarantined.
 pub fn fail(mut l: LedgerRow, failure: Failure, now: DateTime<Utc>) -> (LedgerRow, Option<String>) {
-    l.attempts += 1;
     l.in_flight_since = None;
+    if let Failure::Deferred(text) | Failure::Fatal(text) = failure {
+        l.last_error = Some(text);
+        return (l, None);
+    }
+    l.attempts += 1;
     match failure {
         Failure::Retry(text) if l.attempts < MAX_ATTEMPTS => {
             let minutes = 1i64 << (l.attempts - 1).min(8);
@@ -326,6 +379,7 @@ pub fn fail(mut l: LedgerRow, failure: Failure, now: DateTime<Utc>) -> (LedgerRo
             l.last_error = Some(text);
             (l, None)
         }
+        Failure::Deferred(_) | Failure::Fatal(_) => unreachable!("handled above"),
         Failure::Retry(text) | Failure::Permanent(text) => {
             let reason = if l.attempts >= MAX_ATTEMPTS {
                 format!("{text} (after {} attempts)", l.attempts)
@@ -555,7 +609,7 @@ mod tests {
         ));
         assert!(matches!(
             classify_error("m", &e("QUERY_LIMIT_EXCEEDED", "")),
-            Failure::Retry(_)
+            Failure::Deferred(_)
         ));
         assert!(matches!(
             classify_error("m", &e("ERROR_CORE", "Unexpected database error")),
@@ -565,6 +619,38 @@ mod tests {
             classify_error("m", &e("", "Something new")),
             Failure::Retry(_)
         ));
+        assert!(matches!(
+            classify_error("m", &e("OPERATION_TIME_LIMIT", "")),
+            Failure::Deferred(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("ERROR_BATCH_METHOD_NOT_ALLOWED", "")),
+            Failure::Deferred(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("insufficient_scope", "")),
+            Failure::Fatal(_)
+        ));
+        assert!(matches!(
+            classify_error("m", &e("WRONG_AUTH_TYPE", "")),
+            Failure::Fatal(_)
+        ));
+    }
+
+    #[test]
+    fn deferred_failures_count_no_attempt() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let (row, reason) = fail(
+            LedgerRow::pending("1"),
+            Failure::Deferred("429".into()),
+            now,
+        );
+        assert_eq!(
+            (row.attempts, row.stage, row.next_attempt_at, reason),
+            (0, Stage::Pending, None, None)
+        );
     }
 
     #[test]

@@ -1,0 +1,266 @@
+//! The client-side request budget for one portal (`bitrix24-api.md` §2).
+//!
+//! [`RequestBudget`] is the gate every Bitrix24 request passes (a batch is one request): the
+//! portal's leaky bucket mirrored by governor (`burst`, `per_second`), a strict cap of
+//! `max_per_10s` requests in any 10-second window, and an adaptive spacing that grows after
+//! each 503 `QUERY_LIMIT_EXCEEDED` (another app on the same IP is using the bucket) and shrinks
+//! again with each success. [`OperatingTracker`] follows each method's `time.operating` and
+//! `operating_reset_at`, slows a method down as it nears its budget, and pauses it after a 429
+//! `OPERATION_TIME_LIMIT` until the portal says the budget resets.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+
+const WINDOW: Duration = Duration::from_secs(10);
+const MIN_PENALTY: Duration = Duration::from_millis(500);
+const MAX_PENALTY: Duration = Duration::from_secs(8);
+
+/// The gate in front of every request to one portal.
+pub struct RequestBudget {
+    bucket: DefaultDirectRateLimiter,
+    max_per_10s: usize,
+    state: Mutex<BudgetState>,
+    /// Total time requests waited at the gate, in milliseconds.
+    pub waited_ms: AtomicU64,
+}
+
+struct BudgetState {
+    /// When the last `max_per_10s` requests were let through.
+    recent: VecDeque<Instant>,
+    /// Extra spacing between requests after 503s.
+    penalty: Duration,
+    last: Option<Instant>,
+}
+
+impl RequestBudget {
+    pub fn new(burst: NonZeroU32, per_second: NonZeroU32, max_per_10s: NonZeroU32) -> Self {
+        Self {
+            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            max_per_10s: max_per_10s.get() as usize,
+            state: Mutex::new(BudgetState {
+                recent: VecDeque::new(),
+                penalty: Duration::ZERO,
+                last: None,
+            }),
+            waited_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until one more request fits every limit, and counts it.
+    pub async fn acquire(&self) {
+        let started = Instant::now();
+        self.bucket.until_ready().await;
+        loop {
+            let wait = {
+                let mut st = self.lock();
+                let now = Instant::now();
+                while st
+                    .recent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+                {
+                    st.recent.pop_front();
+                }
+                let window_wait = if st.recent.len() >= self.max_per_10s {
+                    WINDOW.saturating_sub(now.duration_since(st.recent[0]))
+                } else {
+                    Duration::ZERO
+                };
+                let penalty_wait = st.last.map_or(Duration::ZERO, |l| {
+                    st.penalty.saturating_sub(now.duration_since(l))
+                });
+                let wait = window_wait.max(penalty_wait);
+                if wait.is_zero() {
+                    st.recent.push_back(now);
+                    st.last = Some(now);
+                }
+                wait
+            };
+            if wait.is_zero() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
+        self.waited_ms
+            .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The portal refused a request with 503: space requests further apart.
+    pub fn on_rate_limited(&self) {
+        let mut st = self.lock();
+        st.penalty = (st.penalty * 2).clamp(MIN_PENALTY, MAX_PENALTY);
+        tracing::info!(
+            spacing_ms = st.penalty.as_millis() as u64,
+            "Bitrix24 rate limit hit; slowing down"
+        );
+    }
+
+    /// A request went through: recover the sending rate gradually.
+    pub fn on_success(&self) {
+        let mut st = self.lock();
+        if !st.penalty.is_zero() {
+            st.penalty = st.penalty.mul_f64(0.8);
+            if st.penalty < Duration::from_millis(50) {
+                st.penalty = Duration::ZERO;
+            }
+        }
+    }
+
+    /// The current extra spacing (zero when the portal is not pushing back).
+    pub fn penalty(&self) -> Duration {
+        self.lock().penalty
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct MethodBudget {
+    operating: f64,
+    reset_at: Option<i64>,
+    paused_until: Option<DateTime<Utc>>,
+}
+
+/// Per-method operating-time budgets (§2.2), fed from `time` blocks of responses.
+pub struct OperatingTracker {
+    limit: f64,
+    methods: Mutex<HashMap<String, MethodBudget>>,
+}
+
+impl OperatingTracker {
+    /// `limit`: seconds of execution time per method per 10 minutes (480 in the cloud).
+    pub fn new(limit: f64) -> Self {
+        Self {
+            limit,
+            methods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MethodBudget>> {
+        self.methods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what a response said about `method`'s budget.
+    pub fn observe(&self, method: &str, operating: Option<f64>, reset_at: Option<i64>) {
+        if operating.is_none() && reset_at.is_none() {
+            return;
+        }
+        let mut m = self.lock();
+        let b = m.entry(method.to_lowercase()).or_default();
+        if let Some(o) = operating {
+            b.operating = o;
+        }
+        if reset_at.is_some() {
+            b.reset_at = reset_at;
+        }
+    }
+
+    /// After a 429: no more calls of `method` until the budget resets (the last
+    /// `operating_reset_at` seen, else a minute from now).
+    pub fn pause(&self, method: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+        let mut m = self.lock();
+        let b = m.entry(method.to_lowercase()).or_default();
+        let until = b
+            .reset_at
+            .and_then(|t| DateTime::from_timestamp(t, 0))
+            .filter(|t| *t > now)
+            .unwrap_or(now + chrono::Duration::seconds(60))
+            .min(now + chrono::Duration::minutes(10));
+        b.paused_until = Some(until);
+        tracing::warn!(%method, until = %until, "Bitrix24 paused this method (429 OPERATION_TIME_LIMIT); other work continues");
+        until
+    }
+
+    /// Until when `method` is paused, if it is.
+    pub fn paused_until(&self, method: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.lock()
+            .get(&method.to_lowercase())
+            .and_then(|b| b.paused_until)
+            .filter(|t| *t > now)
+    }
+
+    /// How long to wait before calling `method`: nothing below 80 % of the budget; above it, 1 %
+    /// of the time left until the oldest minute of usage drops out, at most 7 seconds.
+    pub fn slowdown(&self, method: &str, now: DateTime<Utc>) -> Duration {
+        let m = self.lock();
+        let Some(b) = m.get(&method.to_lowercase()) else {
+            return Duration::ZERO;
+        };
+        if b.operating < self.limit * 0.8 {
+            return Duration::ZERO;
+        }
+        let left = b
+            .reset_at
+            .map(|r| (r - now.timestamp()).max(0) as f64)
+            .unwrap_or(60.0);
+        Duration::from_secs_f64((left * 0.01).min(7.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_max_per_10s_requests_in_any_ten_seconds() {
+        // A generous bucket, so only the 10-second cap binds.
+        let b = RequestBudget::new(nz(1000), nz(1000), nz(5));
+        let start = Instant::now();
+        let mut times = Vec::new();
+        for _ in 0..12 {
+            b.acquire().await;
+            times.push(start.elapsed());
+        }
+        for w in times.windows(6) {
+            assert!(w[5] - w[0] >= WINDOW, "6 requests within 10 s: {times:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_widens_the_spacing_and_successes_recover_it() {
+        let b = RequestBudget::new(nz(1000), nz(1000), nz(1000));
+        b.on_rate_limited();
+        assert_eq!(b.penalty(), MIN_PENALTY);
+        b.on_rate_limited();
+        assert_eq!(b.penalty(), MIN_PENALTY * 2);
+        b.acquire().await;
+        let t = Instant::now();
+        b.acquire().await;
+        assert!(t.elapsed() >= MIN_PENALTY * 2);
+        for _ in 0..20 {
+            b.on_success();
+        }
+        assert_eq!(b.penalty(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_method_over_its_budget_is_paused_until_the_reset_and_slowed_near_it() {
+        let now = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let t = OperatingTracker::new(480.0);
+        t.observe("crm.lead.list", Some(100.0), Some(1_000_300));
+        assert_eq!(t.slowdown("crm.lead.list", now), Duration::ZERO);
+        t.observe("crm.lead.list", Some(400.0), None);
+        assert_eq!(t.slowdown("crm.lead.list", now), Duration::from_secs(3));
+        let until = t.pause("CRM.Lead.List", now);
+        assert_eq!(until.timestamp(), 1_000_300);
+        assert!(t.paused_until("crm.lead.list", now).is_some());
+        assert!(
+            t.paused_until("user.get", now).is_none(),
+            "other methods keep working"
+        );
+        assert!(t.paused_until("crm.lead.list", until).is_none());
+    }
+}
