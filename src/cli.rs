@@ -105,6 +105,17 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AuthCommand {
+    /// Receive the local application's install callback and store its tokens. Set the
+    /// application's "installation path" to this address (behind your HTTPS reverse proxy), then
+    /// add or reinstall the application in the portal.
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:8089 (port 0 picks one; the address is printed).
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Exit after the first successful install.
+        #[arg(long)]
+        once: bool,
+    },
     /// Exchange a refresh token for a fresh token pair and store it. Use this when the install
     /// callback cannot reach ubsync: copy the refresh token from the application's install data.
     SetRefreshToken {
@@ -251,6 +262,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Auth(AuthCommand::SetRefreshToken { token }) => {
             set_refresh_token(&cli.config, &token).await
         }
+        Command::Auth(AuthCommand::Serve { listen, once }) => {
+            auth_serve(&cli.config, listen, once).await
+        }
     }
 }
 
@@ -372,16 +386,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
 
 async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {
     let cfg = load_config(path)?;
-    if cfg.bitrix24.mode != Mode::Telephony {
-        anyhow::bail!(ConfigError::Invalid {
-            path: cfg.source.clone(),
-            problems: vec![crate::config::KeyProblem {
-                key: "bitrix24.mode".into(),
-                problem: "OAuth tokens are only used in telephony mode".into(),
-                fix: "set bitrix24.mode = \"telephony\" with client_id and client_secret".into(),
-            }],
-        });
-    }
+    telephony_only(&cfg)?;
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
     let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
     let tokens = client
@@ -741,6 +746,70 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
             q.call_id.as_deref().unwrap_or("?"),
             q.reason
         );
+    }
+    Ok(0)
+}
+
+fn telephony_only(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.bitrix24.mode != Mode::Telephony {
+        anyhow::bail!(ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: "bitrix24.mode".into(),
+                problem: "OAuth tokens are only used in telephony mode".into(),
+                fix:
+                    "set bitrix24.mode = \"telephony\" with portal_url, client_id and client_secret"
+                        .into(),
+            }],
+        });
+    }
+    Ok(())
+}
+
+async fn auth_serve(path: &std::path::Path, listen: SocketAddr, once: bool) -> anyhow::Result<u8> {
+    use std::io::Write as _;
+    let cfg = load_config(path)?;
+    telephony_only(&cfg)?;
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let installed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let state = crate::bitrix24::install::InstallState {
+        portal: cfg
+            .bitrix24
+            .portal_url
+            .clone()
+            .expect("validated by config"),
+        store,
+        clock: Clock::system(),
+        installed: installed.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "listening on http://{addr}/install for the install callback of {}",
+        cfg.bitrix24.portal_display()
+    );
+    std::io::stdout().flush()?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let stop = cancel.clone();
+    let server = axum::serve(listener, crate::bitrix24::install::router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+    let waiter = async {
+        loop {
+            installed.notified().await;
+            if once {
+                println!("tokens stored; run `ubsync check` to verify");
+                // Graceful shutdown lets the portal's request get its answer first.
+                cancel.cancel();
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = server => r.context("install callback server failed")?,
+        _ = waiter => {}
     }
     Ok(0)
 }

@@ -7,10 +7,11 @@
 
 pub mod batch;
 mod client;
+pub mod install;
 pub mod limit;
 pub mod wire;
 
-pub use client::{Bitrix24Client, ClientStats};
+pub use client::{portal_key, Bitrix24Client, ClientStats, RATE_LIMIT_PATIENCE};
 
 /// Why a Bitrix24 request failed.
 #[derive(Debug, Clone, thiserror::Error)]

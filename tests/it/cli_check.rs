@@ -111,3 +111,59 @@ async fn usage_errors_exit_2() {
     let out = env.ubsync(&["no-such-command"]).await;
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_serve_stores_the_tokens_of_the_install_callback_and_refuses_other_portals() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("telephony", "");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .arg("--config")
+        .arg(env.dir.path().join("ubsync.toml"))
+        .args(["auth", "serve", "--listen", "127.0.0.1:0", "--once"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let url = first.split_whitespace().nth(2).unwrap().to_string();
+    assert!(url.ends_with("/install"), "{first}");
+
+    // Another portal's callback is refused and stores nothing.
+    let other = env
+        .sims
+        .bitrix24
+        .install_callback_body(1)
+        .replace("127.0.0.1", "evil.example");
+    let r = env
+        .http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("evil.example"));
+
+    let body = env.sims.bitrix24.install_callback_body(1);
+    let r = env
+        .http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let status = child.wait().await.unwrap();
+    assert!(status.success());
+    let out = env.ubsync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("OAuth application authenticated"),
+        "{}",
+        text(&out)
+    );
+}

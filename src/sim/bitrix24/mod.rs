@@ -325,6 +325,31 @@ impl Bitrix24Sim {
         st.mint_tokens(user_id, now)
     }
 
+    /// The form body a portal POSTs to a local application's installation path right after the
+    /// admin adds it (`ONAPPINSTALL`), with fresh tokens for `user_id`.
+    pub fn install_callback_body(&self, user_id: u64) -> String {
+        let (access, refresh) = self.install_app(user_id);
+        let st = self.lock();
+        let host = st
+            .base_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
+        let fields = json!({
+            "event": "ONAPPINSTALL",
+            "data": {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
+            "ts": st.token_seq.to_string(),
+            "auth": {
+                "access_token": access, "expires": "", "expires_in": st.cfg.token_ttl.num_seconds().to_string(),
+                "scope": "crm,task,telephony,user_basic,im", "domain": host,
+                "server_endpoint": format!("{}/rest/", st.base_url), "status": "L",
+                "client_endpoint": format!("{}/rest/", st.base_url), "member_id": st.member_id,
+                "user_id": user_id.to_string(), "refresh_token": refresh, "application_token": "sim-application-token",
+            },
+        });
+        phpquery::build(fields.as_object().expect("object"))
+    }
+
     /// Makes every access token issued so far expire now.
     pub fn expire_access_tokens(&self) {
         let now = self.clock.now();
