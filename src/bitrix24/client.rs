@@ -125,7 +125,12 @@ impl Bitrix24Client {
         Ok(Self {
             http,
             auth,
-            budget: RequestBudget::new(cfg.burst, cfg.per_second, cfg.max_per_10s),
+            budget: RequestBudget::new(
+                cfg.burst,
+                cfg.per_second,
+                cfg.max_per_10s,
+                cfg.retry_base_delay,
+            ),
             operating: OperatingTracker::new(cfg.operating_limit),
             store,
             clock,

@@ -19,13 +19,14 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
 const WINDOW: Duration = Duration::from_secs(10);
-const MIN_PENALTY: Duration = Duration::from_millis(500);
-const MAX_PENALTY: Duration = Duration::from_secs(8);
 
 /// The gate in front of every request to one portal.
 pub struct RequestBudget {
     bucket: DefaultDirectRateLimiter,
     max_per_10s: usize,
+    /// Spacing bounds after 503s: half and eight times the retry base delay.
+    min_penalty: Duration,
+    max_penalty: Duration,
     state: Mutex<BudgetState>,
     /// Total time requests waited at the gate, in milliseconds.
     pub waited_ms: AtomicU64,
@@ -40,10 +41,18 @@ struct BudgetState {
 }
 
 impl RequestBudget {
-    pub fn new(burst: NonZeroU32, per_second: NonZeroU32, max_per_10s: NonZeroU32) -> Self {
+    /// `retry_base` scales the spacing after 503s (from half of it up to eight times it).
+    pub fn new(
+        burst: NonZeroU32,
+        per_second: NonZeroU32,
+        max_per_10s: NonZeroU32,
+        retry_base: Duration,
+    ) -> Self {
         Self {
             bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
             max_per_10s: max_per_10s.get() as usize,
+            min_penalty: retry_base / 2,
+            max_penalty: retry_base * 8,
             state: Mutex::new(BudgetState {
                 recent: VecDeque::new(),
                 penalty: Duration::ZERO,
@@ -99,7 +108,7 @@ impl RequestBudget {
     /// The portal refused a request with 503: space requests further apart.
     pub fn on_rate_limited(&self) {
         let mut st = self.lock();
-        st.penalty = (st.penalty * 2).clamp(MIN_PENALTY, MAX_PENALTY);
+        st.penalty = (st.penalty * 2).clamp(self.min_penalty, self.max_penalty);
         tracing::info!(
             spacing_ms = st.penalty.as_millis() as u64,
             "Bitrix24 rate limit hit; slowing down"
@@ -111,7 +120,7 @@ impl RequestBudget {
         let mut st = self.lock();
         if !st.penalty.is_zero() {
             st.penalty = st.penalty.mul_f64(0.8);
-            if st.penalty < Duration::from_millis(50) {
+            if st.penalty < self.min_penalty / 10 {
                 st.penalty = Duration::ZERO;
             }
         }
@@ -217,7 +226,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn never_more_than_max_per_10s_requests_in_any_ten_seconds() {
         // A generous bucket, so only the 10-second cap binds.
-        let b = RequestBudget::new(nz(1000), nz(1000), nz(5));
+        let b = RequestBudget::new(nz(1000), nz(1000), nz(5), Duration::from_secs(1));
         let start = Instant::now();
         let mut times = Vec::new();
         for _ in 0..12 {
@@ -231,15 +240,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_503_widens_the_spacing_and_successes_recover_it() {
-        let b = RequestBudget::new(nz(1000), nz(1000), nz(1000));
+        let b = RequestBudget::new(nz(1000), nz(1000), nz(1000), Duration::from_secs(1));
         b.on_rate_limited();
-        assert_eq!(b.penalty(), MIN_PENALTY);
+        assert_eq!(b.penalty(), Duration::from_millis(500));
         b.on_rate_limited();
-        assert_eq!(b.penalty(), MIN_PENALTY * 2);
+        assert_eq!(b.penalty(), Duration::from_secs(1));
         b.acquire().await;
         let t = Instant::now();
         b.acquire().await;
-        assert!(t.elapsed() >= MIN_PENALTY * 2);
+        assert!(t.elapsed() >= Duration::from_secs(1));
         for _ in 0..20 {
             b.on_success();
         }

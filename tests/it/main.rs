@@ -5,6 +5,7 @@ mod harness;
 mod cli_check;
 mod cli_sync;
 mod config_validation;
+mod faults;
 mod official_client;
 mod pipeline;
 mod sim_bitrix24;

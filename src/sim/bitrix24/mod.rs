@@ -419,6 +419,32 @@ impl Bitrix24Sim {
         self.lock().data.notifications.clone()
     }
 
+    /// The portal's *old* address after a move (§1.2): every REST request answers 302 with the
+    /// same path at `new_base`. Serve it on a second port beside [`Bitrix24Sim::router`].
+    pub fn moved_router(&self, new_base: &str) -> Router {
+        let new_base = new_base.trim_end_matches('/').to_string();
+        let sim = self.clone();
+        Router::new().route(
+            "/rest/{*path}",
+            any(move |Path(path): Path<String>, RawQuery(query): RawQuery| {
+                let location = format!(
+                    "{new_base}/rest/{path}{}",
+                    query.map(|q| format!("?{q}")).unwrap_or_default()
+                );
+                let now = sim.clock.now();
+                sim.lock().log.push(LoggedRequest {
+                    at: now,
+                    method: normalize_method(path.rsplit('/').next().unwrap_or("")),
+                    commands: Vec::new(),
+                    status: 302,
+                    error: Some("moved".into()),
+                    via_webhook: path.matches('/').count() >= 2,
+                });
+                async move { (StatusCode::FOUND, [("location", location)], "").into_response() }
+            }),
+        )
+    }
+
     pub fn router(&self) -> Router {
         Router::new()
             .route("/rest/{*path}", any(rest))

@@ -1,0 +1,361 @@
+//! The fault matrix: the same seeded day pushed through the Bitrix24 simulator with each fault
+//! injected, and with all of them at once at random. Every run must end with the portal holding
+//! each call exactly once, each recording, and each missed-call task exactly once.
+
+use std::collections::HashMap;
+
+use chrono::{Duration, NaiveDate};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ubsync::sim::scenario::Scenario;
+use ubsync::sim::{Bitrix24SimConfig, Fault, FaultKind};
+use ubsync::sync::{PassSummary, SyncCtx};
+
+use crate::harness::{pass, TestEnv};
+
+const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
+
+fn scenario() -> Scenario {
+    Scenario::call_centre_day(
+        KYIV,
+        NaiveDate::from_ymd_opt(2026, 11, 21).unwrap(),
+        6,
+        40,
+        11,
+    )
+}
+
+/// A portal with room for every request of a pass under the frozen clock; faults do the rest.
+fn roomy() -> Bitrix24SimConfig {
+    Bitrix24SimConfig {
+        burst: 1000.0,
+        ..Default::default()
+    }
+}
+
+const FAST_RETRIES: &str = "[sync]\nstart = \"2026-11-21\"\n";
+
+async fn setup(cfg: Bitrix24SimConfig) -> (TestEnv, Scenario) {
+    let s = scenario();
+    let env = TestEnv::with(
+        s.clone(),
+        cfg,
+        ubsync::clock::Clock::manual(crate::harness::t0()),
+    )
+    .await;
+    env.write_config("telephony", FAST_RETRIES);
+    env.edit_config(|t| {
+        t.replace("default_user_id = 1\n", "default_user_id = 1\nretry_base_delay = \"5ms\"\nrequest_timeout = \"500ms\"\nmax_per_10s = 100000\nburst = 10000\nper_second = 1000\n")
+            .replace("timezone = \"Europe/Kyiv\"\n", "timezone = \"Europe/Kyiv\"\nretry_base_delay = \"5ms\"\n")
+    });
+    (env, s)
+}
+
+/// Runs passes, moving the clock on between them (so backoffs and 429 pauses expire), until a
+/// pass succeeds without sending anything. Returns the sum of the working passes and the last.
+async fn converge(
+    env: &TestEnv,
+    ctx: &SyncCtx,
+    max_passes: usize,
+) -> (PassSummary, PassSummary, Vec<String>) {
+    let mut total = PassSummary::default();
+    let mut errors = Vec::new();
+    for _ in 0..max_passes {
+        match pass(ctx).await {
+            Ok(s) if s.bitrix24_requests == 0 && s.pulled == 0 && !total.windows.eq(&0) => {
+                return (total, s, errors)
+            }
+            Ok(s) => {
+                total.pushed += s.pushed;
+                total.tasks += s.tasks;
+                total.quarantined += s.quarantined;
+                total.probed += s.probed;
+                total.windows += s.windows.max(1);
+                total.refreshes += s.refreshes;
+                total.rate_limited += s.rate_limited;
+                total.operation_limited += s.operation_limited;
+                total.paused.extend(s.paused);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        env.clock.advance(Duration::minutes(40));
+    }
+    panic!("did not converge in {max_passes} passes; errors: {errors:#?}");
+}
+
+fn assert_exactly_once(s: &Scenario, env: &TestEnv, total: &PassSummary, last: &PassSummary) {
+    let (lines, ok) = ubsync::demo::check(s, &env.sims, total, last);
+    assert!(ok, "{}", lines.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_storm_is_waited_out_and_slows_the_client_down() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    env.sims
+        .bitrix24
+        .inject(Fault::times(None, FaultKind::QueryLimit, 12));
+    let (total, last, errors) = converge(&env, &ctx, 4).await;
+    assert!(
+        errors.is_empty(),
+        "a 503 storm never fails a pass: {errors:?}"
+    );
+    assert_eq!(total.rate_limited, 12);
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_one_method_pauses_it_while_the_rest_goes_on() {
+    let cfg = Bitrix24SimConfig {
+        method_costs: HashMap::from([("tasks.task.add".to_string(), 200.0)]),
+        ..roomy()
+    };
+    let (env, s) = setup(cfg).await;
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert!(
+        first.operation_limited > 0 && !first.paused.is_empty(),
+        "{first:?}"
+    );
+    assert!(
+        first.paused[0].starts_with("tasks.task.add until"),
+        "{:?}",
+        first.paused
+    );
+    assert_eq!(
+        env.sims.bitrix24.stats().len() as u64,
+        first.pushed,
+        "calls kept going while tasks were paused"
+    );
+    let (mut total, last, _) = converge(&env, &ctx, 6).await;
+    total.pushed += first.pushed;
+    total.tasks += first.tasks;
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_5xx_pages_are_probed_and_retried() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    env.sims
+        .bitrix24
+        .inject(Fault::times(Some("batch"), FaultKind::Html(502), 3));
+    let (total, last, errors) = converge(&env, &ctx, 8).await;
+    assert!(errors.iter().any(|e| e.contains("HTTP 502")), "{errors:?}");
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_followed_by_dropped_connections_never_duplicate() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("telephony.externalCall.finish"),
+        FaultKind::CommitThenDrop,
+    ));
+    env.sims.bitrix24.inject(Fault::once(
+        Some("tasks.task.add"),
+        FaultKind::CommitThenDrop,
+    ));
+    let (total, last, errors) = converge(&env, &ctx, 8).await;
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(total.probed > 0);
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_slower_than_the_client_timeout_are_probed_not_resent() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("telephony.externalCall.register"),
+        FaultKind::Slow(std::time::Duration::from_millis(900)),
+    ));
+    let (total, last, errors) = converge(&env, &ctx, 8).await;
+    assert!(errors.iter().any(|e| e.contains("timed out")), "{errors:?}");
+    assert!(total.probed > 0);
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_pass_is_refreshed_once_and_the_rotated_refresh_token_is_kept() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    let key = env.b24().trim_start_matches("http://").to_string();
+    let before = ctx.store.lock().tokens(&key).unwrap().unwrap();
+    env.sims
+        .bitrix24
+        .inject(Fault::once(Some("tasks.task.add"), FaultKind::ExpiredToken));
+    let (total, last, errors) = converge(&env, &ctx, 4).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(total.refreshes, 1);
+    let after = ctx.store.lock().tokens(&key).unwrap().unwrap();
+    assert_ne!(
+        after.refresh_token, before.refresh_token,
+        "the rotated refresh token is stored"
+    );
+    assert!(env.sims.bitrix24.refresh_token_valid(&after.refresh_token));
+    assert!(!env.sims.bitrix24.refresh_token_valid(&before.refresh_token));
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_that_moved_answers_302_and_ubsync_follows_and_remembers() {
+    for mode in ["telephony", "activity"] {
+        let (env, s) = setup(roomy()).await;
+        let old = ubsync::sim::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            env.sims.bitrix24.moved_router(&env.b24()),
+        )
+        .await
+        .unwrap();
+        let old_base = old.base_url();
+        env.edit_config(|t| {
+            t.replace(
+                &format!("mode = \"telephony\"\nportal_url = \"{}\"", env.b24()),
+                &format!("mode = \"{mode}\"\nportal_url = \"{}\"", env.b24()),
+            )
+            .replace(
+                &format!("webhook_url = \"{}/", env.b24()),
+                &format!("webhook_url = \"{old_base}/"),
+            )
+        });
+        let ctx = env.ctx().await;
+        if mode == "telephony" {
+            // The stored tokens still name the old address.
+            let key = env.b24().trim_start_matches("http://").to_string();
+            let mut t = ctx.store.lock().tokens(&key).unwrap().unwrap();
+            t.client_endpoint = Some(format!("{old_base}/rest/"));
+            ctx.store
+                .lock()
+                .save_tokens(&key, &t, env.clock.now())
+                .unwrap();
+        }
+        let (total, last, errors) = converge(&env, &ctx, 4).await;
+        assert!(errors.is_empty(), "{mode}: {errors:?}");
+        let redirected = env
+            .sims
+            .bitrix24
+            .requests()
+            .iter()
+            .filter(|r| r.status == 302)
+            .count();
+        assert_eq!(
+            redirected, 1,
+            "{mode}: one 302, then the new address is used directly"
+        );
+        if mode == "telephony" {
+            assert_exactly_once(&s, &env, &total, &last);
+        } else {
+            assert!(
+                env.sims.bitrix24.activities().len() as u64 >= total.pushed && total.pushed > 0
+            );
+            // A new client (a later run) goes straight to the new address.
+            let ctx2 = env.ctx().await;
+            let before = env.sims.bitrix24.requests().len();
+            ctx2.b24
+                .call("user.current", serde_json::Value::Null)
+                .await
+                .unwrap();
+            assert_eq!(
+                env.sims.bitrix24.requests()[before..]
+                    .iter()
+                    .filter(|r| r.status == 302)
+                    .count(),
+                0
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_refusing_attach_record_in_a_batch_gets_standalone_requests() {
+    let cfg = Bitrix24SimConfig {
+        attach_record_in_batch: false,
+        ..roomy()
+    };
+    let (env, s) = setup(cfg).await;
+    let ctx = env.ctx().await;
+    let (total, last, errors) = converge(&env, &ctx, 4).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        ctx.store
+            .lock()
+            .fact("bitrix24.attach_record_in_batch")
+            .unwrap()
+            .as_deref(),
+        Some("no")
+    );
+    let refused = env
+        .sims
+        .bitrix24
+        .requests()
+        .iter()
+        .filter(|r| r.method == "batch" && r.commands.iter().any(|c| c.ends_with("attachrecord")))
+        .count();
+    assert_eq!(
+        refused, 1,
+        "after the first refusal, recordings never go into a batch again"
+    );
+    assert!(env
+        .sims
+        .bitrix24
+        .requests()
+        .iter()
+        .any(|r| r.method == "telephony.externalcall.attachrecord" && r.status == 200));
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_faults_at_once_at_random_still_end_exactly_once() {
+    for seed in [1u64, 2, 3] {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let cfg = Bitrix24SimConfig {
+            attach_record_in_batch: rng.random_bool(0.5),
+            method_costs: HashMap::from([("tasks.task.add".to_string(), 150.0)]),
+            token_ttl: Duration::minutes(50),
+            ..roomy()
+        };
+        let (env, s) = setup(cfg).await;
+        let old = ubsync::sim::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            env.sims.bitrix24.moved_router(&env.b24()),
+        )
+        .await
+        .unwrap();
+        let ctx = env.ctx().await;
+        let key = env.b24().trim_start_matches("http://").to_string();
+        let mut t = ctx.store.lock().tokens(&key).unwrap().unwrap();
+        t.client_endpoint = Some(format!("{}/rest/", old.base_url()));
+        ctx.store
+            .lock()
+            .save_tokens(&key, &t, env.clock.now())
+            .unwrap();
+        let methods = [
+            None,
+            Some("batch"),
+            Some("telephony.externalCall.register"),
+            Some("telephony.externalCall.finish"),
+            Some("tasks.task.add"),
+            Some("voximplant.statistic.get"),
+            Some("user.get"),
+            Some("telephony.externalCall.searchCrmEntities"),
+        ];
+        for _ in 0..10 {
+            let method = methods[rng.random_range(0..methods.len())];
+            let kind = match rng.random_range(0..6) {
+                0 => FaultKind::Html([500, 502, 504][rng.random_range(0..3)]),
+                1 => FaultKind::QueryLimit,
+                2 => FaultKind::CommitThenDrop,
+                3 => FaultKind::ExpiredToken,
+                4 => FaultKind::Slow(std::time::Duration::from_millis(700)),
+                _ => FaultKind::OperationLimit,
+            };
+            env.sims
+                .bitrix24
+                .inject(Fault::times(method, kind, rng.random_range(1..3)));
+        }
+        let (total, last, _errors) = converge(&env, &ctx, 25).await;
+        assert_exactly_once(&s, &env, &total, &last);
+    }
+}
