@@ -359,3 +359,65 @@ async fn all_faults_at_once_at_random_still_end_exactly_once() {
         assert_exactly_once(&s, &env, &total, &last);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_client_on_the_same_bucket_makes_ubsync_slow_down_but_lose_nothing() {
+    // Real time, scaled up: a bucket of 10 draining 10/s, shared with a client that takes 6/s.
+    // Same dynamics as 50 and 2/s, in seconds rather than minutes.
+    let clock = ubsync::clock::Clock::system();
+    let day = (clock.now().with_timezone(&KYIV) - Duration::days(1)).date_naive();
+    let s = Scenario::call_centre_day(KYIV, day, 6, 150, 13);
+    let cfg = Bitrix24SimConfig {
+        burst: 10.0,
+        drain_per_sec: 10.0,
+        ..Default::default()
+    };
+    let env = TestEnv::with(s.clone(), cfg, clock).await;
+    env.write_config("telephony", &format!("[sync]\nstart = \"{day}\"\n"));
+    env.edit_config(|t| {
+        t.replace(
+            "default_user_id = 1\n",
+            "default_user_id = 1\nburst = 10\nper_second = 10\nretry_base_delay = \"50ms\"\n",
+        )
+    });
+    let ctx = env.ctx().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let competitor = {
+        let stop = stop.clone();
+        let http = env.http.clone();
+        let url = format!("{}user.current", env.webhook());
+        tokio::spawn(async move {
+            let mut ok = 0u32;
+            while !stop.is_cancelled() {
+                if http
+                    .post(&url)
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+                {
+                    ok += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(166)).await;
+            }
+            ok
+        })
+    };
+    env.sims.bitrix24.set_bucket_level(10.0);
+    let (total, last, errors) = converge(&env, &ctx, 4).await;
+    stop.cancel();
+    let competitor_ok = competitor.await.unwrap();
+    assert!(
+        errors.is_empty(),
+        "sharing the bucket never fails a pass: {errors:?}"
+    );
+    assert!(
+        total.rate_limited > 0,
+        "ubsync met the other client's load: {total:?}"
+    );
+    assert!(
+        competitor_ok > 5,
+        "the other client kept working ({competitor_ok} requests)"
+    );
+    assert_exactly_once(&s, &env, &total, &last);
+}

@@ -8,5 +8,6 @@ mod config_validation;
 mod faults;
 mod official_client;
 mod pipeline;
+mod properties;
 mod sim_bitrix24;
 mod sim_unitalk;
