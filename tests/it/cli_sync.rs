@@ -198,3 +198,63 @@ async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
         .iter()
         .any(|r| r.external_call_id == Some(format!("unitalk-{stuck}")) && r.portal_user_id == 12));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_pass_abandons_the_request_in_flight_and_the_next_pass_finishes_cleanly() {
+    let s = scenario();
+    let env = env(s.clone()).await;
+    // The portal executes the batch but answers only after 30 s.
+    env.sims.bitrix24.inject(ubsync::sim::Fault::once(
+        Some("telephony.externalCall.register"),
+        ubsync::sim::FaultKind::Slow(std::time::Duration::from_secs(30)),
+    ));
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .arg("--config")
+        .arg(env.dir.path().join("ubsync.toml"))
+        .arg("sync")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the batch has reached the portal.
+    for _ in 0..500 {
+        if env
+            .sims
+            .bitrix24
+            .requests()
+            .iter()
+            .any(|r| r.method == "batch" && r.commands.iter().any(|c| c.ends_with("register")))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let sent = std::time::Instant::now();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(5),
+        "exits within seconds, not after the 30 s answer"
+    );
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(text(&out).contains("interrupted"), "{}", text(&out));
+
+    let status = env.ubsync(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["last_pass"]["outcome"], "interrupted");
+    assert!(
+        v["stages"]["in_flight"].as_i64().unwrap_or(0) > 0,
+        "what is known is recorded: {v}"
+    );
+
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stats = env.sims.bitrix24.stats();
+    assert_eq!(stats.len(), 3, "each call exactly once");
+    let mut ids: Vec<_> = stats.iter().map(|r| r.external_call_id.clone()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1);
+}

@@ -1,0 +1,129 @@
+//! Push-throughput benchmark: a large backlog through the Bitrix24 simulator at the standard
+//! plan's limits (burst 50, 2 requests/s), by the real `ubsync` binary over real HTTP.
+//!
+//! Run: `cargo bench --bench push` (optionally `-- --calls 8000`). Prints calls/s, Bitrix24
+//! commands/s, commands per request, the ratio of achieved commands/s to the ceiling
+//! (2 requests/s × 50 commands = 100 commands/s), 503s received, and the peak resident memory of
+//! the ubsync process. Takes a few minutes: the rate limit is the point.
+
+use std::time::Instant;
+
+use chrono::Duration;
+use ubsync::clock::Clock;
+use ubsync::sim::{Bitrix24SimConfig, Scenario, Simulators};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Peak resident set size of the largest waited-for child process, in MiB.
+fn children_peak_rss_mib() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own; RUSAGE_CHILDREN covers waited children.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let calls = arg("--calls", 5000);
+    let tz = chrono_tz::Europe::Kyiv;
+    let clock = Clock::system();
+    let day = (clock.now().with_timezone(&tz) - Duration::days(1)).date_naive();
+    let scenario = Scenario::call_centre_day(tz, day, 20, calls, 42);
+    let any = "127.0.0.1:0".parse().unwrap();
+    let sims = Simulators::start(&scenario, Bitrix24SimConfig::default(), clock, any, any)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let b24 = sims.bitrix24_url();
+    let config = dir.path().join("ubsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[unitalk]\nbase_url = \"{}\"\napi_key = \"{}\"\n[bitrix24]\nmode = \"telephony\"\nportal_url = \"{b24}\"\n\
+             client_id = \"{}\"\nclient_secret = \"{}\"\noauth_url = \"{b24}\"\ndefault_user_id = 1\nburst = 50\nper_second = 2\n\
+             [sync]\nstart = \"{day}\"\n",
+            sims.unitalk_url(),
+            ubsync::sim::unitalk::DEFAULT_API_KEY,
+            ubsync::sim::bitrix24::DEFAULT_CLIENT_ID,
+            ubsync::sim::bitrix24::DEFAULT_CLIENT_SECRET,
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_ubsync");
+    let (_, refresh) = sims.bitrix24.install_app(1);
+    let st = tokio::process::Command::new(bin)
+        .arg("-q")
+        .arg("--config")
+        .arg(&config)
+        .args(["auth", "set-refresh-token", &refresh])
+        .status()
+        .await
+        .unwrap();
+    assert!(st.success());
+
+    eprintln!("pushing {calls} calls at burst 50, 2 requests/s ...");
+    let before = sims.bitrix24.requests().len();
+    let started = Instant::now();
+    let out = tokio::process::Command::new(bin)
+        .arg("-q")
+        .arg("--config")
+        .arg(&config)
+        .arg("sync")
+        .output()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let peak_rss = children_peak_rss_mib();
+
+    let reqs = &sims.bitrix24.requests()[before..];
+    let requests = reqs.iter().filter(|r| r.status == 200).count();
+    let commands: usize = reqs
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| {
+            if r.method == "batch" {
+                r.commands.len()
+            } else {
+                1
+            }
+        })
+        .sum();
+    let refused = reqs.iter().filter(|r| r.status == 503).count();
+    let pushed = sims.bitrix24.stats().len();
+    let tasks = sims.bitrix24.tasks().len();
+    let cmd_rate = commands as f64 / elapsed;
+    println!(
+        "ubsync push benchmark ({} calls seeded, {} pushed, {} missed-call tasks)",
+        calls, pushed, tasks
+    );
+    println!("  elapsed                      {elapsed:.1} s");
+    println!(
+        "  calls/s                      {:.1}",
+        pushed as f64 / elapsed
+    );
+    println!("  Bitrix24 commands/s          {cmd_rate:.1}");
+    println!(
+        "  requests                     {requests} ({:.2}/s)",
+        requests as f64 / elapsed
+    );
+    println!(
+        "  commands per request         {:.1}",
+        commands as f64 / requests.max(1) as f64
+    );
+    println!("  achieved / ceiling           {:.2} (ceiling 2 requests/s x 50 commands = 100 commands/s)", cmd_rate / 100.0);
+    println!("  503s received                {refused}");
+    println!("  peak RSS of ubsync           {peak_rss:.1} MiB");
+    println!("  summary: {}", String::from_utf8_lossy(&out.stdout).trim());
+}
