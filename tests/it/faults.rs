@@ -421,3 +421,23 @@ async fn another_client_on_the_same_bucket_makes_ubsync_slow_down_but_lose_nothi
     );
     assert_exactly_once(&s, &env, &total, &last);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_meeting_an_expired_token_refresh_it_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (env, _) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    let before = ctx.b24.stats.refreshes.load(Relaxed);
+    env.sims.bitrix24.expire_access_tokens();
+    let call = || ctx.b24.call("user.current", serde_json::Value::Null);
+    let results = tokio::join!(call(), call(), call(), call(), call(), call());
+    let all = [
+        results.0, results.1, results.2, results.3, results.4, results.5,
+    ];
+    assert!(all.iter().all(|r| r.is_ok()), "{all:?}");
+    assert_eq!(
+        ctx.b24.stats.refreshes.load(Relaxed) - before,
+        1,
+        "single flight"
+    );
+}
