@@ -196,6 +196,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(u) = cause.downcast_ref::<UnitalkError>() {
             return unitalk_code(u);
         }
+        if cause
+            .downcast_ref::<crate::lock::LockError>()
+            .is_some_and(|l| matches!(l, crate::lock::LockError::Held { .. }))
+        {
+            return EXIT_TEMPFAIL;
+        }
         if let Some(StoreError::Busy(_)) = cause.downcast_ref::<StoreError>() {
             return EXIT_TEMPFAIL;
         }
@@ -558,6 +564,12 @@ async fn run_logged(
 
 async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
     let cfg = load_config(path)?;
+    // A dry run only reads a snapshot; everything else is one writer at a time.
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(crate::lock::StateLock::acquire(&cfg.state.path)?)
+    };
     let store = Store::open(&cfg.state.path)?;
     if dry_run {
         let scratch = std::env::temp_dir().join(format!(
@@ -680,6 +692,7 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
 
 async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Result<u8> {
     let cfg = load_config(path)?;
+    let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
     let mut store = Store::open(&cfg.state.path)?;
     let now = Clock::system().now();
     let tz = cfg.unitalk.timezone;

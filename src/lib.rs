@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod lock;
 pub mod phpquery;
 pub mod sim;
 pub mod store;

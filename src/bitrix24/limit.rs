@@ -49,7 +49,11 @@ impl RequestBudget {
         retry_base: Duration,
     ) -> Self {
         Self {
-            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            // One request of headroom: our bucket and the portal's drain on different clocks, and
+            // a request admitted on the last slot here can arrive a moment early there.
+            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(
+                NonZeroU32::new(burst.get().saturating_sub(1).max(1)).expect("at least one"),
+            )),
             max_per_10s: max_per_10s.get() as usize,
             min_penalty: retry_base / 2,
             max_penalty: retry_base * 8,

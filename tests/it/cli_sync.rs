@@ -258,3 +258,21 @@ async fn sigterm_mid_pass_abandons_the_request_in_flight_and_the_next_pass_finis
     assert_eq!(ids.len(), 3);
     assert_eq!(env.sims.bitrix24.tasks().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_same_state_exits_75_naming_the_holder() {
+    let env = env(scenario()).await;
+    let db = env.dir.path().join("state/ubsync.db");
+    let held = ubsync::lock::StateLock::acquire(&db).unwrap();
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("PID {}", std::process::id())),
+        "{}",
+        text(&out)
+    );
+    assert!(env.sims.bitrix24.calls().is_empty(), "it did nothing");
+    drop(held);
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
