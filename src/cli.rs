@@ -92,6 +92,17 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Migrate history on a first install: push every call from --from to --to. Resumable: after
+    /// a crash or Ctrl-C, run the same command again and it continues from its last finished
+    /// window. Shows a progress bar on a terminal and plain progress lines otherwise.
+    Backfill {
+        /// First day (or date-time, or RFC 3339) to push, in Unitalk's zone.
+        #[arg(long, value_name = "DATE")]
+        from: String,
+        /// Last day to push (inclusive; a date-time is exclusive).
+        #[arg(long, value_name = "DATE")]
+        to: String,
+    },
     /// Try ubsync end to end: start both simulators with a seeded call-centre day (including a DST
     /// change), run the real pipeline over real HTTP at the standard plan's limits, and check the
     /// simulated portal against the expected outcome. Needs no configuration.
@@ -258,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Check { offline } => check(&cli.config, offline).await,
         Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
         Command::Status { json } => status(&cli.config, json),
+        Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
         Command::Demo => {
             let report = crate::demo::run(Clock::system()).await?;
@@ -823,6 +835,147 @@ async fn auth_serve(path: &std::path::Path, listen: SocketAddr, once: bool) -> a
     tokio::select! {
         r = server => r.context("install callback server failed")?,
         _ = waiter => {}
+    }
+    Ok(0)
+}
+
+/// Reads `--from`/`--to`: a bare date means the whole day (so `--to` extends to its end).
+fn range_bound(
+    cfg: &Config,
+    key: &str,
+    raw: &str,
+    end_of_day: bool,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let tz = cfg.unitalk.timezone;
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d") {
+        let day = if end_of_day {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
+        return Ok(crate::timezone::local_to_utc(
+            day.and_hms_opt(0, 0, 0).expect("midnight"),
+            tz,
+        ));
+    }
+    crate::config::parse_start(raw, tz).ok_or_else(|| {
+        anyhow::Error::new(ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: key.into(),
+                problem: format!("`{raw}` is not a date"),
+                fix: "write it as 2026-11-01, \"2026-11-01 08:00:00\" (Unitalk's zone) or RFC 3339"
+                    .into(),
+            }],
+        })
+    })
+}
+
+async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Result<u8> {
+    use std::io::IsTerminal as _;
+    let cfg = load_config(path)?;
+    let start = range_bound(&cfg, "--from", from, false)?;
+    let end = range_bound(&cfg, "--to", to, true)?;
+    if end <= start {
+        anyhow::bail!(ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: "--to".into(),
+                problem: "is not after --from".into(),
+                fix: "give a later --to".into()
+            }],
+        });
+    }
+    let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
+    let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());
+    let store = Store::open(&cfg.state.path)?;
+    if let Some(c) = store.cursor(&stream)? {
+        println!(
+            "backfill: resuming from {} (a previous run stopped there)",
+            c.to_rfc3339()
+        );
+    }
+    // ETA from the rate limit: about three commands per call, 50 commands per request.
+    let per_second = cfg.bitrix24.per_second.get() as f64;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} windows  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let started = std::time::Instant::now();
+    let printer = {
+        let bar = bar.clone();
+        let last_line =
+            std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(3600));
+        move |p: &crate::sync::Progress| {
+            let elapsed = started.elapsed().as_secs_f64().max(0.001);
+            let rate = p.pushed as f64 / elapsed;
+            let left_windows = p.windows_total.saturating_sub(p.windows_done) as f64;
+            let calls_per_window = p.pulled as f64 / p.windows_done.max(1) as f64;
+            let left_calls = left_windows * calls_per_window;
+            let by_limit = left_calls * 3.0 / (per_second * 50.0);
+            let by_pace = if rate > 0.0 {
+                left_calls / rate
+            } else {
+                by_limit
+            };
+            let eta = std::time::Duration::from_secs(by_limit.max(by_pace).round() as u64);
+            let msg = format!(
+                "{} calls done, {rate:.1} calls/s, ETA {}",
+                p.pushed,
+                humantime::format_duration(eta)
+            );
+            match &bar {
+                Some(b) => {
+                    b.set_length(p.windows_total);
+                    b.set_position(p.windows_done);
+                    b.set_message(msg);
+                }
+                None => {
+                    // journald: a plain line at most every 10 seconds, and at the end.
+                    let mut last = last_line.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.elapsed() >= std::time::Duration::from_secs(10)
+                        || p.windows_done == p.windows_total
+                    {
+                        *last = std::time::Instant::now();
+                        println!(
+                            "backfill: window {}/{}: {msg}",
+                            p.windows_done, p.windows_total
+                        );
+                    }
+                }
+            }
+        }
+    };
+    let ctx = context(cfg, SharedStore::new(store))?;
+    cancel_on_signals(ctx.cancel.clone());
+    let opts = PassOptions {
+        stream: stream.clone(),
+        range: Some((start, end)),
+        progress: Some(crate::sync::ProgressFn(std::sync::Arc::new(printer))),
+        ..Default::default()
+    };
+    let result = run_logged(&ctx, "backfill", &opts).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let summary = result?;
+    let at = ctx.store.lock().cursor(&stream)?;
+    println!("backfill: {summary}");
+    if at.is_some_and(|c| c >= end) {
+        println!("backfill: complete up to {}", end.to_rfc3339());
+    } else {
+        println!(
+            "backfill: stopped at {}; run the same command again to continue",
+            at.map(|c| c.to_rfc3339())
+                .unwrap_or_else(|| start.to_rfc3339())
+        );
     }
     Ok(0)
 }

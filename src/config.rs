@@ -785,8 +785,9 @@ fn syntax_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
     }
 }
 
-/// `sync.start`: RFC 3339, or a wall-clock date/time in Unitalk's zone.
-fn parse_start(raw: &str, tz: Tz) -> Option<DateTime<Utc>> {
+/// A point in time as users write it (`sync.start`, `--from`): RFC 3339, or a wall-clock
+/// date or date-time in Unitalk's zone.
+pub fn parse_start(raw: &str, tz: Tz) -> Option<DateTime<Utc>> {
     let raw = raw.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Some(t.with_timezone(&Utc));

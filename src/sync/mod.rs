@@ -73,6 +73,11 @@ pub struct PassOptions {
     pub dry_run: bool,
     /// Which cursor to use.
     pub stream: String,
+    /// A fixed stretch of history (backfill): the pass covers `[cursor or start, end)` with no
+    /// lookback, instead of `[cursor − lookback, now − settle)`.
+    pub range: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Called after every window.
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for PassOptions {
@@ -80,7 +85,31 @@ impl Default for PassOptions {
         Self {
             dry_run: false,
             stream: HISTORY_STREAM.into(),
+            range: None,
+            progress: None,
         }
+    }
+}
+
+/// Where a pass stands, reported after each window.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub windows_done: u64,
+    pub windows_total: u64,
+    pub pulled: u64,
+    pub pushed: u64,
+    pub tasks: u64,
+    /// The cursor after the window.
+    pub position: Option<DateTime<Utc>>,
+}
+
+/// A progress callback.
+#[derive(Clone)]
+pub struct ProgressFn(pub std::sync::Arc<dyn Fn(&Progress) + Send + Sync>);
+
+impl fmt::Debug for ProgressFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProgressFn")
     }
 }
 
@@ -202,21 +231,44 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     let cfg = &ctx.cfg;
     refresh_lines(ctx, s).await?;
     let now = ctx.clock.now();
-    let cursor = ctx.store.lock().cursor(&opts.stream)?;
-    let cursor = cursor.or(cfg.sync.start).unwrap_or(now - Duration::days(1));
-    // The very first pass has nothing to look back over.
-    let lookback = if ctx.store.lock().cursor(&opts.stream)?.is_some() {
-        secs(cfg.sync.lookback)
-    } else {
-        Duration::zero()
+    let stored = ctx.store.lock().cursor(&opts.stream)?;
+    let (cursor, windows) = match opts.range {
+        // A backfill resumes from its own checkpoint; history that old needs no lookback.
+        Some((start, end)) => {
+            let cursor = stored.unwrap_or(start).max(start);
+            let end = end.min(now - secs(cfg.sync.settle));
+            (
+                cursor,
+                window::plan_windows(
+                    cursor,
+                    Duration::zero(),
+                    Duration::zero(),
+                    secs(cfg.sync.max_window),
+                    end,
+                ),
+            )
+        }
+        None => {
+            let cursor = stored.or(cfg.sync.start).unwrap_or(now - Duration::days(1));
+            // The very first pass has nothing to look back over.
+            let lookback = if stored.is_some() {
+                secs(cfg.sync.lookback)
+            } else {
+                Duration::zero()
+            };
+            (
+                cursor,
+                window::plan_windows(
+                    cursor,
+                    lookback,
+                    secs(cfg.sync.settle),
+                    secs(cfg.sync.max_window),
+                    now,
+                ),
+            )
+        }
     };
-    let windows = window::plan_windows(
-        cursor,
-        lookback,
-        secs(cfg.sync.settle),
-        secs(cfg.sync.max_window),
-        now,
-    );
+    let total = windows.len() as u64;
     if windows.is_empty() {
         push_due(ctx, opts, s).await?;
     }
@@ -241,6 +293,16 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
             .lock()
             .apply(&[], &[], Some((&opts.stream, position)), ctx.clock.now())?;
         s.cursor = Some(position.to_rfc3339());
+        if let Some(p) = &opts.progress {
+            (p.0)(&Progress {
+                windows_done: s.windows,
+                windows_total: total,
+                pulled: s.pulled,
+                pushed: s.pushed,
+                tasks: s.tasks,
+                position: Some(position),
+            });
+        }
     }
     Ok(())
 }

@@ -276,3 +276,28 @@ async fn a_second_instance_on_the_same_state_exits_75_naming_the_holder() {
     let out = env.ubsync(&["sync"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_prints_plain_progress_when_not_on_a_terminal_and_completes() {
+    let env = env(scenario()).await;
+    let day = yesterday().to_string();
+    let out = env
+        .ubsync(&["backfill", "--from", &day, "--to", &day])
+        .await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("backfill: window 24/24") && t.contains("calls done") && t.contains("ETA"),
+        "{t}"
+    );
+    assert!(t.contains("backfill: complete"), "{t}");
+    assert_eq!(env.sims.bitrix24.stats().len(), 3);
+    let again = env
+        .ubsync(&["backfill", "--from", &day, "--to", &day])
+        .await;
+    assert!(text(&again).contains("pushed 0"), "{}", text(&again));
+    let bad = env
+        .ubsync(&["backfill", "--from", "soon", "--to", &day])
+        .await;
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+}

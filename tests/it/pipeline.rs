@@ -847,3 +847,56 @@ async fn inner_line_statuses_are_stored_and_only_newer_observations_replace_them
     );
     let _ = t0();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_interrupted_mid_way_resumes_from_its_last_window_without_duplicates() {
+    let scenario = Scenario::call_centre_day(KYIV, day(), 6, 60, 21);
+    let env = TestEnv::start(scenario.clone()).await;
+    env.write_config("telephony", "[sync]\nmax_window = \"2h\"\n");
+    let ctx = env.ctx().await;
+    let start = KYIV
+        .from_local_datetime(&n("2026-11-21 00:00:00"))
+        .unwrap()
+        .with_timezone(&Utc);
+    let end = start + Duration::days(1);
+    let cancel = ctx.cancel.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let opts = |stop_after: Option<u64>| {
+        let cancel = cancel.clone();
+        let seen = seen.clone();
+        ubsync::sync::PassOptions {
+            stream: "backfill:test".into(),
+            range: Some((start, end)),
+            progress: Some(ubsync::sync::ProgressFn(std::sync::Arc::new(
+                move |p: &ubsync::sync::Progress| {
+                    seen.lock().unwrap().push((p.windows_done, p.windows_total));
+                    if Some(p.windows_done) == stop_after {
+                        cancel.cancel();
+                    }
+                },
+            ))),
+            ..Default::default()
+        }
+    };
+    // Stopped after 6 of 12 two-hour windows (the day's calls run 08:00–20:00).
+    let err = ubsync::sync::run_pass(&ctx, &opts(Some(6)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ubsync::sync::SyncError::Cancelled));
+    let checkpoint = ctx.store.lock().cursor("backfill:test").unwrap().unwrap();
+    assert_eq!(checkpoint, start + Duration::hours(12));
+    assert!(
+        ctx.store.lock().cursor("history").unwrap().is_none(),
+        "a backfill keeps its own cursor"
+    );
+
+    let ctx = env.ctx().await;
+    seen.lock().unwrap().clear();
+    let first = ubsync::sync::run_pass(&ctx, &opts(None)).await.unwrap();
+    assert_eq!(first.windows, 6, "resumed at the checkpoint");
+    assert_eq!(seen.lock().unwrap().last(), Some(&(6, 6)));
+    let again = ubsync::sync::run_pass(&ctx, &opts(None)).await.unwrap();
+    assert_eq!(again.windows, 0);
+    let (lines, ok) = ubsync::demo::check(&scenario, &env.sims, &first, &again);
+    assert!(ok, "{}", lines.join("\n"));
+}
