@@ -92,6 +92,20 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Prove that Bitrix24 holds every call of a stretch of time exactly once, and repair what is
+    /// missing (calls and missed-call tasks). Never deletes anything in the portal: duplicates
+    /// are reported for a human. Prints a table and writes a JSON report under state/reports/.
+    Reconcile {
+        /// First day (default: yesterday in Unitalk's zone).
+        #[arg(long, value_name = "DATE")]
+        from: Option<String>,
+        /// Last day, inclusive (default: the same as --from).
+        #[arg(long, value_name = "DATE")]
+        to: Option<String>,
+        /// Report only; repair nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Migrate history on a first install: push every call from --from to --to. Resumable: after
     /// a crash or Ctrl-C, run the same command again and it continues from its last finished
     /// window. Shows a progress bar on a terminal and plain progress lines otherwise.
@@ -270,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
         Command::Status { json } => status(&cli.config, json),
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
+        Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
         Command::Demo => {
             let report = crate::demo::run(Clock::system()).await?;
@@ -977,5 +992,84 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
                 .unwrap_or_else(|| start.to_rfc3339())
         );
     }
+    Ok(0)
+}
+
+async fn reconcile(
+    path: &std::path::Path,
+    from: Option<String>,
+    to: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    let yesterday = (Clock::system().now().with_timezone(&cfg.unitalk.timezone)
+        - chrono::Duration::days(1))
+    .date_naive()
+    .to_string();
+    let from_raw = from.unwrap_or(yesterday);
+    let to_raw = to.unwrap_or_else(|| from_raw.clone());
+    let start = range_bound(&cfg, "--from", &from_raw, false)?;
+    let end = range_bound(&cfg, "--to", &to_raw, true)?;
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(crate::lock::StateLock::acquire(&cfg.state.path)?)
+    };
+    let reports = cfg
+        .state
+        .path
+        .parent()
+        .map(|p| p.join("reports"))
+        .unwrap_or_else(|| PathBuf::from("reports"));
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let ctx = context(cfg, store)?;
+    cancel_on_signals(ctx.cancel.clone());
+    let run_id = ctx.store.lock().begin_run("reconcile", ctx.clock.now())?;
+    let result = crate::sync::reconcile::reconcile(&ctx, start, end, dry_run).await;
+    let now = ctx.clock.now();
+    let (report, summary) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.store
+                .lock()
+                .finish_run(run_id, now, "failed", None, Some(&e.to_string()))?;
+            return Err(e.into());
+        }
+    };
+    ctx.store.lock().finish_run(
+        run_id,
+        now,
+        "ok",
+        Some(&serde_json::to_value(&report)?),
+        None,
+    )?;
+    print!("{}", report.table());
+    std::fs::create_dir_all(&reports)
+        .with_context(|| format!("cannot create {}", reports.display()))?;
+    let file = reports.join(format!(
+        "reconcile-{}_{}-{}.json",
+        from_raw.replace([' ', ':'], "-"),
+        to_raw.replace([' ', ':'], "-"),
+        now.format("%Y%m%dT%H%M%SZ")
+    ));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    println!("report: {}", file.display());
+    let repaired = !(report.repaired_calls.is_empty() && report.repaired_tasks.is_empty());
+    if !dry_run && repaired {
+        println!("repair pass: {summary}");
+    }
+    println!(
+        "{}",
+        match (report.consistent(), dry_run) {
+            (true, _) => "Bitrix24 holds every call of the range exactly once".to_string(),
+            (false, true) => "differences found; run without --dry-run to repair them".to_string(),
+            (false, false) if report.duplicated_in_bitrix24.is_empty() =>
+                "differences repaired".to_string(),
+            (false, false) =>
+                "differences repaired; duplicates need a human (ubsync never deletes in the portal)"
+                    .to_string(),
+        }
+    );
     Ok(0)
 }

@@ -13,6 +13,7 @@
 
 pub mod call;
 pub mod plan;
+pub mod reconcile;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -301,3 +301,97 @@ async fn backfill_prints_plain_progress_when_not_on_a_terminal_and_completes() {
         .await;
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_finds_missing_duplicated_and_ledger_only_calls_and_lost_tasks_and_repairs_all_but_duplicates(
+) {
+    let env = env(scenario()).await;
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    // A call Unitalk lists late (sync's windows passed it long ago).
+    let late = 5000;
+    let mut extra = Scenario::empty(KYIV);
+    let id = extra.add_call(
+        at("09:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let mut call = extra.calls.pop().unwrap();
+    call.id = late;
+    let _ = id;
+    env.sims.unitalk.add_calls([call]);
+    // The portal lost one call, lost the missed-call task, and holds another call twice.
+    env.sims.bitrix24.forget_call("unitalk-1001");
+    let task = env.sims.bitrix24.tasks()[0].id;
+    env.sims.bitrix24.forget_task(task);
+    env.sims.bitrix24.duplicate_call("unitalk-1003");
+
+    let day = yesterday().to_string();
+    let dry = env
+        .ubsync(&["reconcile", "--from", &day, "--dry-run"])
+        .await;
+    let t = text(&dry);
+    assert_eq!(dry.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("missing from Bitrix24           2  1001 5000"),
+        "{t}"
+    );
+    assert!(t.contains("ledger only (lost in B24)       1  1001"), "{t}");
+    assert!(
+        t.contains("duplicated in Bitrix24          1  1003×2"),
+        "{t}"
+    );
+    assert!(t.contains("missed-call tasks missing       1  1002"), "{t}");
+    assert!(t.contains("run without --dry-run"), "{t}");
+    assert_eq!(
+        env.sims.bitrix24.stats().len(),
+        3,
+        "a dry run writes nothing"
+    );
+    let reports: Vec<_> = std::fs::read_dir(env.dir.path().join("state/reports"))
+        .unwrap()
+        .collect();
+    assert_eq!(reports.len(), 1);
+
+    let fix = env.ubsync(&["reconcile", "--from", &day]).await;
+    let t = text(&fix);
+    assert_eq!(fix.status.code(), Some(0), "{t}");
+    assert!(t.contains("duplicates need a human"), "{t}");
+    let stats = env.sims.bitrix24.stats();
+    for id in ["1001", "1002", "5000"] {
+        assert_eq!(
+            stats
+                .iter()
+                .filter(|r| r.external_call_id == Some(format!("unitalk-{id}")))
+                .count(),
+            1,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        stats
+            .iter()
+            .filter(|r| r.external_call_id.as_deref() == Some("unitalk-1003"))
+            .count(),
+        2,
+        "never deleted"
+    );
+    assert_eq!(
+        env.sims.bitrix24.tasks().len(),
+        2,
+        "1002's task again, and 5000's"
+    );
+
+    let after = env
+        .ubsync(&["reconcile", "--from", &day, "--dry-run"])
+        .await;
+    let t = text(&after);
+    assert!(
+        t.contains("missing from Bitrix24           0")
+            && t.contains("missed-call tasks missing       0"),
+        "{t}"
+    );
+}

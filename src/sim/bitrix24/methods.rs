@@ -420,6 +420,13 @@ pub(crate) fn dispatch(
         "crm.activity.list" => activity_list(st, p),
         "tasks.task.add" => task_add(st, caller, p, now),
         "tasks.task.list" => task_list(st, p),
+        "tasks.task.get" => {
+            let id = int(p, "taskId").unwrap_or(0) as u64;
+            match st.data.tasks.iter().find(|t| t.id == id) {
+                Some(t) => Ok(ApiOk::new(json!({"task": task_json(st, t)}))),
+                None => Err(err(400, "ERROR_CORE", "Task not found or not accessible")),
+            }
+        }
         "tasks.task.update" => task_update(st, p),
         "tasks.task.complete" => task_set_status(st, p, 5),
         "im.notify" | "im.notify.system.add" | "im.notify.personal.add" => {

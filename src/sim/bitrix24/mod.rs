@@ -415,6 +415,43 @@ impl Bitrix24Sim {
             .collect()
     }
 
+    /// Removes a call's statistics row and its activity, as if it never reached the portal (or an
+    /// admin deleted it): for reconciliation tests.
+    pub fn forget_call(&self, external_call_id: &str) {
+        let mut st = self.lock();
+        let gone: Vec<Option<u64>> = st
+            .data
+            .stats
+            .iter()
+            .filter(|r| r.external_call_id.as_deref() == Some(external_call_id))
+            .map(|r| r.crm_activity_id)
+            .collect();
+        st.data
+            .stats
+            .retain(|r| r.external_call_id.as_deref() != Some(external_call_id));
+        st.data.activities.retain(|a| !gone.contains(&Some(a.id)));
+    }
+
+    /// Adds a second statistics row for a call (a duplicate someone else created).
+    pub fn duplicate_call(&self, external_call_id: &str) {
+        let mut st = self.lock();
+        if let Some(mut row) = st
+            .data
+            .stats
+            .iter()
+            .find(|r| r.external_call_id.as_deref() == Some(external_call_id))
+            .cloned()
+        {
+            row.id = st.data.stats.len() as u64 + 1;
+            st.data.stats.push(row);
+        }
+    }
+
+    /// Deletes a task.
+    pub fn forget_task(&self, id: u64) {
+        self.lock().data.tasks.retain(|t| t.id != id);
+    }
+
     pub fn notifications(&self) -> Vec<Value> {
         self.lock().data.notifications.clone()
     }

@@ -1,0 +1,430 @@
+//! Reconciliation: proves, for a stretch of time, that Bitrix24 holds every call Unitalk knows
+//! about exactly once, and repairs what is missing.
+//!
+//! [`reconcile`] re-pulls the range from Unitalk, lists what Bitrix24 holds for it
+//! (`voximplant.statistic.get` by `CALL_START_DATE`, or `crm.activity.list` by `ORIGINATOR_ID` in
+//! activity mode; 50 rows a page, many pages a batch), checks the missed-call tasks the ledger
+//! names (`tasks.task.get`), and compares all three with the ledger ([`compare`], pure). Unless it
+//! is a dry run, calls missing from Bitrix24 go back to `pending` and missing tasks are cleared,
+//! and the ordinary push path sends them. It never deletes anything in the portal: duplicates are
+//! reported for a human.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::call::{classify, content_hash, Disposition};
+use super::{lookup, pull_window, push_due, window, PassOptions, PassSummary, SyncCtx, SyncError};
+use crate::bitrix24::batch::Command;
+use crate::bitrix24::wire::{as_i64, as_text};
+use crate::config::Mode;
+use crate::store::ledger::{LedgerRow, Observation, Stage};
+use crate::timezone::rfc3339_in;
+use crate::unitalk::wire::parse_call;
+
+/// What a reconciliation found (and did).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ReconcileReport {
+    pub from: String,
+    pub to: String,
+    pub dry_run: bool,
+    /// Calls Unitalk lists for the range that ubsync pushes (internal calls excluded).
+    pub in_unitalk: Vec<String>,
+    /// Calls the ledger says are in Bitrix24.
+    pub in_ledger: Vec<String>,
+    /// Calls Bitrix24 holds (by `EXTERNAL_CALL_ID` / `ORIGIN_ID`).
+    pub in_bitrix24: Vec<String>,
+    /// In Unitalk, not in Bitrix24.
+    pub missing_from_bitrix24: Vec<String>,
+    /// One call held more than once: (call id, copies). Reported, never deleted.
+    pub duplicated_in_bitrix24: Vec<(String, usize)>,
+    /// The ledger says pushed, Bitrix24 lacks it.
+    pub ledger_only: Vec<String>,
+    /// Missed incoming calls whose task is missing.
+    pub tasks_missing: Vec<String>,
+    /// Missing calls that cannot be repaired automatically (quarantined or skipped): why.
+    pub not_repairable: Vec<(String, String)>,
+    /// What was repaired (empty on a dry run).
+    pub repaired_calls: Vec<String>,
+    pub repaired_tasks: Vec<String>,
+}
+
+impl ReconcileReport {
+    /// Whether Bitrix24 matched Unitalk before any repair.
+    pub fn consistent(&self) -> bool {
+        self.missing_from_bitrix24.is_empty()
+            && self.duplicated_in_bitrix24.is_empty()
+            && self.ledger_only.is_empty()
+            && self.tasks_missing.is_empty()
+    }
+
+    /// The readable table `ubsync reconcile` prints.
+    pub fn table(&self) -> String {
+        let row = |name: &str, ids: &[String]| {
+            let sample: Vec<&str> = ids.iter().take(8).map(String::as_str).collect();
+            let more = if ids.len() > 8 {
+                format!(" … +{}", ids.len() - 8)
+            } else {
+                String::new()
+            };
+            format!(
+                "  {name:<26} {:>6}  {}{more}\n",
+                ids.len(),
+                sample.join(" ")
+            )
+        };
+        let dups: Vec<String> = self
+            .duplicated_in_bitrix24
+            .iter()
+            .map(|(id, n)| format!("{id}×{n}"))
+            .collect();
+        let stuck: Vec<String> = self
+            .not_repairable
+            .iter()
+            .map(|(id, why)| format!("{id} ({why})"))
+            .collect();
+        let mut t = format!(
+            "reconcile {} .. {}{}\n",
+            self.from,
+            self.to,
+            if self.dry_run {
+                " (dry run: nothing repaired)"
+            } else {
+                ""
+            }
+        );
+        t += &row("in Unitalk", &self.in_unitalk);
+        t += &row("in the ledger", &self.in_ledger);
+        t += &row("in Bitrix24", &self.in_bitrix24);
+        t += &row("missing from Bitrix24", &self.missing_from_bitrix24);
+        t += &row("duplicated in Bitrix24", &dups);
+        t += &row("ledger only (lost in B24)", &self.ledger_only);
+        t += &row("missed-call tasks missing", &self.tasks_missing);
+        t += &row("not repairable", &stuck);
+        if !self.dry_run {
+            t += &row("repaired calls", &self.repaired_calls);
+            t += &row("repaired tasks", &self.repaired_tasks);
+        }
+        t
+    }
+}
+
+/// The facts [`compare`] works on, for one call.
+#[derive(Debug, Clone)]
+pub struct CallView {
+    pub id: String,
+    pub missed: bool,
+    pub ledger: Option<LedgerRow>,
+}
+
+/// Compares Unitalk, the ledger and Bitrix24 for a range. `held` counts Bitrix24 records per call
+/// id; `tasks_found` are the task ids Bitrix24 confirmed. Pure.
+pub fn compare(
+    calls: &[CallView],
+    held: &BTreeMap<String, usize>,
+    tasks_found: &HashSet<i64>,
+    tasks_enabled: bool,
+) -> ReconcileReport {
+    let mut r = ReconcileReport::default();
+    let pushed = |l: &LedgerRow| matches!(l.stage, Stage::Finished | Stage::Done);
+    for c in calls {
+        r.in_unitalk.push(c.id.clone());
+        let in_b24 = held.get(&c.id).copied().unwrap_or(0) > 0;
+        let in_ledger = c.ledger.as_ref().is_some_and(pushed);
+        if in_ledger {
+            r.in_ledger.push(c.id.clone());
+        }
+        if !in_b24 {
+            r.missing_from_bitrix24.push(c.id.clone());
+            if in_ledger {
+                r.ledger_only.push(c.id.clone());
+            }
+            if let Some(l) = c
+                .ledger
+                .as_ref()
+                .filter(|l| matches!(l.stage, Stage::Quarantined | Stage::Skipped))
+            {
+                r.not_repairable.push((
+                    c.id.clone(),
+                    l.reason.clone().unwrap_or_else(|| l.stage.as_str().into()),
+                ));
+            }
+        }
+        if tasks_enabled && c.missed && in_b24 {
+            let task_ok = c
+                .ledger
+                .as_ref()
+                .and_then(|l| l.task_id)
+                .is_some_and(|t| tasks_found.contains(&t));
+            if !task_ok {
+                r.tasks_missing.push(c.id.clone());
+            }
+        }
+    }
+    // Numeric ids read best in numeric order: shorter first, then by text.
+    let order = |v: &mut Vec<String>| v.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    for v in [
+        &mut r.in_unitalk,
+        &mut r.in_ledger,
+        &mut r.missing_from_bitrix24,
+        &mut r.ledger_only,
+        &mut r.tasks_missing,
+    ] {
+        order(v);
+    }
+    r.not_repairable
+        .sort_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+    let known: BTreeSet<&String> = calls.iter().map(|c| &c.id).collect();
+    for (id, n) in held {
+        if *n > 0 {
+            r.in_bitrix24.push(id.clone());
+        }
+        if *n > 1 && known.contains(id) {
+            r.duplicated_in_bitrix24.push((id.clone(), *n));
+        }
+    }
+    order(&mut r.in_bitrix24);
+    r.duplicated_in_bitrix24
+        .sort_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+    r
+}
+
+/// Everything Bitrix24 holds for `[from, to)`: call id → number of records.
+async fn held_in_bitrix24(
+    ctx: &SyncCtx,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<BTreeMap<String, usize>, SyncError> {
+    let tz = ctx.cfg.bitrix24.timezone;
+    let (method, filter, id_field) = match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => (
+            "voximplant.statistic.get",
+            json!({"FILTER": {">=CALL_START_DATE": rfc3339_in(from, tz), "<CALL_START_DATE": rfc3339_in(to, tz)}, "SORT": "ID", "ORDER": "ASC"}),
+            "EXTERNAL_CALL_ID",
+        ),
+        Mode::Activity => (
+            "crm.activity.list",
+            json!({"filter": {"ORIGINATOR_ID": "ubsync", ">=START_TIME": rfc3339_in(from, tz), "<START_TIME": rfc3339_in(to, tz)}, "select": ["ID", "ORIGIN_ID"], "order": {"ID": "ASC"}}),
+            "ORIGIN_ID",
+        ),
+    };
+    let page = |start: u64| {
+        let mut p = filter.clone();
+        p["start"] = json!(start);
+        p
+    };
+    let first = ctx.b24.call(method, page(0)).await?;
+    let total = first.total.unwrap_or(0);
+    let mut rows: Vec<Value> = first.result.as_array().cloned().unwrap_or_default();
+    let commands: Vec<Command> = (1..total.div_ceil(50))
+        .map(|i| Command::new(format!("page{i}"), method, page(i * 50)))
+        .collect();
+    let rest = lookup(ctx, commands).await?;
+    for v in rest.results.values() {
+        rows.extend(v.as_array().cloned().unwrap_or_default());
+    }
+    let mut held = BTreeMap::new();
+    for r in rows {
+        if let Some(id) = r
+            .get(id_field)
+            .and_then(as_text)
+            .and_then(|e| e.strip_prefix("unitalk-").map(str::to_string))
+        {
+            *held.entry(id).or_insert(0) += 1;
+        }
+    }
+    Ok(held)
+}
+
+/// Reconciles `[from, to)`; repairs unless `dry_run`.
+pub async fn reconcile(
+    ctx: &SyncCtx,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<(ReconcileReport, PassSummary), SyncError> {
+    let cfg = &ctx.cfg;
+    let tz = cfg.unitalk.timezone;
+    let now = ctx.clock.now();
+    let known: HashSet<String> = ctx
+        .store
+        .lock()
+        .operator_map(now, Duration::days(3650))?
+        .into_keys()
+        .collect();
+
+    // Unitalk's view.
+    let mut records = Vec::new();
+    for w in window::plan_windows(
+        from,
+        Duration::zero(),
+        Duration::zero(),
+        super::secs(cfg.sync.max_window),
+        to,
+    ) {
+        records.extend(pull_window(ctx, w).await?);
+    }
+    let mut seen = HashSet::new();
+    let mut pushable = Vec::new();
+    for raw in records {
+        let Ok(call) = parse_call(&raw, tz) else {
+            continue;
+        };
+        if call.started_at < from || call.started_at >= to || !seen.insert(call.id.clone()) {
+            continue;
+        }
+        if let Disposition::Push(f) = classify(&call, &known, &cfg.sync) {
+            pushable.push((call, raw, f.missed));
+        }
+    }
+
+    // Bitrix24's view.
+    let held = held_in_bitrix24(ctx, from, to).await?;
+    let ledger: HashMap<String, LedgerRow> = {
+        let store = ctx.store.lock();
+        let mut m = HashMap::new();
+        for (c, _, _) in &pushable {
+            if let Some(l) = store.ledger_row(&c.id)? {
+                m.insert(c.id.clone(), l);
+            }
+        }
+        m
+    };
+    let task_ids: Vec<i64> = pushable
+        .iter()
+        .filter(|(_, _, missed)| *missed)
+        .filter_map(|(c, _, _)| ledger.get(&c.id).and_then(|l| l.task_id))
+        .collect();
+    let commands: Vec<Command> = task_ids
+        .iter()
+        .map(|t| Command::new(format!("t{t}"), "tasks.task.get", json!({"taskId": t})))
+        .collect();
+    let found = lookup(ctx, commands).await?;
+    let tasks_found: HashSet<i64> = task_ids
+        .iter()
+        .copied()
+        .filter(|t| {
+            found
+                .results
+                .get(&format!("t{t}"))
+                .and_then(|r| r.get("task"))
+                .and_then(|t| t.get("id"))
+                .and_then(as_i64)
+                .is_some()
+        })
+        .collect();
+    let views: Vec<CallView> = pushable
+        .iter()
+        .map(|(c, _, missed)| CallView {
+            id: c.id.clone(),
+            missed: *missed,
+            ledger: ledger.get(&c.id).cloned(),
+        })
+        .collect();
+    let mut report = compare(&views, &held, &tasks_found, cfg.tasks.enabled);
+    report.from = from.to_rfc3339();
+    report.to = to.to_rfc3339();
+    report.dry_run = dry_run;
+    let mut summary = PassSummary::default();
+    if dry_run {
+        return Ok((report, summary));
+    }
+
+    // Repair: back to pending what Bitrix24 lacks, clear missing tasks, then push as usual.
+    let unrepairable: HashSet<&String> = report.not_repairable.iter().map(|(id, _)| id).collect();
+    let mut rows = Vec::new();
+    let mut observations = Vec::new();
+    for (call, raw, _) in &pushable {
+        let id = &call.id;
+        if report.missing_from_bitrix24.contains(id) && !unrepairable.contains(id) {
+            match ledger.get(id) {
+                None => observations.push(Observation {
+                    call_id: id.clone(),
+                    started_at: call.started_at,
+                    raw: raw.to_string(),
+                    content_hash: content_hash(call),
+                }),
+                Some(l)
+                    if matches!(
+                        l.stage,
+                        Stage::Pending | Stage::InFlight | Stage::Registered
+                    ) => {}
+                Some(l) => {
+                    let mut fresh = LedgerRow::pending(id);
+                    fresh.task_id = l.task_id;
+                    rows.push(fresh);
+                }
+            }
+            report.repaired_calls.push(id.clone());
+        } else if report.tasks_missing.contains(id) {
+            if let Some(l) = ledger.get(id) {
+                let mut l = l.clone();
+                l.task_id = None;
+                l.task_in_flight_since = None;
+                if l.stage == Stage::Done {
+                    l.stage = Stage::Finished;
+                }
+                rows.push(l);
+                report.repaired_tasks.push(id.clone());
+            }
+        }
+    }
+    {
+        let mut store = ctx.store.lock();
+        store.observe(&observations, now)?;
+        store.apply(&rows, &[], None, now)?;
+    }
+    push_due(ctx, &PassOptions::default(), &mut summary).await?;
+    Ok((report, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(id: &str, missed: bool, stage: Option<Stage>, task: Option<i64>) -> CallView {
+        CallView {
+            id: id.into(),
+            missed,
+            ledger: stage.map(|s| {
+                let mut l = LedgerRow::pending(id);
+                l.stage = s;
+                l.task_id = task;
+                l
+            }),
+        }
+    }
+
+    #[test]
+    fn every_category_is_found() {
+        let calls = vec![
+            view("1", false, Some(Stage::Done), None),        // fine
+            view("2", false, None, None),                     // missing, never seen
+            view("3", false, Some(Stage::Done), None),        // ledger only
+            view("4", false, Some(Stage::Done), None),        // duplicated
+            view("5", true, Some(Stage::Done), Some(77)),     // task gone
+            view("6", true, Some(Stage::Done), Some(78)),     // task fine
+            view("7", false, Some(Stage::Quarantined), None), // missing, not repairable
+        ];
+        let held = BTreeMap::from([
+            ("1".to_string(), 1),
+            ("4".to_string(), 2),
+            ("5".to_string(), 1),
+            ("6".to_string(), 1),
+            ("99".to_string(), 1),
+        ]);
+        let r = compare(&calls, &held, &HashSet::from([78]), true);
+        assert_eq!(r.missing_from_bitrix24, vec!["2", "3", "7"]);
+        assert_eq!(r.ledger_only, vec!["3"]);
+        assert_eq!(r.duplicated_in_bitrix24, vec![("4".to_string(), 2)]);
+        assert_eq!(r.tasks_missing, vec!["5"]);
+        assert_eq!(r.not_repairable.len(), 1);
+        assert!(
+            r.in_bitrix24.contains(&"99".to_string()),
+            "records from outside the pull are listed"
+        );
+        assert!(!r.consistent());
+    }
+}
