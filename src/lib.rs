@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod lock;
 pub mod phpquery;
+pub mod schedule;
 pub mod sim;
 pub mod store;
 pub mod sync;
