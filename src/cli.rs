@@ -77,6 +77,14 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run as a daemon: the jobs of the schedule file ([schedule] file) one at a time, until
+    /// SIGTERM or Ctrl-C. The long-running alternative to the systemd timer.
+    Run {
+        /// Serve GET /healthz, GET /metrics (Prometheus) and the OAuth install callback
+        /// (POST /install) on this address, e.g. 127.0.0.1:9187.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
     /// Show the cursor, the last pass, calls by stage, quarantined calls and inner-line statuses.
     Status {
         /// Machine-readable output.
@@ -283,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Check { offline } => check(&cli.config, offline).await,
         Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
         Command::Status { json } => status(&cli.config, json),
+        Command::Run { listen } => run_daemon(&cli.config, listen).await,
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
@@ -1071,5 +1080,40 @@ async fn reconcile(
                     .to_string(),
         }
     );
+    Ok(0)
+}
+
+async fn run_daemon(path: &std::path::Path, listen: Option<SocketAddr>) -> anyhow::Result<u8> {
+    use std::io::Write as _;
+    let cfg = load_config(path)?;
+    let schedule = crate::schedule::Schedule::load(&cfg.schedule_file).map_err(|problem| {
+        ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: "schedule.file".into(),
+                problem,
+                fix: "see schedules/default.toml for the format".into(),
+            }],
+        }
+    })?;
+    let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
+    let listener = match listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            println!(
+                "listening on http://{} (/healthz, /metrics, /install)",
+                l.local_addr()?
+            );
+            std::io::stdout().flush()?;
+            Some(l)
+        }
+        None => None,
+    };
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let ctx = context(cfg, store)?;
+    cancel_on_signals(ctx.cancel.clone());
+    crate::daemon::run(ctx, schedule, listener).await?;
     Ok(0)
 }

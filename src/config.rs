@@ -39,6 +39,10 @@ pub struct Config {
     pub sync: SyncConfig,
     pub activity: ActivityConfig,
     pub tasks: TasksConfig,
+    /// The daemon's schedule file (absolute).
+    pub schedule_file: PathBuf,
+    /// `/healthz` answers 503 when the last successful sync pass is older than this.
+    pub health_max_age: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +272,22 @@ struct RawConfig {
     activity: RawActivity,
     #[serde(default)]
     tasks: RawTasks,
+    #[serde(default)]
+    schedule: RawSchedule,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    file: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    max_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -696,10 +716,24 @@ impl Validator {
             }
         };
 
+        let schedule_file = PathBuf::from(
+            raw.schedule
+                .file
+                .unwrap_or_else(|| "schedules/default.toml".into()),
+        );
+        let schedule_file = if schedule_file.is_absolute() {
+            schedule_file
+        } else {
+            base_dir.join(schedule_file)
+        };
+        let health_max_age = self.duration("health.max_age", raw.health.max_age, "10m");
+
         if !self.problems.is_empty() {
             return None;
         }
         Some(Config {
+            schedule_file,
+            health_max_age,
             source: source.to_path_buf(),
             unitalk: UnitalkConfig {
                 base_url: base_url?,

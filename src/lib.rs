@@ -6,6 +6,7 @@ pub mod bitrix24;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod lock;
 pub mod phpquery;

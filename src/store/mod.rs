@@ -413,6 +413,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// When `job` last finished successfully.
+    pub fn last_ok_run(&self, job: &str) -> Result<Option<DateTime<Utc>>> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT MAX(finished_at) FROM runs WHERE job = ?1 AND outcome = 'ok'",
+                [job],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        Ok(v.as_deref().and_then(parse_ts))
+    }
+
+    /// Forgets runs that started before `before` (the log would otherwise grow by a row a minute).
+    pub fn prune_runs(&self, before: DateTime<Utc>) -> Result<usize> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM runs WHERE started_at < ?1", [ts(before)])?)
+    }
+}
+
 /// Sets a cursor inside whatever transaction `conn` is in.
 pub fn set_cursor(
     conn: &Connection,

@@ -310,7 +310,7 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
 
 /// Refreshes operators (`/users/list`) and inner-line statuses (`/phones/inner`). Only a refused
 /// key stops the pass: `/phones/inner` is unconfirmed and may not exist on every account.
-async fn refresh_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+pub async fn refresh_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
     match ctx.unitalk.users().await {
         Ok(users) => {
             let ops: Vec<_> = users

@@ -395,3 +395,127 @@ async fn reconcile_finds_missing_duplicated_and_ledger_only_calls_and_lost_tasks
         "{t}"
     );
 }
+
+async fn get(env: &TestEnv, url: &str) -> (u16, String) {
+    let r = env.http.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Waits (bounded, polling) until `f` holds.
+async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(mut f: F) -> bool {
+    for _ in 0..200 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+async fn start_daemon(env: &TestEnv) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .arg("--config")
+        .arg(env.dir.path().join("ubsync.toml"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap();
+    let base = line.split_whitespace().nth(2).unwrap().to_string();
+    (child, base)
+}
+
+fn fast_schedule(env: &TestEnv, health: &str) {
+    std::fs::write(
+        env.dir.path().join("fast.toml"),
+        "timezone = \"Europe/Kyiv\"\n[[job]]\nname = \"sync\"\ncron = \"* * * * * *\"\n[[job]]\nname = \"lines\"\ncron = \"*/2 * * * * *\"\n[[job]]\nname = \"reconcile\"\ncron = \"0 30 3 * * *\"\n",
+    )
+    .unwrap();
+    env.edit_config(|t| {
+        format!("{t}\n[schedule]\nfile = \"fast.toml\"\n[health]\nmax_age = \"{health}\"\n")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_its_schedule_serves_health_and_metrics_holds_the_lock_and_stops_on_sigterm(
+) {
+    let env = env(scenario()).await;
+    fast_schedule(&env, "10m");
+    let (child, base) = start_daemon(&env).await;
+    assert!(
+        eventually(|| async {
+            env.sims.bitrix24.stats().len() == 3
+                && get(&env, &format!("{base}/metrics"))
+                    .await
+                    .1
+                    .contains("ubsync_passes_total{job=\"sync\"} 2")
+        })
+        .await,
+        "two sync passes ran"
+    );
+    let (code, body) = get(&env, &format!("{base}/healthz")).await;
+    assert_eq!(code, 200, "{body}");
+    let (_, m) = get(&env, &format!("{base}/metrics")).await;
+    for needle in [
+        "ubsync_calls_pushed_total 3",
+        "ubsync_tasks_created_total 1",
+        "ubsync_cursor_lag_seconds",
+        "ubsync_last_success_timestamp_seconds{job=\"sync\"}",
+        "ubsync_bitrix24_requests_total",
+        "ubsync_unitalk_request_units_total",
+        "ubsync_passes_total{job=\"lines\"}",
+    ] {
+        assert!(m.contains(needle), "{needle} missing from:\n{m}");
+    }
+    // A timer-started sync meanwhile is refused: one writer at a time.
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("PID {}", child.id().unwrap())),
+        "{}",
+        text(&out)
+    );
+
+    let sent = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().await.unwrap();
+    assert!(sent.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.sims.bitrix24.stats().len(), 3, "never twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_with_the_reason_when_passes_keep_failing() {
+    let env = env(scenario()).await;
+    fast_schedule(&env, "1s");
+    env.sims.unitalk.set_api_key("rotated-key");
+    let (mut child, base) = start_daemon(&env).await;
+    assert!(
+        eventually(|| async {
+            let (code, body) = get(&env, &format!("{base}/healthz")).await;
+            code == 503
+                && body.contains("no sync pass has succeeded")
+                && body.contains("Authorization invalid")
+        })
+        .await,
+        "{:?}",
+        get(&env, &format!("{base}/healthz")).await
+    );
+    let (_, m) = get(&env, &format!("{base}/metrics")).await;
+    assert!(m.contains("ubsync_failures_total{job=\"sync\"}"), "{m}");
+    child.kill().await.unwrap();
+}
