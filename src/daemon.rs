@@ -328,7 +328,7 @@ pub async fn run(
             if cancel.is_cancelled() {
                 break;
             }
-            if !next[i].is_some_and(|t| t <= now) {
+            if next[i].is_none_or(|t| t > now) {
                 continue;
             }
             let ok = run_job(&shared, job.kind, tz).await;
