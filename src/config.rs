@@ -295,6 +295,7 @@ struct RawHealth {
 struct RawUnitalk {
     base_url: Option<String>,
     api_key: Option<String>,
+    api_key_file: Option<String>,
     timezone: Option<String>,
     request_timeout: Option<String>,
     page_size: Option<i64>,
@@ -308,8 +309,10 @@ struct RawBitrix24 {
     portal_url: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    client_secret_file: Option<String>,
     oauth_url: Option<String>,
     webhook_url: Option<String>,
+    webhook_url_file: Option<String>,
     burst: Option<i64>,
     per_second: Option<i64>,
     max_per_10s: Option<i64>,
@@ -367,6 +370,8 @@ impl Env {
             ENV_UNITALK_API_KEY,
             ENV_BITRIX24_CLIENT_SECRET,
             ENV_BITRIX24_WEBHOOK_URL,
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
         ] {
             if let Ok(v) = std::env::var(k) {
                 if !v.is_empty() {
@@ -380,6 +385,40 @@ impl Env {
     fn get(&self, k: &str) -> Option<String> {
         self.0.get(k).cloned()
     }
+}
+
+/// Where a secret comes from, strongest first: its environment variable, the `*_file` key, a
+/// systemd credential (`LoadCredential=<name>:...`, read from `$CREDENTIALS_DIRECTORY/<name>`),
+/// then the inline key. Returns the value, or a problem reading a named file.
+fn secret_source(
+    env: &Env,
+    var: &str,
+    file_key: Option<String>,
+    credential: &str,
+    inline: Option<String>,
+) -> Result<Option<String>, String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    if let Some(v) = env.get(var) {
+        return Ok(Some(v));
+    }
+    if let Some(f) = file_key.filter(|f| !f.trim().is_empty()) {
+        return read(Path::new(f.trim())).map(Some);
+    }
+    if let Some(dir) = env.get("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join(credential);
+        if path.exists() {
+            // An empty credential is a placeholder (LoadCredential= needs every file to exist).
+            let v = read(&path)?;
+            if !v.is_empty() {
+                return Ok(Some(v));
+            }
+        }
+    }
+    Ok(inline)
 }
 
 impl Config {
@@ -507,11 +546,29 @@ impl Validator {
             raw.unitalk.base_url,
             Some("https://api.unitalk.cloud/api"),
         );
-        let api_key = env
-            .get(ENV_UNITALK_API_KEY)
-            .or(raw.unitalk.api_key)
-            .filter(|k| !k.trim().is_empty());
-        if api_key.is_none() {
+        let api_key = match secret_source(
+            env,
+            ENV_UNITALK_API_KEY,
+            raw.unitalk.api_key_file,
+            "unitalk_api_key",
+            raw.unitalk.api_key,
+        ) {
+            Ok(v) => v.filter(|k| !k.trim().is_empty()),
+            Err(e) => {
+                self.fail(
+                    "unitalk.api_key_file",
+                    e,
+                    "point it at a readable file holding only the key",
+                );
+                None
+            }
+        };
+        if api_key.is_none()
+            && !self
+                .problems
+                .iter()
+                .any(|p| p.key == "unitalk.api_key_file")
+        {
             self.fail(
                 "unitalk.api_key",
                 "missing",
@@ -554,15 +611,40 @@ impl Validator {
             Some("https://oauth.bitrix.info"),
         );
         let client_id = b.client_id.filter(|s| !s.trim().is_empty());
-        let client_secret = env
-            .get(ENV_BITRIX24_CLIENT_SECRET)
-            .or(b.client_secret)
-            .filter(|s| !s.trim().is_empty())
-            .map(SecretString::from);
-        let webhook_raw = env
-            .get(ENV_BITRIX24_WEBHOOK_URL)
-            .or(b.webhook_url)
-            .filter(|s| !s.trim().is_empty());
+        let client_secret = match secret_source(
+            env,
+            ENV_BITRIX24_CLIENT_SECRET,
+            b.client_secret_file,
+            "bitrix24_client_secret",
+            b.client_secret,
+        ) {
+            Ok(v) => v.filter(|s| !s.trim().is_empty()).map(SecretString::from),
+            Err(e) => {
+                self.fail(
+                    "bitrix24.client_secret_file",
+                    e,
+                    "point it at a readable file holding only the secret",
+                );
+                None
+            }
+        };
+        let webhook_raw = match secret_source(
+            env,
+            ENV_BITRIX24_WEBHOOK_URL,
+            b.webhook_url_file,
+            "bitrix24_webhook_url",
+            b.webhook_url,
+        ) {
+            Ok(v) => v.filter(|s| !s.trim().is_empty()),
+            Err(e) => {
+                self.fail(
+                    "bitrix24.webhook_url_file",
+                    e,
+                    "point it at a readable file holding only the URL",
+                );
+                None
+            }
+        };
         let webhook_url = match webhook_raw {
             Some(raw) => match WebhookUrl::parse(&raw) {
                 Ok(w) => Some(w),
@@ -586,7 +668,12 @@ impl Validator {
                 if client_id.is_none() {
                     self.fail("bitrix24.client_id", format!("missing; {why}"), "create a server-side local application (Developer resources → Other → Local application) and copy its client_id");
                 }
-                if client_secret.is_none() {
+                if client_secret.is_none()
+                    && !self
+                        .problems
+                        .iter()
+                        .any(|p| p.key == "bitrix24.client_secret_file")
+                {
                     self.fail(
                         "bitrix24.client_secret",
                         format!("missing; {why}"),
@@ -599,7 +686,7 @@ impl Validator {
                     && !self
                         .problems
                         .iter()
-                        .any(|p| p.key == "bitrix24.webhook_url")
+                        .any(|p| p.key.starts_with("bitrix24.webhook_url"))
                 {
                     self.fail(
                         "bitrix24.webhook_url",
@@ -636,8 +723,14 @@ impl Validator {
 
         // State.
         let state_path = PathBuf::from(raw.state.path.unwrap_or_else(|| "state/ubsync.db".into()));
+        // Under systemd (StateDirectory=), a relative state path lives in the state directory.
         let state_path = if state_path.is_absolute() {
             state_path
+        } else if let Some(dir) = env
+            .get("STATE_DIRECTORY")
+            .and_then(|d| d.split(':').next().map(PathBuf::from))
+        {
+            dir.join(state_path)
         } else {
             base_dir.join(state_path)
         };

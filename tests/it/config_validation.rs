@@ -233,3 +233,39 @@ fn the_shipped_example_config_is_valid_and_documents_every_key() {
         assert!(text.contains(&format!("{key} =")), "example lacks {key}");
     }
 }
+
+#[test]
+fn secrets_can_come_from_files_and_systemd_credentials_and_state_from_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.txt"), "file-key\n").unwrap();
+    std::fs::write(dir.path().join("bitrix24_client_secret"), "cred-secret\n").unwrap();
+    let text = BASE
+        .replace(
+            "api_key = \"k\"",
+            &format!(
+                "api_key_file = \"{}\"",
+                dir.path().join("key.txt").display()
+            ),
+        )
+        .replace("client_secret = \"s\"", "");
+    let mut env = Env::default();
+    env.0.insert(
+        "CREDENTIALS_DIRECTORY".into(),
+        dir.path().display().to_string(),
+    );
+    env.0
+        .insert("STATE_DIRECTORY".into(), "/var/lib/ubsync".into());
+    let c = Config::parse(&text, Path::new("/etc/ubsync/ubsync.toml"), &env).unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(c.unitalk.api_key.expose_secret(), "file-key");
+    assert_eq!(
+        c.bitrix24.client_secret.unwrap().expose_secret(),
+        "cred-secret"
+    );
+    assert_eq!(c.state.path, Path::new("/var/lib/ubsync/state/ubsync.db"));
+
+    let missing = BASE.replace("api_key = \"k\"", "api_key_file = \"/nonexistent/key\"");
+    let (keys, msg) = problems(&missing);
+    assert_eq!(keys, vec!["unitalk.api_key_file"]);
+    assert!(msg.contains("/nonexistent/key"), "{msg}");
+}
