@@ -481,6 +481,47 @@ struct Due {
     facts: CallFacts,
 }
 
+/// The operators' inner lines (to tell inner lines from client numbers).
+fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
+    Ok(ctx
+        .store
+        .lock()
+        .operator_map(ctx.clock.now(), Duration::days(3650))?
+        .into_keys()
+        .collect())
+}
+
+/// A stored call read again and classified: its facts, when ubsync pushes it.
+fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) -> Option<CallFacts> {
+    let call = parse_call(
+        &serde_json::from_str(raw).unwrap_or(Value::Null),
+        ctx.cfg.unitalk.timezone,
+    )
+    .ok()?;
+    match classify(&call, known, &ctx.cfg.sync) {
+        Disposition::Push(f) => Some(*f),
+        _ => None,
+    }
+}
+
+/// Quarantines a call with work due: its next ledger row and its quarantine entry.
+fn quarantine_item(
+    item: &WorkItem,
+    source: &'static str,
+    reason: String,
+) -> (LedgerRow, NewQuarantine) {
+    let mut l = item.ledger.clone();
+    l.stage = Stage::Quarantined;
+    l.reason = Some(reason.clone());
+    let q = NewQuarantine {
+        source,
+        call_id: Some(l.call_id.clone()),
+        raw: item.raw.clone(),
+        reason,
+    };
+    (l, q)
+}
+
 /// Sends a batch. Rate limits are waited out inside the client; here a refused connection (the
 /// request certainly did not execute) is retried with growing delays. An outcome-unknown failure
 /// is returned at once: it must be probed, not re-sent. Cancellation abandons the request in
@@ -531,12 +572,7 @@ fn understand(
     s: &mut PassSummary,
 ) -> Result<Vec<Due>, SyncError> {
     let now = ctx.clock.now();
-    let known: HashSet<String> = ctx
-        .store
-        .lock()
-        .operator_map(now, Duration::days(3650))?
-        .into_keys()
-        .collect();
+    let known = known_lines(ctx)?;
     let mut due = Vec::new();
     let mut settled = Vec::new();
     let mut quarantine = Vec::new();
@@ -545,15 +581,8 @@ fn understand(
         let call = match parse_call(&raw, ctx.cfg.unitalk.timezone) {
             Ok(c) => c,
             Err(e) => {
-                let mut l = item.ledger.clone();
-                l.stage = Stage::Quarantined;
-                l.reason = Some(e.reason.clone());
-                quarantine.push(NewQuarantine {
-                    source: "unitalk",
-                    call_id: Some(l.call_id.clone()),
-                    raw: item.raw.clone(),
-                    reason: e.reason,
-                });
+                let (l, q) = quarantine_item(&item, "unitalk", e.reason);
+                quarantine.push(q);
                 settled.push(l);
                 continue;
             }
@@ -566,16 +595,9 @@ fn understand(
             Disposition::NotFinal
                 if call.started_at > now - Duration::hours(DIALING_HOLD_HOURS) => {}
             Disposition::NotFinal => {
-                let mut l = item.ledger.clone();
                 let reason = format!("still DIALING {DIALING_HOLD_HOURS} hours after it started");
-                l.stage = Stage::Quarantined;
-                l.reason = Some(reason.clone());
-                quarantine.push(NewQuarantine {
-                    source: "unitalk",
-                    call_id: Some(l.call_id.clone()),
-                    raw: item.raw.clone(),
-                    reason,
-                });
+                let (l, q) = quarantine_item(&item, "unitalk", reason);
+                quarantine.push(q);
                 settled.push(l);
             }
             Disposition::Skip(reason) if item.ledger.stage == Stage::Pending => {
@@ -587,15 +609,8 @@ fn understand(
             }
             Disposition::Skip(_) => {}
             Disposition::Quarantine(reason) => {
-                let mut l = item.ledger.clone();
-                l.stage = Stage::Quarantined;
-                l.reason = Some(reason.clone());
-                quarantine.push(NewQuarantine {
-                    source: "unitalk",
-                    call_id: Some(l.call_id.clone()),
-                    raw: item.raw.clone(),
-                    reason,
-                });
+                let (l, q) = quarantine_item(&item, "unitalk", reason);
+                quarantine.push(q);
                 settled.push(l);
             }
         }
@@ -723,24 +738,13 @@ fn missed_task_lines(ctx: &SyncCtx, facts: &HashMap<String, (CallFacts, String)>
 fn settle_finished(ctx: &SyncCtx) -> Result<(), SyncError> {
     let now = ctx.clock.now();
     let items = ctx.store.lock().work_due(now)?;
-    let known: HashSet<String> = ctx
-        .store
-        .lock()
-        .operator_map(now, Duration::days(3650))?
-        .into_keys()
-        .collect();
+    let known = known_lines(ctx)?;
     let mut rows = Vec::new();
     for w in items
         .into_iter()
         .filter(|w| w.ledger.stage == Stage::Finished && w.ledger.task_in_flight_since.is_none())
     {
-        let Ok(call) = parse_call(
-            &serde_json::from_str(&w.raw).unwrap_or(Value::Null),
-            ctx.cfg.unitalk.timezone,
-        ) else {
-            continue;
-        };
-        if let Disposition::Push(f) = classify(&call, &known, &ctx.cfg.sync) {
+        if let Some(f) = stored_facts(ctx, &known, &w.raw) {
             let row = plan::settle_stage(&ctx.cfg, &f, w.ledger.clone(), &w.content_hash);
             if row.stage == Stage::Done {
                 rows.push(row);
@@ -975,23 +979,12 @@ async fn push_telephony(
 async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
     let cfg = &ctx.cfg;
     let items = ctx.store.lock().work_due(ctx.clock.now())?;
-    let known: HashSet<String> = ctx
-        .store
-        .lock()
-        .operator_map(ctx.clock.now(), Duration::days(3650))?
-        .into_keys()
-        .collect();
+    let known = known_lines(ctx)?;
     for w in items
         .into_iter()
         .filter(|w| w.ledger.stage == Stage::Finished)
     {
-        let Ok(call) = parse_call(
-            &serde_json::from_str(&w.raw).unwrap_or(Value::Null),
-            cfg.unitalk.timezone,
-        ) else {
-            continue;
-        };
-        let Disposition::Push(f) = classify(&call, &known, &cfg.sync) else {
+        let Some(f) = stored_facts(ctx, &known, &w.raw) else {
             continue;
         };
         if !plan::needs_recording(&f, &w.ledger) {
@@ -1059,16 +1052,8 @@ fn settle_unassigned(
     let mut rows = Vec::new();
     let mut quarantine = Vec::new();
     for d in unassigned {
-        let reason = no_user_reason(&d.facts);
-        let mut l = d.item.ledger;
-        l.stage = Stage::Quarantined;
-        l.reason = Some(reason.clone());
-        quarantine.push(NewQuarantine {
-            source: "bitrix24",
-            call_id: Some(l.call_id.clone()),
-            raw: d.item.raw,
-            reason,
-        });
+        let (l, q) = quarantine_item(&d.item, "bitrix24", no_user_reason(&d.facts));
+        quarantine.push(q);
         rows.push(l);
     }
     s.quarantined += quarantine.len() as u64;
@@ -1423,12 +1408,7 @@ async fn push_tasks(
     let cfg = &ctx.cfg;
     let now = ctx.clock.now();
     let items = ctx.store.lock().work_due(now)?;
-    let known: HashSet<String> = ctx
-        .store
-        .lock()
-        .operator_map(now, Duration::days(3650))?
-        .into_keys()
-        .collect();
+    let known = known_lines(ctx)?;
     let mut due = Vec::new();
     for item in items {
         if !matches!(item.ledger.stage, Stage::Finished)
@@ -1437,16 +1417,10 @@ async fn push_tasks(
         {
             continue;
         }
-        let Ok(call) = parse_call(
-            &serde_json::from_str(&item.raw).unwrap_or(Value::Null),
-            cfg.unitalk.timezone,
-        ) else {
-            continue;
-        };
-        if let Disposition::Push(f) = classify(&call, &known, &cfg.sync) {
-            if plan::needs_task(cfg, &f, &item.ledger) {
-                due.push(Due { item, facts: *f });
-            }
+        if let Some(f) =
+            stored_facts(ctx, &known, &item.raw).filter(|f| plan::needs_task(cfg, f, &item.ledger))
+        {
+            due.push(Due { item, facts: f });
         }
     }
     if due.is_empty() {

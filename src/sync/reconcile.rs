@@ -248,12 +248,7 @@ pub async fn reconcile(
     let cfg = &ctx.cfg;
     let tz = cfg.unitalk.timezone;
     let now = ctx.clock.now();
-    let known: HashSet<String> = ctx
-        .store
-        .lock()
-        .operator_map(now, Duration::days(3650))?
-        .into_keys()
-        .collect();
+    let known = super::known_lines(ctx)?;
 
     // Unitalk's view.
     let mut records = Vec::new();
