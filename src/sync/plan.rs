@@ -595,46 +595,36 @@ mod tests {
 
     #[test]
     fn errors_are_classified_as_the_reference_says() {
-        let e = |code: &str, d: &str| ErrorBody {
-            code: code.into(),
-            description: d.into(),
-        };
-        assert!(matches!(
-            classify_error("m", &e("ERROR_CORE", "Unsupported phone number format")),
-            Failure::Permanent(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("ERROR_CORE", "User is not found or is not active")),
-            Failure::Permanent(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("QUERY_LIMIT_EXCEEDED", "")),
-            Failure::Deferred(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("ERROR_CORE", "Unexpected database error")),
-            Failure::Retry(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("", "Something new")),
-            Failure::Retry(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("OPERATION_TIME_LIMIT", "")),
-            Failure::Deferred(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("ERROR_BATCH_METHOD_NOT_ALLOWED", "")),
-            Failure::Deferred(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("insufficient_scope", "")),
-            Failure::Fatal(_)
-        ));
-        assert!(matches!(
-            classify_error("m", &e("WRONG_AUTH_TYPE", "")),
-            Failure::Fatal(_)
-        ));
+        let table = [
+            ("ERROR_CORE", "Unsupported phone number format", "permanent"),
+            (
+                "ERROR_CORE",
+                "User is not found or is not active",
+                "permanent",
+            ),
+            ("QUERY_LIMIT_EXCEEDED", "", "deferred"),
+            ("OPERATION_TIME_LIMIT", "", "deferred"),
+            ("ERROR_BATCH_METHOD_NOT_ALLOWED", "", "deferred"),
+            ("ERROR_CORE", "Unexpected database error", "retry"),
+            ("", "Something new", "retry"),
+            ("insufficient_scope", "", "fatal"),
+            ("WRONG_AUTH_TYPE", "", "fatal"),
+        ];
+        for (code, description, want) in table {
+            let got = match classify_error(
+                "m",
+                &ErrorBody {
+                    code: code.into(),
+                    description: description.into(),
+                },
+            ) {
+                Failure::Permanent(_) => "permanent",
+                Failure::Deferred(_) => "deferred",
+                Failure::Retry(_) => "retry",
+                Failure::Fatal(_) => "fatal",
+            };
+            assert_eq!(got, want, "{code} {description}");
+        }
     }
 
     #[test]
