@@ -184,6 +184,9 @@ pub struct SimArgs {
     /// Configure the written file for activity mode (incoming webhook) instead of telephony mode.
     #[arg(long)]
     pub activity: bool,
+    /// The API key the Unitalk simulator accepts.
+    #[arg(long, value_name = "KEY", default_value = crate::sim::unitalk::DEFAULT_API_KEY)]
+    pub unitalk_key: String,
 }
 
 /// Parses arguments, runs the command, prints any error, and returns the exit code.
@@ -463,6 +466,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
     )
     .await
     .context("cannot start the simulators")?;
+    sims.unitalk.set_api_key(&args.unitalk_key);
     let (_access, refresh) = sims.bitrix24.install_app(scenario.admin_user_id);
     let b24 = sims.bitrix24_url();
     let webhook = format!(
@@ -472,7 +476,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
     println!(
         "Unitalk simulator   {}   (API key {})",
         sims.unitalk_url(),
-        crate::sim::unitalk::DEFAULT_API_KEY
+        args.unitalk_key
     );
     println!("Bitrix24 simulator  {b24}");
     println!("  incoming webhook  {webhook}");
@@ -505,7 +509,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
              oauth_url = \"{b24}\"\nwebhook_url = \"{webhook}\"\ndefault_user_id = {}\n\n\
              [state]\npath = \"state/sim.db\"\n\n[sync]\nstart = \"{start}\"\n",
             sims.unitalk_url(),
-            crate::sim::unitalk::DEFAULT_API_KEY,
+            args.unitalk_key,
             crate::sim::bitrix24::DEFAULT_CLIENT_ID,
             crate::sim::bitrix24::DEFAULT_CLIENT_SECRET,
             scenario.admin_user_id,

@@ -169,10 +169,15 @@ impl UnitalkSim {
     }
 
     pub fn router(&self) -> Router {
+        // The API lives under `/api` on the real host; the bare paths are served too, for clients
+        // configured with the simulator's root as their base.
         Router::new()
             .route("/api/history/get", post(history_get))
             .route("/api/users/list", post(users_list))
             .route("/api/phones/inner", post(phones_inner))
+            .route("/history/get", post(history_get))
+            .route("/users/list", post(users_list))
+            .route("/phones/inner", post(phones_inner))
             .with_state(self.clone())
     }
 

@@ -186,3 +186,21 @@ async fn s1_3_injected_faults_look_like_unitalk_errors() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_1_methods_answer_under_the_api_base_and_at_the_root() {
+    let env = TestEnv::start(scenario()).await;
+    let root = env.sims.unitalk_served.base_url();
+    let r: serde_json::Value = env
+        .http
+        .post(format!("{root}/history/get"))
+        .header("Authorization", DEFAULT_API_KEY)
+        .json(&window())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["count"], 2);
+}
