@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -241,6 +242,15 @@ async fn admit(
     Ok(())
 }
 
+/// A request body as JSON whatever its content type; a form body is read as PHP would.
+fn body_value(body: &[u8]) -> Value {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Value::Null;
+    }
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| Value::Object(crate::phpquery::parse(&String::from_utf8_lossy(body))))
+}
+
 fn parse_date(v: Option<&Value>) -> Option<NaiveDateTime> {
     NaiveDateTime::parse_from_str(v?.as_str()?, "%Y-%m-%d %H:%M:%S").ok()
 }
@@ -253,12 +263,8 @@ fn int(v: Option<&Value>) -> Option<i64> {
     }
 }
 
-async fn history_get(
-    State(sim): State<UnitalkSim>,
-    headers: HeaderMap,
-    body: Option<Json<Value>>,
-) -> Response {
-    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+async fn history_get(State(sim): State<UnitalkSim>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = body_value(&body);
     if let Err(r) = admit(&sim, "/history/get", &headers, &body).await {
         return r;
     }
@@ -342,12 +348,8 @@ fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
     v
 }
 
-async fn users_list(
-    State(sim): State<UnitalkSim>,
-    headers: HeaderMap,
-    body: Option<Json<Value>>,
-) -> Response {
-    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+async fn users_list(State(sim): State<UnitalkSim>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = body_value(&body);
     if let Err(r) = admit(&sim, "/users/list", &headers, &body).await {
         return r;
     }
@@ -367,12 +369,8 @@ async fn users_list(
     Json(json!({"count": items.len(), "items": items})).into_response()
 }
 
-async fn phones_inner(
-    State(sim): State<UnitalkSim>,
-    headers: HeaderMap,
-    body: Option<Json<Value>>,
-) -> Response {
-    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+async fn phones_inner(State(sim): State<UnitalkSim>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = body_value(&body);
     if let Err(r) = admit(&sim, "/phones/inner", &headers, &body).await {
         return r;
     }

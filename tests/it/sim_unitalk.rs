@@ -203,4 +203,17 @@ async fn s1_1_methods_answer_under_the_api_base_and_at_the_root() {
         .await
         .unwrap();
     assert_eq!(r["count"], 2);
+    // A JSON body without a Content-Type header is read all the same.
+    let bare: serde_json::Value = env
+        .http
+        .post(format!("{root}/history/get"))
+        .header("Authorization", DEFAULT_API_KEY)
+        .body(window().to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bare["count"], 2);
 }
