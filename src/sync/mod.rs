@@ -1127,7 +1127,9 @@ async fn push_activity(
                 Some(_) => fresh.push(d),
                 None => unassigned.push(d),
             },
-            _ if plan::needs_recording(&d.facts, &d.item.ledger) => {
+            _ if plan::needs_recording(&d.facts, &d.item.ledger)
+                || plan::needs_activity_refresh(cfg, &d.item.ledger, &d.item.content_hash) =>
+            {
                 if let Some(c) =
                     plan::activity_update(cfg, &d.facts, &d.item.ledger, operator_name(&d.facts))
                 {
@@ -1299,7 +1301,7 @@ async fn push_activity(
         |id, l, out| {
             let (f, hash) = &upd_facts[id];
             let (row, reason) = plan::record_activity_update(cfg, f, l, out, hash, now);
-            if row.record_url == f.link {
+            if f.link.is_some() && row.record_url == f.link && row.stage != Stage::Quarantined {
                 recordings += 1;
             }
             (row, reason)

@@ -406,6 +406,11 @@ fn entity_from(v: &Value) -> Option<Entity> {
 
 /// Whether anything is still due for a call whose main record is in Bitrix24.
 pub fn settle_stage(cfg: &Config, f: &CallFacts, mut l: LedgerRow, hash: &str) -> LedgerRow {
+    if needs_activity_refresh(cfg, &l, hash) {
+        // The activity still shows older content; keep the row until it is updated.
+        l.stage = Stage::Finished;
+        return l;
+    }
     let recording_due = needs_recording(f, &l);
     l.stage = if recording_due || needs_task(cfg, f, &l) {
         Stage::Finished
@@ -414,6 +419,14 @@ pub fn settle_stage(cfg: &Config, f: &CallFacts, mut l: LedgerRow, hash: &str) -
     };
     l.pushed_hash = Some(hash.to_string());
     l
+}
+
+/// Activity mode: whether the call changed (a corrected duration, a new link) since its activity
+/// was written, so the activity needs an update. Telephony cannot update a finished call.
+pub fn needs_activity_refresh(cfg: &Config, l: &LedgerRow, hash: &str) -> bool {
+    cfg.bitrix24.mode == crate::config::Mode::Activity
+        && l.b24_activity_id.is_some()
+        && l.pushed_hash.as_deref().is_some_and(|h| h != hash)
 }
 
 /// The ledger row after a telephony chain's batch came back. Returns the row and, when the call
@@ -516,7 +529,10 @@ pub fn activity_update(
     Some(Command::new(
         key("u", &f.id),
         "crm.activity.update",
-        json!({"id": id, "fields": {"DESCRIPTION": describe(f, cfg.bitrix24.timezone, operator), "DESCRIPTION_TYPE": 1}}),
+        json!({"id": id, "fields": {
+            "DESCRIPTION": describe(f, cfg.bitrix24.timezone, operator), "DESCRIPTION_TYPE": 1,
+            "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), cfg.bitrix24.timezone),
+        }}),
     ))
 }
 
@@ -532,6 +548,7 @@ pub fn record_activity_update(
     let u = key("u", &f.id);
     if out.results.contains_key(&u) {
         l.record_url = f.link.clone();
+        l.pushed_hash = Some(hash.to_string());
         return (settle_stage(cfg, f, l, hash), None);
     }
     match out.errors.get(&u) {

@@ -900,3 +900,60 @@ async fn a_backfill_interrupted_mid_way_resumes_from_its_last_window_without_dup
     let (lines, ok) = ubsync::demo::check(&scenario, &env.sims, &first, &again);
     assert!(ok, "{}", lines.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_activity_mode_a_corrected_call_updates_its_activity_and_never_adds_a_second() {
+    let mut s = small();
+    let id = s.add_call(
+        n("2026-11-22 13:50:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("activity", &start("2026-11-22 13:00:00"));
+    let ctx = env.ctx().await;
+    assert_eq!(pass(&ctx).await.unwrap().pushed, 1);
+    let before = env.sims.bitrix24.activities()[0].clone();
+    assert_eq!(
+        before.end_time.as_deref(),
+        Some("2026-11-22T13:51:10+02:00")
+    );
+    // Unitalk corrects the talk time and the recording shows up.
+    env.sims.unitalk.update_call(id, |c| {
+        c.seconds_talk = 90;
+        c.seconds_full = 100;
+        c.link = Some("https://rec/fixed.mp3".into());
+    });
+    env.clock.advance(Duration::minutes(5));
+    let n_before = env.sims.bitrix24.requests().len();
+    let second = pass(&ctx).await.unwrap();
+    assert_eq!(
+        (second.changed, second.pushed, second.recordings),
+        (1, 0, 1),
+        "{second:?}"
+    );
+    let sent: Vec<_> = env.sims.bitrix24.requests()[n_before..]
+        .iter()
+        .flat_map(|r| r.commands.clone())
+        .collect();
+    assert_eq!(sent, vec!["crm.activity.update"]);
+    let acts = env.sims.bitrix24.activities();
+    assert_eq!(acts.len(), 1);
+    assert_eq!(
+        acts[0].end_time.as_deref(),
+        Some("2026-11-22T13:51:40+02:00")
+    );
+    assert!(
+        acts[0].description.contains("https://rec/fixed.mp3")
+            && acts[0].description.contains("talk 90 s")
+    );
+    assert_eq!(
+        pass(&ctx).await.unwrap().bitrix24_requests,
+        0,
+        "then nothing more"
+    );
+}
