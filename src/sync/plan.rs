@@ -362,6 +362,13 @@ pub fn classify_error(method: &str, e: &ErrorBody) -> Failure {
     }
 }
 
+/// A command succeeded: the retry state of earlier failures no longer applies.
+fn clear_failures(l: &mut LedgerRow) {
+    l.attempts = 0;
+    l.last_error = None;
+    l.next_attempt_at = None;
+}
+
 /// Applies a failure to a row: backoff for retryable ones (quarantine after [`MAX_ATTEMPTS`]),
 /// quarantine for permanent ones. Returns the reason when the row is quarantined.
 pub fn fail(mut l: LedgerRow, failure: Failure, now: DateTime<Utc>) -> (LedgerRow, Option<String>) {
@@ -481,9 +488,7 @@ pub fn record_chain(
         return (row, reason);
     }
     if matches!(l.stage, Stage::Finished | Stage::Done) {
-        l.attempts = 0;
-        l.last_error = None;
-        l.next_attempt_at = None;
+        clear_failures(&mut l);
         l = settle_stage(cfg, f, l, hash);
     }
     (l, None)
@@ -503,9 +508,7 @@ pub fn record_activity(
     if let Some(res) = out.results.get(&v) {
         l.b24_activity_id = as_i64(res);
         l.stage = Stage::Finished;
-        l.attempts = 0;
-        l.last_error = None;
-        l.next_attempt_at = None;
+        clear_failures(&mut l);
         l.record_url = f.link.clone();
         return (settle_stage(cfg, f, l, hash), None);
     }
@@ -570,9 +573,7 @@ pub fn record_task(
     l.task_in_flight_since = None;
     if let Some(res) = out.results.get(&t) {
         l.task_id = res.get("task").and_then(|t| t.get("id")).and_then(as_i64);
-        l.attempts = 0;
-        l.last_error = None;
-        l.next_attempt_at = None;
+        clear_failures(&mut l);
         return (settle_stage(cfg, f, l, hash), None);
     }
     match out.errors.get(&t) {

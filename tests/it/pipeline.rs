@@ -350,47 +350,31 @@ async fn a_recording_that_appears_a_pass_late_is_attached_without_a_second_regis
     assert_eq!(l.stage, Stage::Done);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dst_gap_and_overlap_times_reach_bitrix24_with_the_documented_offsets() {
-    // Spring: 2026-03-29, 03:00 EET jumps to 04:00 EEST.
+/// Pushes one incoming call at each local `time` of `date` and returns the `CALL_START_DATE`s
+/// Bitrix24 received, sorted, with how many statistics rows were written.
+async fn starts_sent_for(date: &str, times: &[&str]) -> (Vec<String>, usize) {
     let mut s = small();
-    s.add_call(
-        n("2026-03-29 02:30:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    s.add_call(
-        n("2026-03-29 03:30:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    s.add_call(
-        n("2026-03-29 04:10:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    let env = TestEnv::with(
-        s,
-        Bitrix24SimConfig::default(),
-        Clock::manual(Utc.with_ymd_and_hms(2026, 3, 29, 12, 0, 0).unwrap()),
-    )
-    .await;
-    env.write_config("telephony", &start("2026-03-29"));
+    for t in times {
+        s.add_call(
+            n(&format!("{date} {t}")),
+            "IN",
+            "380501112233",
+            &["101"],
+            "ANSWER",
+            10,
+            None,
+        );
+    }
+    let noon = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .unwrap()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc();
+    let env = TestEnv::with(s, Bitrix24SimConfig::default(), Clock::manual(noon)).await;
+    env.write_config("telephony", &start(date));
     let ctx = env.ctx().await;
     pass(&ctx).await.unwrap();
-    let mut starts: Vec<_> = env
+    let mut starts: Vec<String> = env
         .sims
         .bitrix24
         .calls()
@@ -398,76 +382,35 @@ async fn dst_gap_and_overlap_times_reach_bitrix24_with_the_documented_offsets() 
         .map(|c| c.start_raw.clone().unwrap())
         .collect();
     starts.sort();
+    (starts, env.sims.bitrix24.stats().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dst_gap_and_overlap_times_reach_bitrix24_with_the_documented_offsets() {
+    // Spring: 2026-03-29, 03:00 EET jumps to 04:00 EEST; 03:30 does not exist and is read with
+    // the offset before the gap.
+    let (starts, _) = starts_sent_for("2026-03-29", &["02:30:00", "03:30:00", "04:10:00"]).await;
     assert_eq!(
         starts,
         vec![
             "2026-03-29T02:30:00+02:00",
             "2026-03-29T04:10:00+03:00",
             "2026-03-29T04:30:00+03:00"
-        ],
-        "03:30 does not exist: read with the offset before the gap"
+        ]
     );
 
-    // Autumn: 2026-10-25, 04:00 EEST falls back to 03:00 EET; 03:10 happens twice.
-    let mut s = small();
-    s.add_call(
-        n("2026-10-25 02:50:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    s.add_call(
-        n("2026-10-25 03:10:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    s.add_call(
-        n("2026-10-25 04:10:00"),
-        "IN",
-        "380501112233",
-        &["101"],
-        "ANSWER",
-        10,
-        None,
-    );
-    let env = TestEnv::with(
-        s,
-        Bitrix24SimConfig::default(),
-        Clock::manual(Utc.with_ymd_and_hms(2026, 10, 25, 12, 0, 0).unwrap()),
-    )
-    .await;
-    env.write_config("telephony", &start("2026-10-25"));
-    let ctx = env.ctx().await;
-    pass(&ctx).await.unwrap();
-    let mut starts: Vec<_> = env
-        .sims
-        .bitrix24
-        .calls()
-        .iter()
-        .map(|c| c.start_raw.clone().unwrap())
-        .collect();
-    starts.sort();
+    // Autumn: 2026-10-25, 04:00 EEST falls back to 03:00 EET; an ambiguous 03:10 is the earlier
+    // instant, and each call lands once although two windows ask for the repeated hour.
+    let (starts, rows) = starts_sent_for("2026-10-25", &["02:50:00", "03:10:00", "04:10:00"]).await;
     assert_eq!(
         starts,
         vec![
             "2026-10-25T02:50:00+03:00",
             "2026-10-25T03:10:00+03:00",
             "2026-10-25T04:10:00+02:00"
-        ],
-        "an ambiguous time is the earlier instant"
+        ]
     );
-    assert_eq!(
-        env.sims.bitrix24.stats().len(),
-        3,
-        "each once, though two windows asked for the repeated hour"
-    );
+    assert_eq!(rows, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
