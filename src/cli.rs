@@ -80,10 +80,14 @@ pub enum Command {
     /// Run as a daemon: the jobs of the schedule file ([schedule] file) one at a time, until
     /// SIGTERM or Ctrl-C. The long-running alternative to the systemd timer.
     Run {
-        /// Serve GET /healthz, GET /metrics (Prometheus) and the OAuth install callback
-        /// (POST /install) on this address, e.g. 127.0.0.1:9187.
+        /// Serve GET /healthz and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9187.
+        /// The install callback (POST /install) is added only with `[http] install = true`.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Serve only the local application's install callback (POST /install) on this separate
+        /// address, e.g. 127.0.0.1:8089, to put behind an HTTPS reverse proxy (telephony mode).
+        #[arg(long, value_name = "ADDR")]
+        install_listen: Option<SocketAddr>,
     },
     /// Show the cursor, the last pass, calls by stage, quarantined calls and inner-line statuses.
     Status {
@@ -151,10 +155,23 @@ pub enum AuthCommand {
     },
     /// Exchange a refresh token for a fresh token pair and store it. Use this when the install
     /// callback cannot reach ubsync: copy the refresh token from the application's install data.
+    /// The token is read from standard input (`-`, the default), a file (--token-file) or the
+    /// environment variable UBSYNC_REFRESH_TOKEN; on the command line it would land in shell
+    /// history and `ps`.
     SetRefreshToken {
-        /// The refresh token (from the portal's install callback or the application page).
-        token: String,
+        /// `-` (the default) reads the token from standard input. A token given here works but
+        /// is visible to other users in `ps`: ubsync warns.
+        token: Option<String>,
+        /// Read the token from this file.
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
     },
+    /// Forget the address a portal was remembered to have moved to (after a redirect), so
+    /// requests go to the configured address again.
+    ForgetRedirect,
+    /// Forget the stored install (tokens, member and application token), e.g. before
+    /// reinstalling the application; the next install callback is then accepted as a first one.
+    ForgetInstall,
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +208,12 @@ pub struct SimArgs {
 
 /// Parses arguments, runs the command, prints any error, and returns the exit code.
 pub fn main() -> ExitCode {
+    // Whatever the inherited umask, nothing ubsync creates (database, lock, reports,
+    // temporaries) is readable by group or others.
+    // SAFETY: umask only changes this process's file-creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -206,7 +229,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("ubsync: error: {e:#}");
+            let text = format!("{e:#}");
+            eprintln!("ubsync: error: {}", crate::redact::field(&text));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -223,7 +247,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 SyncError::Store(_) => 1,
             };
         }
-        if cause.downcast_ref::<ConfigError>().is_some() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<crate::bitrix24::install::InstallError>()
+                .is_some()
+        {
             return EXIT_CONFIG;
         }
         if let Some(b) = cause.downcast_ref::<Bitrix24Error>() {
@@ -274,7 +303,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = EnvFilter::try_from_env("UBSYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::redact::RedactingStderr)
         .with_target(false);
     // Under systemd, journald adds its own timestamps and does not render colours.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -294,7 +323,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Check { offline } => check(&cli.config, offline).await,
         Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
         Command::Status { json } => status(&cli.config, json),
-        Command::Run { listen } => run_daemon(&cli.config, listen).await,
+        Command::Run {
+            listen,
+            install_listen,
+        } => run_daemon(&cli.config, listen, install_listen).await,
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
@@ -304,9 +336,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(if report.ok { 0 } else { 1 })
         }
         Command::Sim(args) => sim(args).await,
-        Command::Auth(AuthCommand::SetRefreshToken { token }) => {
+        Command::Auth(AuthCommand::SetRefreshToken { token, token_file }) => {
+            let token = read_refresh_token(token, token_file)?;
             set_refresh_token(&cli.config, &token).await
         }
+        Command::Auth(AuthCommand::ForgetRedirect) => forget_redirect(&cli.config),
+        Command::Auth(AuthCommand::ForgetInstall) => forget_install(&cli.config),
         Command::Auth(AuthCommand::Serve { listen, once }) => {
             auth_serve(&cli.config, listen, once).await
         }
@@ -314,7 +349,83 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn verdict(what: &str, ok: &str, detail: &str) {
-    println!("{what:<9} {ok:<7} {detail}");
+    crate::say!("{what:<9} {ok:<7} {detail}");
+}
+
+/// Environment variable `auth set-refresh-token` reads the token from.
+pub const ENV_REFRESH_TOKEN: &str = "UBSYNC_REFRESH_TOKEN";
+
+/// The refresh token for `auth set-refresh-token`: the environment, a file, standard input
+/// (`-` or nothing), or, with a warning, the command line.
+fn read_refresh_token(arg: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    let token = if let Some(path) = file {
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read --token-file {}", path.display()))?
+    } else if let Some(t) = arg.filter(|t| t != "-") {
+        tracing::warn!("a token given on the command line is visible in `ps` and shell history; pass `-` and pipe it in, use --token-file, or set {ENV_REFRESH_TOKEN}");
+        t
+    } else if let Some(t) = std::env::var(ENV_REFRESH_TOKEN)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        t
+    } else {
+        use std::io::{IsTerminal, Read};
+        if std::io::stdin().is_terminal() {
+            eprintln!("Paste the refresh token and press Enter, then Ctrl-D:");
+        }
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .context("cannot read the refresh token from standard input")?;
+        t
+    };
+    let token = token.trim().to_string();
+    crate::redact::register(&token);
+    if token.is_empty() {
+        anyhow::bail!(UsageError(format!(
+            "no refresh token given: pipe it in (`ubsync auth set-refresh-token - < file`), use --token-file PATH, or set {ENV_REFRESH_TOKEN}"
+        )));
+    }
+    Ok(token)
+}
+
+/// A command-line problem (exit 2), not a configuration file problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn forget_redirect(path: &std::path::Path) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    let was = b24.remembered_move();
+    b24.forget_move()?;
+    match was {
+        Some(to) => crate::say!(
+            "forgot that {} moved to {to}; requests go to the configured address again",
+            b24.configured_origin()
+        ),
+        None => crate::say!("no redirect was remembered for {}", b24.configured_origin()),
+    }
+    Ok(0)
+}
+
+fn forget_install(path: &std::path::Path) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    telephony_only(&cfg)?;
+    let portal = crate::bitrix24::portal_key(cfg.bitrix24.portal_url.as_ref().expect("validated"));
+    let store = Store::open(&cfg.state.path)?;
+    let had = store.forget_tokens(&portal)?;
+    crate::say!(
+        "{}; the next install callback (or `auth set-refresh-token`) starts afresh",
+        if had {
+            "forgot the stored install"
+        } else {
+            "no install was stored"
+        }
+    );
+    Ok(0)
 }
 
 async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
@@ -355,6 +466,35 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
             store.schema_version()?
         ),
     );
+    let loose = crate::store::files::too_open(&cfg.state.path);
+    for (file, mode) in &loose {
+        verdict(
+            "files",
+            "WARN",
+            &format!(
+                "{} is readable by others (mode {mode:o}); it holds tokens: chmod {} it",
+                file.display(),
+                if file.is_dir() { "700" } else { "600" }
+            ),
+        );
+    }
+    {
+        let b24 = Bitrix24Client::new(
+            &cfg.bitrix24,
+            SharedStore::new(Store::open(&cfg.state.path)?),
+            Clock::system(),
+        )?;
+        if let Some(to) = b24.remembered_move() {
+            verdict(
+                "portal",
+                "WARN",
+                &format!(
+                    "configured {} but the portal answered a redirect to {to}, which requests now use; update the config and run `ubsync auth forget-redirect`",
+                    b24.configured_origin()
+                ),
+            );
+        }
+    }
     if offline {
         verdict("unitalk", "skipped", "--offline");
         verdict("bitrix24", "skipped", "--offline");
@@ -438,7 +578,7 @@ async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Resul
         .exchange(token.trim())
         .await
         .context("cannot exchange the refresh token")?;
-    println!(
+    crate::say!(
         "stored a new OAuth token pair for {} (access token valid until {})",
         cfg.bitrix24.portal_display(),
         tokens
@@ -473,23 +613,23 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
         "{b24}/rest/1/{}/",
         crate::sim::bitrix24::DEFAULT_WEBHOOK_CODE
     );
-    println!(
+    crate::say!(
         "Unitalk simulator   {}   (API key {})",
         sims.unitalk_url(),
         args.unitalk_key
     );
-    println!("Bitrix24 simulator  {b24}");
-    println!("  incoming webhook  {webhook}");
-    println!(
+    crate::say!("Bitrix24 simulator  {b24}");
+    crate::say!("  incoming webhook  {webhook}");
+    crate::say!(
         "  client_id         {}",
         crate::sim::bitrix24::DEFAULT_CLIENT_ID
     );
-    println!(
+    crate::say!(
         "  client_secret     {}",
         crate::sim::bitrix24::DEFAULT_CLIENT_SECRET
     );
-    println!("  refresh token     {refresh}");
-    println!(
+    crate::say!("  refresh token     {refresh}");
+    crate::say!(
         "Seeded {} operators, {} CRM clients and {} calls on {date} ({tz}).",
         scenario.operators.len(),
         scenario.crm.len(),
@@ -514,20 +654,21 @@ async fn sim(args: SimArgs) -> anyhow::Result<u8> {
             crate::sim::bitrix24::DEFAULT_CLIENT_SECRET,
             scenario.admin_user_id,
         );
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("Wrote {} ({mode} mode).", path.display());
+        crate::store::files::write_private(path, &text)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::say!("Wrote {} ({mode} mode).", path.display());
         if !args.activity {
-            println!(
-                "Store the tokens with:  ubsync --config {} auth set-refresh-token {refresh}",
+            crate::say!(
+                "Store the tokens with:  echo {refresh} | ubsync --config {} auth set-refresh-token -",
                 path.display()
             );
         }
-        println!(
+        crate::say!(
             "Then check the set-up:  ubsync --config {} check",
             path.display()
         );
     }
-    println!("Press Ctrl-C to stop.");
+    crate::say!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
@@ -634,9 +775,9 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
         }
         let summary = result?;
         for line in &summary.plan {
-            println!("{line}");
+            crate::say!("{line}");
         }
-        println!(
+        crate::say!(
             "dry run: {} commands planned, nothing sent to Bitrix24; {}",
             summary.plan.len(),
             summary
@@ -646,7 +787,7 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
     let ctx = context(cfg, SharedStore::new(store))?;
     cancel_on_signals(ctx.cancel.clone());
     let summary = run_logged(&ctx, "sync", &PassOptions::default()).await?;
-    println!("sync: {summary}");
+    crate::say!("sync: {summary}");
     Ok(0)
 }
 
@@ -671,18 +812,18 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 "entry": q.id, "source": q.source, "call_id": q.call_id, "reason": q.reason, "since": q.created_at.to_rfc3339()})).collect::<Vec<_>>(),
             "inner_lines": lines.iter().map(|(l, s, t)| serde_json::json!({"line": l, "status": s, "observed_at": t.to_rfc3339()})).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     match cursor {
-        Some(c) => println!(
+        Some(c) => crate::say!(
             "cursor      {} ({} behind now)",
             c.to_rfc3339(),
             humantime::format_duration(std::time::Duration::from_secs(
                 (now - c).num_seconds().max(0) as u64
             ))
         ),
-        None => println!("cursor      none yet (no pass has completed a window)"),
+        None => crate::say!("cursor      none yet (no pass has completed a window)"),
     }
     match &last {
         Some(r) => {
@@ -690,7 +831,7 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                 .summary
                 .as_ref()
                 .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok());
-            println!(
+            crate::say!(
                 "last pass   {} {}: {}",
                 r.started_at.to_rfc3339(),
                 r.outcome.as_deref().unwrap_or("running"),
@@ -700,10 +841,10 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
                     .unwrap_or_default()
             );
         }
-        None => println!("last pass   none"),
+        None => crate::say!("last pass   none"),
     }
     let stage_text: Vec<String> = stages.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!(
+    crate::say!(
         "calls       {}",
         if stage_text.is_empty() {
             "none".into()
@@ -711,9 +852,9 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
             stage_text.join(", ")
         }
     );
-    println!("quarantine  {} open", quarantined.len());
+    crate::say!("quarantine  {} open", quarantined.len());
     for q in &quarantined {
-        println!(
+        crate::say!(
             "  call {:<12} {:<8} {}  {}",
             q.call_id.as_deref().unwrap_or("(no id)"),
             q.source,
@@ -722,9 +863,9 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         );
     }
     if !lines.is_empty() {
-        println!("inner lines");
+        crate::say!("inner lines");
         for (l, s, t) in &lines {
-            println!("  {l:<8} {s:<10} since {}", t.to_rfc3339());
+            crate::say!("  {l:<8} {s:<10} since {}", t.to_rfc3339());
         }
     }
     Ok(0)
@@ -742,7 +883,7 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
         .filter(|q| all || q.call_id.as_ref().is_some_and(|c| ids.contains(c)))
         .collect();
     if entries.is_empty() {
-        println!("retry: no quarantined calls match");
+        crate::say!("retry: no quarantined calls match");
         return Ok(if all { 0 } else { 1 });
     }
     // The cause may have been fixed in the portal (a user given the missing extension).
@@ -770,7 +911,7 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
                     )?;
                 }
                 Err(e) => {
-                    println!("retry: entry {} is still unreadable: {}", q.id, e.reason);
+                    crate::say!("retry: entry {} is still unreadable: {}", q.id, e.reason);
                     continue;
                 }
             }
@@ -778,14 +919,14 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
         store.release(q.id, now)?;
         released += 1;
     }
-    println!(
+    crate::say!(
         "retry: released {released} of {} quarantined entries; running a pass",
         entries.len()
     );
     let ctx = context(cfg, SharedStore::new(store))?;
     cancel_on_signals(ctx.cancel.clone());
     let summary = run_logged(&ctx, "retry", &PassOptions::default()).await?;
-    println!("sync: {summary}");
+    crate::say!("sync: {summary}");
     let still: Vec<_> = ctx
         .store
         .lock()
@@ -794,7 +935,7 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
         .filter(|q| entries.iter().any(|e| e.call_id == q.call_id))
         .collect();
     for q in &still {
-        println!(
+        crate::say!(
             "still quarantined: call {} — {}",
             q.call_id.as_deref().unwrap_or("?"),
             q.reason
@@ -824,22 +965,13 @@ async fn auth_serve(path: &std::path::Path, listen: SocketAddr, once: bool) -> a
     let cfg = load_config(path)?;
     telephony_only(&cfg)?;
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
-    let installed = std::sync::Arc::new(tokio::sync::Notify::new());
-    let state = crate::bitrix24::install::InstallState {
-        portal: cfg
-            .bitrix24
-            .portal_url
-            .clone()
-            .expect("validated by config"),
-        store,
-        clock: Clock::system(),
-        installed: installed.clone(),
-    };
+    let state = crate::bitrix24::install::InstallState::new(&cfg, store, Clock::system())?;
+    let installed = state.installed.clone();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    println!(
+    crate::say!(
         "listening on http://{addr}/install for the install callback of {}",
         cfg.bitrix24.portal_display()
     );
@@ -853,7 +985,7 @@ async fn auth_serve(path: &std::path::Path, listen: SocketAddr, once: bool) -> a
         loop {
             installed.notified().await;
             if once {
-                println!("tokens stored; run `ubsync check` to verify");
+                crate::say!("tokens stored; run `ubsync check` to verify");
                 // Graceful shutdown lets the portal's request get its answer first.
                 cancel.cancel();
                 std::future::pending::<()>().await;
@@ -918,7 +1050,7 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());
     let store = Store::open(&cfg.state.path)?;
     if let Some(c) = store.cursor(&stream)? {
-        println!(
+        crate::say!(
             "backfill: resuming from {} (a previous run stopped there)",
             c.to_rfc3339()
         );
@@ -972,9 +1104,10 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
                         || p.windows_done == p.windows_total
                     {
                         *last = std::time::Instant::now();
-                        println!(
+                        crate::say!(
                             "backfill: window {}/{}: {msg}",
-                            p.windows_done, p.windows_total
+                            p.windows_done,
+                            p.windows_total
                         );
                     }
                 }
@@ -995,11 +1128,11 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     }
     let summary = result?;
     let at = ctx.store.lock().cursor(&stream)?;
-    println!("backfill: {summary}");
+    crate::say!("backfill: {summary}");
     if at.is_some_and(|c| c >= end) {
-        println!("backfill: complete up to {}", end.to_rfc3339());
+        crate::say!("backfill: complete up to {}", end.to_rfc3339());
     } else {
-        println!(
+        crate::say!(
             "backfill: stopped at {}; run the same command again to continue",
             at.map(|c| c.to_rfc3339())
                 .unwrap_or_else(|| start.to_rfc3339())
@@ -1057,7 +1190,7 @@ async fn reconcile(
         None,
     )?;
     print!("{}", report.table());
-    std::fs::create_dir_all(&reports)
+    crate::store::files::create_private_dir(&reports)
         .with_context(|| format!("cannot create {}", reports.display()))?;
     let file = reports.join(format!(
         "reconcile-{}_{}-{}.json",
@@ -1065,14 +1198,17 @@ async fn reconcile(
         to_raw.replace([' ', ':'], "-"),
         now.format("%Y%m%dT%H%M%SZ")
     ));
-    std::fs::write(&file, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    println!("report: {}", file.display());
+    crate::store::files::write_private(
+        &file,
+        &crate::redact::redact(&serde_json::to_string_pretty(&report)?),
+    )
+    .with_context(|| format!("cannot write {}", file.display()))?;
+    crate::say!("report: {}", file.display());
     let repaired = !(report.repaired_calls.is_empty() && report.repaired_tasks.is_empty());
     if !dry_run && repaired {
-        println!("repair pass: {summary}");
+        crate::say!("repair pass: {summary}");
     }
-    println!(
+    crate::say!(
         "{}",
         match (report.consistent(), dry_run) {
             (true, _) => "Bitrix24 holds every call of the range exactly once".to_string(),
@@ -1087,7 +1223,11 @@ async fn reconcile(
     Ok(0)
 }
 
-async fn run_daemon(path: &std::path::Path, listen: Option<SocketAddr>) -> anyhow::Result<u8> {
+async fn run_daemon(
+    path: &std::path::Path,
+    listen: Option<SocketAddr>,
+    install_listen: Option<SocketAddr>,
+) -> anyhow::Result<u8> {
     use std::io::Write as _;
     let cfg = load_config(path)?;
     let schedule = crate::schedule::Schedule::load(&cfg.schedule_file).map_err(|problem| {
@@ -1106,8 +1246,23 @@ async fn run_daemon(path: &std::path::Path, listen: Option<SocketAddr>) -> anyho
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            println!(
-                "listening on http://{} (/healthz, /metrics, /install)",
+            crate::say!(
+                "listening on http://{} (/healthz, /metrics{})",
+                l.local_addr()?,
+                if cfg.http.install { ", /install" } else { "" }
+            );
+            std::io::stdout().flush()?;
+            Some(l)
+        }
+        None => None,
+    };
+    let install_listener = match install_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            crate::say!(
+                "listening on http://{}/install (install callback)",
                 l.local_addr()?
             );
             std::io::stdout().flush()?;
@@ -1118,6 +1273,6 @@ async fn run_daemon(path: &std::path::Path, listen: Option<SocketAddr>) -> anyho
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
     let ctx = context(cfg, store)?;
     cancel_on_signals(ctx.cancel.clone());
-    crate::daemon::run(ctx, schedule, listener).await?;
+    crate::daemon::run(ctx, schedule, listener, install_listener).await?;
     Ok(0)
 }

@@ -43,6 +43,16 @@ pub struct Config {
     pub schedule_file: PathBuf,
     /// `/healthz` answers 503 when the last successful sync pass is older than this.
     pub health_max_age: Duration,
+    /// The daemon's inbound routes.
+    pub http: HttpConfig,
+}
+
+/// What the daemon serves beyond `/healthz` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// Serve the local application's install callback (`POST /install`) on `run --listen`.
+    /// Off by default: the install route is never exposed implicitly beside `/metrics`.
+    pub install: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +66,8 @@ pub struct UnitalkConfig {
     pub page_size: u32,
     /// First delay before retrying a failed request.
     pub retry_base_delay: Duration,
+    /// Plain `http://` accepted for a non-loopback `base_url` (`unitalk.allow_insecure_http`).
+    pub allow_insecure_http: bool,
 }
 
 /// How ubsync writes to Bitrix24.
@@ -101,6 +113,9 @@ pub struct Bitrix24Config {
     pub operating_limit: f64,
     /// The portal's time zone, used for human-readable times in task descriptions.
     pub timezone: Tz,
+    /// Plain `http://` accepted for non-loopback portal, OAuth and webhook URLs, and for
+    /// redirects between them (`bitrix24.allow_insecure_http`). Off by default.
+    pub allow_insecure_http: bool,
 }
 
 impl Bitrix24Config {
@@ -161,7 +176,10 @@ impl WebhookUrl {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let mut url = Url::parse(raw.trim()).map_err(|e| format!("not a URL ({e})"))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err("must start with https://".into());
+            return Err(format!(
+                "is a `{}:` URL; it must be an https:// address",
+                url.scheme()
+            ));
         }
         let segments: Vec<String> = url
             .path_segments()
@@ -198,6 +216,16 @@ impl WebhookUrl {
     }
 
     /// The URL with its code masked, safe for logs.
+    /// The webhook's secret code (the path segment after the user id).
+    pub fn code(&self) -> &str {
+        self.url
+            .expose_secret()
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+    }
+
     pub fn redacted(&self) -> String {
         self.redacted.clone()
     }
@@ -276,6 +304,14 @@ struct RawConfig {
     schedule: RawSchedule,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    http: RawHttp,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    install: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -300,6 +336,7 @@ struct RawUnitalk {
     request_timeout: Option<String>,
     page_size: Option<i64>,
     retry_base_delay: Option<String>,
+    allow_insecure_http: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -321,6 +358,7 @@ struct RawBitrix24 {
     retry_base_delay: Option<String>,
     operating_limit: Option<i64>,
     timezone: Option<String>,
+    allow_insecure_http: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -422,6 +460,18 @@ fn secret_source(
 }
 
 impl Config {
+    /// Tells [`crate::redact`] every configured secret, so none ever leaves the process.
+    fn register_secrets(&self) {
+        crate::redact::register(self.unitalk.api_key.expose_secret());
+        if let Some(s) = &self.bitrix24.client_secret {
+            crate::redact::register(s.expose_secret());
+        }
+        if let Some(w) = &self.bitrix24.webhook_url {
+            crate::redact::register(w.code());
+            crate::redact::register(w.url.expose_secret());
+        }
+    }
+
     /// Reads, overlays the environment, and validates.
     pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -443,7 +493,9 @@ impl Config {
         let mut v = Validator::default();
         let cfg = v.config(raw, env, &base_dir, path);
         if v.problems.is_empty() {
-            Ok(cfg.expect("no problems means a config"))
+            let cfg = cfg.expect("no problems means a config");
+            cfg.register_secrets();
+            Ok(cfg)
         } else {
             Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -467,27 +519,61 @@ impl Validator {
         });
     }
 
-    fn url(&mut self, key: &str, raw: Option<String>, default: Option<&str>) -> Option<Url> {
+    fn url(
+        &mut self,
+        key: &str,
+        raw: Option<String>,
+        default: Option<&str>,
+        allow_http: (&str, bool),
+    ) -> Option<Url> {
         let raw = raw.or(default.map(str::to_string))?;
         match Url::parse(raw.trim()) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
-            Ok(_) => {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                self.url_is_safe(key, &u, allow_http).then_some(u)
+            }
+            Ok(u) => {
                 self.fail(
                     key,
-                    format!("`{raw}` is not an http(s) URL"),
+                    format!("`{}` is not an https URL", crate::redact::field(&raw)),
                     "write it as https://host/...",
                 );
+                let _ = u;
                 None
             }
             Err(e) => {
                 self.fail(
                     key,
-                    format!("`{raw}` is not a URL ({e})"),
+                    format!("`{}` is not a URL ({e})", crate::redact::field(&raw)),
                     "write it as https://host/...",
                 );
                 None
             }
         }
+    }
+
+    /// Refuses user names and passwords in a URL, and plain http to anything but loopback
+    /// unless `allow_http.1` (the key named by `allow_http.0`) says so.
+    fn url_is_safe(&mut self, key: &str, u: &Url, (allow_key, allow): (&str, bool)) -> bool {
+        if !u.username().is_empty() || u.password().is_some() {
+            self.fail(
+                key,
+                "carries a user name or password",
+                "remove the `user:password@` part; ubsync authenticates with its own keys",
+            );
+            return false;
+        }
+        if u.scheme() == "http" && !allow && !crate::bitrix24::redirect::is_loopback(u) {
+            self.fail(
+                key,
+                format!(
+                    "uses plain http to {}: keys and call data would travel unencrypted",
+                    u.host_str().unwrap_or("")
+                ),
+                format!("use https://, or set {allow_key} = true if the network path is trusted"),
+            );
+            return false;
+        }
+        true
     }
 
     fn tz(&mut self, key: &str, raw: Option<String>, default: &str) -> Tz {
@@ -505,9 +591,25 @@ impl Validator {
         }
     }
 
-    fn duration(&mut self, key: &str, raw: Option<String>, default: &str) -> Duration {
+    /// A duration within `[min, max]` (written like the bounds in the message).
+    fn duration(
+        &mut self,
+        key: &str,
+        raw: Option<String>,
+        default: &str,
+        (min, max): (&str, &str),
+    ) -> Duration {
         let raw = raw.unwrap_or_else(|| default.to_string());
+        let bound = |b: &str| humantime::parse_duration(b).expect("static bound");
         match humantime::parse_duration(raw.trim()) {
+            Ok(d) if d < bound(min) || d > bound(max) => {
+                self.fail(
+                    key,
+                    format!("`{raw}` is out of range"),
+                    format!("use a duration from {min} to {max} (default \"{default}\")"),
+                );
+                humantime::parse_duration(default).expect("static default")
+            }
             Ok(d) => d,
             Err(e) => {
                 self.fail(
@@ -541,10 +643,12 @@ impl Validator {
         source: &Path,
     ) -> Option<Config> {
         // Unitalk.
+        let unitalk_http = raw.unitalk.allow_insecure_http.unwrap_or(false);
         let base_url = self.url(
             "unitalk.base_url",
             raw.unitalk.base_url,
             Some("https://api.unitalk.cloud/api"),
+            ("unitalk.allow_insecure_http", unitalk_http),
         );
         let api_key = match secret_source(
             env,
@@ -580,6 +684,7 @@ impl Validator {
             "unitalk.request_timeout",
             raw.unitalk.request_timeout,
             "30s",
+            ("100ms", "10m"),
         );
         let page_size = self
             .positive("unitalk.page_size", raw.unitalk.page_size, 1000, 1000)
@@ -588,10 +693,13 @@ impl Validator {
             "unitalk.retry_base_delay",
             raw.unitalk.retry_base_delay,
             "1s",
+            ("1ms", "5m"),
         );
 
         // Bitrix24.
         let b = raw.bitrix24;
+        let b24_http = b.allow_insecure_http.unwrap_or(false);
+        let b24_allow = ("bitrix24.allow_insecure_http", b24_http);
         let mode = match b.mode.as_deref().unwrap_or("telephony") {
             "telephony" => Mode::Telephony,
             "activity" => Mode::Activity,
@@ -604,11 +712,12 @@ impl Validator {
                 Mode::Telephony
             }
         };
-        let portal_url = self.url("bitrix24.portal_url", b.portal_url, None);
+        let portal_url = self.url("bitrix24.portal_url", b.portal_url, None, b24_allow);
         let oauth_url = self.url(
             "bitrix24.oauth_url",
             b.oauth_url,
             Some("https://oauth.bitrix.info"),
+            b24_allow,
         );
         let client_id = b.client_id.filter(|s| !s.trim().is_empty());
         let client_secret = match secret_source(
@@ -647,7 +756,10 @@ impl Validator {
         };
         let webhook_url = match webhook_raw {
             Some(raw) => match WebhookUrl::parse(&raw) {
-                Ok(w) => Some(w),
+                Ok(w) if self.url_is_safe("bitrix24.webhook_url", &w.expose(), b24_allow) => {
+                    Some(w)
+                }
+                Ok(_) => None,
                 Err(e) => {
                     self.fail("bitrix24.webhook_url", e, "copy the URL of an incoming webhook from Developer resources → Other → Incoming webhook");
                     None
@@ -711,8 +823,18 @@ impl Validator {
             }
             None => None,
         };
-        let b24_timeout = self.duration("bitrix24.request_timeout", b.request_timeout, "75s");
-        let retry_base_delay = self.duration("bitrix24.retry_base_delay", b.retry_base_delay, "1s");
+        let b24_timeout = self.duration(
+            "bitrix24.request_timeout",
+            b.request_timeout,
+            "75s",
+            ("100ms", "10m"),
+        );
+        let retry_base_delay = self.duration(
+            "bitrix24.retry_base_delay",
+            b.retry_base_delay,
+            "1s",
+            ("1ms", "5m"),
+        );
         let operating_limit = self
             .positive("bitrix24.operating_limit", b.operating_limit, 480, 86_400)
             .get() as f64;
@@ -751,9 +873,9 @@ impl Validator {
                 }
             },
         };
-        let lookback = self.duration("sync.lookback", s.lookback, "10m");
-        let settle = self.duration("sync.settle", s.settle, "2m");
-        let max_window = self.duration("sync.max_window", s.max_window, "1h");
+        let lookback = self.duration("sync.lookback", s.lookback, "10m", ("0s", "1day"));
+        let settle = self.duration("sync.settle", s.settle, "2m", ("0s", "1h"));
+        let max_window = self.duration("sync.max_window", s.max_window, "1h", ("1s", "1day"));
         if max_window < Duration::from_secs(60) {
             self.fail(
                 "sync.max_window",
@@ -819,7 +941,12 @@ impl Validator {
         } else {
             base_dir.join(schedule_file)
         };
-        let health_max_age = self.duration("health.max_age", raw.health.max_age, "10m");
+        let health_max_age = self.duration(
+            "health.max_age",
+            raw.health.max_age,
+            "10m",
+            ("1s", "30days"),
+        );
 
         if !self.problems.is_empty() {
             return None;
@@ -827,6 +954,9 @@ impl Validator {
         Some(Config {
             schedule_file,
             health_max_age,
+            http: HttpConfig {
+                install: raw.http.install.unwrap_or(false),
+            },
             source: source.to_path_buf(),
             unitalk: UnitalkConfig {
                 base_url: base_url?,
@@ -835,6 +965,7 @@ impl Validator {
                 request_timeout: unitalk_timeout,
                 page_size,
                 retry_base_delay: unitalk_retry,
+                allow_insecure_http: unitalk_http,
             },
             bitrix24: Bitrix24Config {
                 mode,
@@ -851,6 +982,7 @@ impl Validator {
                 retry_base_delay,
                 operating_limit,
                 timezone: b24_tz,
+                allow_insecure_http: b24_http,
             },
             state: StateConfig { path: state_path },
             sync: SyncConfig {

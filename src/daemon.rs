@@ -242,6 +242,7 @@ pub async fn run(
     ctx: SyncCtx,
     schedule: Schedule,
     listener: Option<TcpListener>,
+    install_listener: Option<TcpListener>,
 ) -> anyhow::Result<()> {
     let cancel = ctx.cancel.clone();
     let shared = Arc::new(Shared {
@@ -256,23 +257,19 @@ pub async fn run(
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
-        if let Some(portal) = shared
-            .ctx
-            .cfg
-            .bitrix24
-            .portal_url
-            .clone()
-            .filter(|_| shared.ctx.cfg.bitrix24.mode == crate::config::Mode::Telephony)
-        {
-            app = app.merge(crate::bitrix24::install::router(
-                crate::bitrix24::install::InstallState {
-                    portal,
-                    store: shared.ctx.store.clone(),
-                    clock: shared.ctx.clock.clone(),
-                    installed: Arc::new(tokio::sync::Notify::new()),
-                },
-            ));
+        if shared.ctx.cfg.http.install {
+            app = app.merge(crate::bitrix24::install::router(install_state(&shared)?));
         }
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+    }
+
+    if let Some(listener) = install_listener {
+        let app = crate::bitrix24::install::router(install_state(&shared)?);
         let stop = cancel.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -431,6 +428,27 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
             false
         }
     }
+}
+
+/// The install route's state; only telephony mode installs a local application.
+fn install_state(shared: &Shared) -> anyhow::Result<crate::bitrix24::install::InstallState> {
+    let cfg = &shared.ctx.cfg;
+    if cfg.bitrix24.mode != crate::config::Mode::Telephony {
+        anyhow::bail!(crate::config::ConfigError::Invalid {
+            path: cfg.source.clone(),
+            problems: vec![crate::config::KeyProblem {
+                key: "http.install".into(),
+                problem: "the install callback is only used in telephony mode".into(),
+                fix: "remove http.install / --install-listen, or set bitrix24.mode = \"telephony\""
+                    .into(),
+            }],
+        });
+    }
+    Ok(crate::bitrix24::install::InstallState::new(
+        cfg,
+        shared.ctx.store.clone(),
+        shared.ctx.clock.clone(),
+    )?)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod demo;
 pub mod lock;
 pub mod phpquery;
+pub mod redact;
 pub mod schedule;
 pub mod sim;
 pub mod store;

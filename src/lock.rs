@@ -41,13 +41,15 @@ impl StateLock {
     pub fn acquire(db: &Path) -> Result<StateLock, LockError> {
         let path = Self::path_for(db);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
+            let _ = crate::store::files::create_private_dir(dir);
         }
         let io = |source| LockError::Io {
             path: path.clone(),
             source,
         };
+        use std::os::unix::fs::OpenOptionsExt;
         let mut file = OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .write(true)
             .create(true)

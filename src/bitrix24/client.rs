@@ -17,10 +17,19 @@ use url::Url;
 
 use super::batch::{self, Command};
 use super::limit::{OperatingTracker, RequestBudget};
+use super::redirect;
 use super::wire::{self, BatchOutcome, Decoded, Envelope, ErrorBody};
 use super::{auth_hint, Bitrix24Error};
 use crate::clock::Clock;
 use crate::config::{Bitrix24Config, Mode, WebhookUrl};
+
+/// The configured REST base: the webhook URL, or the portal's `/rest/`.
+fn configured_base(auth: &Auth) -> Url {
+    match auth {
+        Auth::Webhook(w) => w.expose(),
+        Auth::OAuth { portal, .. } => portal.join("/rest/").expect("valid portal URL"),
+    }
+}
 use crate::store::{OAuthTokens, SharedStore};
 
 /// Counters for status and metrics.
@@ -54,16 +63,23 @@ pub struct Bitrix24Client {
     clock: Clock,
     /// Held while refreshing so concurrent 401s refresh once.
     refresh_lock: tokio::sync::Mutex<()>,
-    /// The webhook's current base when the portal moved (a 302 answered earlier).
-    moved_webhook: Mutex<Option<Url>>,
+    /// The portal's new origin when it moved (a permanent redirect answered earlier to a
+    /// request for the configured address). Only an origin: the path (and the webhook code in
+    /// it) always comes from the configuration.
+    moved: Mutex<Option<Url>>,
+    /// Plain http allowed beyond loopback (`bitrix24.allow_insecure_http`).
+    allow_http: bool,
     retry_base: Duration,
     /// How long 503s are waited out before a request gives up.
     rate_limit_patience: Duration,
     pub stats: Arc<ClientStats>,
 }
 
-/// Fact key of a webhook URL learned from a 302 (the portal moved).
-const FACT_MOVED_WEBHOOK: &str = "bitrix24.moved_webhook_url";
+/// Fact key of the origin a configured portal address moved to (value: `scheme://host[:port]`).
+/// Keyed by the configured origin, so editing the config makes the remembered move irrelevant.
+pub fn moved_fact_key(configured: &Url) -> String {
+    format!("bitrix24.moved:{}", redirect::origin(configured))
+}
 /// How long 503s are retried before a request gives up (the pass then exits 75).
 pub const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(300);
 
@@ -113,15 +129,12 @@ impl Bitrix24Client {
                 oauth_url: cfg.oauth_url.clone(),
             },
         };
-        let moved_webhook = match cfg.mode {
-            Mode::Activity => store
-                .lock()
-                .fact(FACT_MOVED_WEBHOOK)
-                .ok()
-                .flatten()
-                .and_then(|u| Url::parse(&u).ok()),
-            Mode::Telephony => None,
-        };
+        let moved = store
+            .lock()
+            .fact(&moved_fact_key(&configured_base(&auth)))
+            .ok()
+            .flatten()
+            .and_then(|u| Url::parse(&u).ok());
         Ok(Self {
             http,
             auth,
@@ -135,7 +148,8 @@ impl Bitrix24Client {
             store,
             clock,
             refresh_lock: tokio::sync::Mutex::new(()),
-            moved_webhook: Mutex::new(moved_webhook),
+            moved: Mutex::new(moved),
+            allow_http: cfg.allow_insecure_http,
             retry_base: cfg.retry_base_delay,
             rate_limit_patience: RATE_LIMIT_PATIENCE,
             stats: Arc::new(ClientStats::default()),
@@ -156,12 +170,62 @@ impl Bitrix24Client {
         base + base.mul_f64(rand::random::<f64>() * 0.5)
     }
 
-    fn webhook_base(&self, configured: &WebhookUrl) -> Url {
-        self.moved_webhook
+    /// The REST base requests go to: the configured one, on the remembered new origin if the
+    /// portal moved, or on `origin` (a redirect being followed) if given.
+    fn base(&self, origin: Option<&Url>) -> Url {
+        let mut base = configured_base(&self.auth);
+        let moved = self.moved.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(o) = origin.or(moved.as_ref()) {
+            let _ = base.set_scheme(o.scheme());
+            let _ = base.set_host(o.host_str());
+            let _ = base.set_port(o.port());
+        }
+        base
+    }
+
+    /// The origin the portal was remembered to have moved to, if any (for `ubsync check`).
+    pub fn remembered_move(&self) -> Option<String> {
+        self.moved
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_else(|| configured.expose())
+            .as_ref()
+            .map(redirect::origin)
+    }
+
+    /// The configured REST address, without secrets (for messages).
+    pub fn configured_origin(&self) -> String {
+        redirect::origin(&configured_base(&self.auth))
+    }
+
+    /// Forgets a remembered move: requests go to the configured address again.
+    pub fn forget_move(&self) -> Result<bool, Bitrix24Error> {
+        let had = self
+            .moved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some();
+        self.store
+            .lock()
+            .delete_fact(&moved_fact_key(&configured_base(&self.auth)))
+            .map_err(|e| Bitrix24Error::Unavailable {
+                detail: format!("cannot update the state store: {e}"),
+                outcome_unknown: false,
+            })?;
+        Ok(had)
+    }
+
+    /// Calls `app.info` with `access_token` (not the stored one) on the configured portal: the
+    /// proof that tokens from an install callback belong to this portal and this application.
+    /// Follows no redirect and refreshes nothing.
+    pub async fn app_info_with(&self, access_token: &str) -> Result<Envelope, Bitrix24Error> {
+        let url = self
+            .base(None)
+            .join("app.info")
+            .expect("static method name");
+        let mut body = Map::new();
+        body.insert("auth".into(), Value::String(access_token.to_string()));
+        self.send("app.info", url, &body).await
     }
 
     fn portal_key(&self) -> String {
@@ -227,6 +291,7 @@ impl Bitrix24Client {
     ) -> Result<Envelope, Bitrix24Error> {
         let mut refreshed = false;
         let mut redirects = 0;
+        let mut following: Option<Url> = None;
         let mut rate_limited = 0u32;
         let mut rate_waited = Duration::ZERO;
         loop {
@@ -242,23 +307,17 @@ impl Bitrix24Client {
                 tracing::debug!(%method, delay_ms = slow.as_millis() as u64, "method near its operating budget; slowing down");
                 tokio::time::sleep(slow).await;
             }
-            let (url, body) = match &self.auth {
-                Auth::Webhook(w) => (
-                    self.webhook_base(w)
-                        .join(method)
-                        .expect("method names are URL-safe"),
-                    params.clone(),
-                ),
-                Auth::OAuth { portal, .. } => {
+            let url = self
+                .base(following.as_ref())
+                .join(method)
+                .expect("method names are URL-safe");
+            let body = match &self.auth {
+                Auth::Webhook(_) => params.clone(),
+                Auth::OAuth { .. } => {
                     let tokens = self.tokens()?;
-                    let base = tokens
-                        .client_endpoint
-                        .as_deref()
-                        .and_then(|e| Url::parse(e).ok())
-                        .unwrap_or_else(|| portal.join("/rest/").expect("valid portal URL"));
                     let mut body = params.clone();
                     body.insert("auth".into(), Value::String(tokens.access_token.clone()));
-                    (base.join(method).expect("method names are URL-safe"), body)
+                    body
                 }
             };
             match self.send(method, url.clone(), &body).await {
@@ -284,9 +343,10 @@ impl Bitrix24Client {
                         reset_at: Some(until.timestamp()),
                     });
                 }
-                Err(Bitrix24Error::Moved { location }) if redirects < 3 => {
+                Err(Bitrix24Error::Moved { status, location }) => {
                     redirects += 1;
-                    self.relocate(&url, &location, method)?;
+                    following =
+                        Some(self.relocate(&url, status, &location.0, method, redirects)?);
                 }
                 Err(Bitrix24Error::Auth { code, .. })
                     if !refreshed
@@ -306,60 +366,72 @@ impl Bitrix24Client {
         }
     }
 
-    /// The portal answered 302 (it moved, §1.2): remember the new address (in the tokens'
-    /// `client_endpoint`, or as a portal fact for a webhook) so the POST is re-sent there now and
-    /// every later request goes there directly.
-    fn relocate(&self, from: &Url, location: &str, method: &str) -> Result<(), Bitrix24Error> {
-        let moved = |detail: String| Bitrix24Error::Unavailable {
-            detail,
-            outcome_unknown: false,
+    /// The portal answered a redirect (it moved, §1.2). Checks the target against the
+    /// redirect policy ([`redirect::check`]) and the configured path, remembers a permanent move
+    /// (as an origin only) so later requests go there directly, and returns the origin to re-POST
+    /// this request to. Anything else is a configuration error naming both origins.
+    fn relocate(
+        &self,
+        from: &Url,
+        status: u16,
+        location: &str,
+        method: &str,
+        redirects: u32,
+    ) -> Result<Url, Bitrix24Error> {
+        let configured = configured_base(&self.auth);
+        let refuse = |to: String, reason: String| Bitrix24Error::Redirect {
+            status,
+            words: redirect::status_words(status),
+            from: redirect::origin(from),
+            to,
+            reason,
         };
-        let target = from
-            .join(location)
-            .map_err(|_| moved("the portal answered 302 without a usable Location".into()))?;
-        let path = target.path().to_string();
-        let Some(rest_at) = path.find("/rest/") else {
-            return Err(moved(
-                "the portal answered 302 to an address that is not a REST endpoint".into(),
-            ));
-        };
-        let after: Vec<&str> = path[rest_at + 6..]
-            .split('/')
-            .filter(|p| !p.is_empty())
-            .collect();
-        let mut base = target.clone();
-        base.set_query(None);
-        let now = self.clock.now();
-        match &self.auth {
-            Auth::Webhook(_) => {
-                if after.len() < 3 {
-                    return Err(moved(
-                        "the portal answered 302 to an address without the webhook code".into(),
-                    ));
-                }
-                base.set_path(&format!("/rest/{}/{}/", after[0], after[1]));
-                self.store
-                    .lock()
-                    .set_fact(FACT_MOVED_WEBHOOK, base.as_str(), now)
-                    .map_err(|e| moved(format!("cannot store the new portal address: {e}")))?;
-                *self.moved_webhook.lock().unwrap_or_else(|p| p.into_inner()) = Some(base.clone());
-            }
-            Auth::OAuth { .. } => {
-                base.set_path("/rest/");
-                let mut tokens = self.tokens()?;
-                tokens.client_endpoint = Some(base.to_string());
-                self.store
-                    .lock()
-                    .save_tokens(&self.portal_key(), &tokens, now)
-                    .map_err(|e| moved(format!("cannot store the new portal address: {e}")))?;
-            }
+        let target = from.join(location).map_err(|_| {
+            refuse(
+                "(no usable Location)".into(),
+                "the answer names no address".into(),
+            )
+        })?;
+        let to = redirect::origin(&target);
+        if redirects > 3 {
+            return Err(refuse(to, "too many redirects in a row".into()));
         }
-        tracing::warn!(
-            host = base.host_str().unwrap_or(""),
-            %method,
-            "the Bitrix24 portal moved (302); requests now go to the new address; update bitrix24.portal_url / webhook_url in the config"
-        );
-        Ok(())
+        let allow_http = self.allow_http || redirect::is_loopback(&configured);
+        redirect::check(&configured, from, &target, allow_http)
+            .map_err(|r| refuse(to.clone(), r))?;
+        // The path must stay the configured REST path: a move changes the address, not the
+        // webhook code or the API.
+        let path_ok = match &self.auth {
+            Auth::Webhook(_) => target.path().starts_with(configured.path()),
+            Auth::OAuth { .. } => target.path().starts_with("/rest/"),
+        };
+        if !path_ok {
+            return Err(refuse(to, "it leaves the configured REST path".into()));
+        }
+        let mut origin = target.clone();
+        origin.set_path("/");
+        origin.set_query(None);
+        origin.set_fragment(None);
+        if redirect::is_permanent(status) {
+            self.store
+                .lock()
+                .set_fact(&moved_fact_key(&configured), &to, self.clock.now())
+                .map_err(|e| Bitrix24Error::Unavailable {
+                    detail: format!("cannot store the new portal address: {e}"),
+                    outcome_unknown: false,
+                })?;
+            *self.moved.lock().unwrap_or_else(|p| p.into_inner()) = Some(origin.clone());
+            tracing::warn!(
+                from = %redirect::origin(&configured),
+                to = %to,
+                status,
+                %method,
+                "the Bitrix24 portal moved; requests now go to the new address; update bitrix24.portal_url / webhook_url in the config"
+            );
+        } else {
+            tracing::info!(from = %redirect::origin(from), to = %to, status, %method, "following a temporary redirect");
+        }
+        Ok(origin)
     }
 
     async fn send(
@@ -385,7 +457,10 @@ impl Bitrix24Client {
                 .and_then(|l| l.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            return Err(Bitrix24Error::Moved { location });
+            return Err(Bitrix24Error::Moved {
+                status,
+                location: super::Hidden(location),
+            });
         }
         let bytes = resp.bytes().await.map_err(|e| transport_error(e, true))?;
         match wire::decode(&bytes) {
@@ -544,14 +619,9 @@ impl Bitrix24Client {
                         .and_then(wire::as_i64)
                         .map(|s| now + chrono::Duration::seconds(s))
                 }),
-            client_endpoint: v
-                .get("client_endpoint")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            server_endpoint: v
-                .get("server_endpoint")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            // Requests go only to the configured portal: endpoints from answers are not kept.
+            client_endpoint: None,
+            server_endpoint: None,
             member_id: v
                 .get("member_id")
                 .and_then(Value::as_str)

@@ -6,9 +6,18 @@
 //! `auth[expires_in]`, `auth[domain]`, `auth[member_id]`, `auth[application_token]`,
 //! `auth[client_endpoint]`, `auth[server_endpoint]`, ... (the `ONAPPINSTALL` event form). The
 //! install-page form (`AUTH_ID`, `REFRESH_ID`, `member_id`, `DOMAIN` in the query) is accepted
-//! too. The handler checks that the data is for the configured portal (and the member already
-//! stored, if any), stores the pair in one statement, and answers 200 (no `BX24.installFinish`:
-//! no browser is involved).
+//! too. Anyone who can reach the route can POST such a form, so nothing in it is believed until
+//! proven:
+//! - it must name the configured portal and carry a `member_id` (the stored one, if any);
+//! - once an install stored an `application_token`, every later callback must carry the same
+//!   one (compared in constant time);
+//! - the new access token must work on the *configured* portal: `app.info` there must answer for
+//!   the configured `client_id` (and member);
+//! - endpoints in the callback (`client_endpoint`, `server_endpoint`) are never used or stored:
+//!   requests go only to the configured `portal_url` and `oauth_url`.
+//!
+//! Only then is the pair stored, in one statement, and 200 answered (no `BX24.installFinish`: no
+//! browser is involved). A refused callback stores nothing.
 
 use std::sync::Arc;
 
@@ -23,8 +32,12 @@ use serde_json::{Map, Value};
 use tokio::sync::Notify;
 use url::Url;
 
+use subtle::ConstantTimeEq;
+
 use super::client::portal_key;
+use super::Bitrix24Client;
 use crate::clock::Clock;
+use crate::config::Config;
 use crate::phpquery;
 use crate::store::{OAuthTokens, SharedStore};
 
@@ -32,10 +45,37 @@ use crate::store::{OAuthTokens, SharedStore};
 #[derive(Clone)]
 pub struct InstallState {
     pub portal: Url,
+    pub client_id: String,
     pub store: SharedStore,
     pub clock: Clock,
+    /// Proves tokens on the configured portal (`app.info`).
+    pub client: Arc<Bitrix24Client>,
     /// Notified after each successful install (for `auth serve --once`).
     pub installed: Arc<Notify>,
+}
+
+impl InstallState {
+    /// The install route's state for a telephony-mode configuration.
+    pub fn new(
+        cfg: &Config,
+        store: SharedStore,
+        clock: Clock,
+    ) -> Result<Self, super::Bitrix24Error> {
+        let client = Bitrix24Client::new(&cfg.bitrix24, store.clone(), clock.clone())?
+            .with_rate_limit_patience(std::time::Duration::from_secs(30));
+        Ok(Self {
+            portal: cfg
+                .bitrix24
+                .portal_url
+                .clone()
+                .expect("validated by config"),
+            client_id: cfg.bitrix24.client_id.clone().expect("validated by config"),
+            store,
+            clock,
+            client: Arc::new(client),
+            installed: Arc::new(Notify::new()),
+        })
+    }
 }
 
 /// Why an install callback was refused.
@@ -47,6 +87,18 @@ pub enum InstallError {
     WrongPortal { got: String, want: String },
     #[error("the callback is for member {got}, but the stored tokens belong to member {want}")]
     WrongMember { got: String, want: String },
+    #[error("the callback carries no member_id")]
+    NoMember,
+    #[error("the callback's application_token is missing or differs from the one stored at install; if the application was reinstalled, run `ubsync auth forget-install` and install again")]
+    WrongApplicationToken,
+    #[error("the portal did not accept the callback's access token: {0}")]
+    TokensRejected(String),
+    #[error(
+        "the callback's tokens belong to application {got}, not the configured bitrix24.client_id"
+    )]
+    WrongApplication { got: String },
+    #[error("the state store failed: {0}")]
+    Store(String),
 }
 
 fn text(m: &Map<String, Value>, path: &[&str]) -> Option<String> {
@@ -94,26 +146,18 @@ pub fn parse_callback(
     ))
 }
 
-/// Checks a parsed callback against the configured portal and the stored member, and stores it.
-pub fn accept(state: &InstallState, query: &str, body: &str) -> Result<String, InstallError> {
+/// Checks a parsed callback against the configured portal, the stored install and the portal
+/// itself, and stores it only if every check passes.
+pub async fn accept(state: &InstallState, query: &str, body: &str) -> Result<String, InstallError> {
     let now = state.clock.now();
-    let (tokens, domain) = parse_callback(query, body, now)?;
+    let (mut tokens, domain) = parse_callback(query, body, now)?;
     let want = portal_key(&state.portal);
-    let got = domain
-        .as_deref()
-        .map(|d| {
-            d.trim_start_matches("https://")
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_lowercase()
-        })
-        .or_else(|| {
-            tokens
-                .client_endpoint
-                .as_deref()
-                .and_then(|e| Url::parse(e).ok())
-                .map(|u| portal_key(&u))
-        });
+    let got = domain.as_deref().map(|d| {
+        d.trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_lowercase()
+    });
     match got {
         Some(g) if g == want.to_lowercase() => {}
         Some(g) => return Err(InstallError::WrongPortal { got: g, want }),
@@ -124,22 +168,61 @@ pub fn accept(state: &InstallState, query: &str, body: &str) -> Result<String, I
             })
         }
     }
-    let store = state.store.lock();
-    if let (Some(stored), Some(new)) = (
-        store.tokens(&want).ok().flatten().and_then(|t| t.member_id),
-        tokens.member_id.clone(),
-    ) {
-        if stored != new {
+    let member = tokens.member_id.clone().ok_or(InstallError::NoMember)?;
+    let stored = state
+        .store
+        .lock()
+        .tokens(&want)
+        .map_err(|e| InstallError::Store(e.to_string()))?;
+    if let Some(stored) = &stored {
+        if let Some(m) = stored.member_id.as_ref().filter(|m| **m != member) {
             return Err(InstallError::WrongMember {
-                got: new,
-                want: stored,
+                got: member,
+                want: m.clone(),
             });
         }
+        if let Some(app_token) = &stored.application_token {
+            let given = tokens.application_token.as_deref().unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(app_token.as_bytes())) {
+                return Err(InstallError::WrongApplicationToken);
+            }
+        }
     }
-    store
+    // The proof: the configured portal itself must accept the new token for our application.
+    let info = state
+        .client
+        .app_info_with(&tokens.access_token)
+        .await
+        .map_err(|e| InstallError::TokensRejected(e.to_string()))?;
+    let info = info.result.as_object().cloned().unwrap_or_default();
+    let field = |keys: &[&str]| {
+        keys.iter().find_map(|k| match info.get(*k) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let app = field(&["CLIENT_ID", "client_id", "CODE"]).unwrap_or_default();
+    if !bool::from(app.as_bytes().ct_eq(state.client_id.as_bytes())) {
+        return Err(InstallError::WrongApplication {
+            got: if app.is_empty() { "(none)".into() } else { app },
+        });
+    }
+    if let Some(m) = field(&["MEMBER_ID", "member_id"]).filter(|m| *m != member) {
+        return Err(InstallError::WrongMember {
+            got: member,
+            want: m,
+        });
+    }
+    // Endpoints from the callback are never trusted.
+    tokens.client_endpoint = None;
+    tokens.server_endpoint = None;
+    state
+        .store
+        .lock()
         .save_tokens(&want, &tokens, now)
-        .map_err(|_| InstallError::NoTokens)?;
-    tracing::info!(portal = %want, "local application installed; OAuth tokens stored");
+        .map_err(|e| InstallError::Store(e.to_string()))?;
+    tracing::info!(portal = %want, "local application installed; tokens proven with app.info and stored");
     Ok(want)
 }
 
@@ -149,7 +232,7 @@ async fn callback(
     body: Bytes,
 ) -> Response {
     let body = String::from_utf8_lossy(&body);
-    match accept(&state, query.as_deref().unwrap_or(""), &body) {
+    match accept(&state, query.as_deref().unwrap_or(""), &body).await {
         Ok(portal) => {
             state.installed.notify_waiters();
             (
@@ -160,10 +243,10 @@ async fn callback(
         }
         Err(e) => {
             tracing::warn!(error = %e, "install callback refused");
-            let status = if e == InstallError::NoTokens {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::FORBIDDEN
+            let status = match e {
+                InstallError::NoTokens | InstallError::NoMember => StatusCode::BAD_REQUEST,
+                InstallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::FORBIDDEN,
             };
             (status, format!("ubsync: {e}\n")).into_response()
         }

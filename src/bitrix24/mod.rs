@@ -9,9 +9,20 @@ pub mod batch;
 mod client;
 pub mod install;
 pub mod limit;
+pub mod redirect;
 pub mod wire;
 
-pub use client::{portal_key, Bitrix24Client, ClientStats, RATE_LIMIT_PATIENCE};
+pub use client::{moved_fact_key, portal_key, Bitrix24Client, ClientStats, RATE_LIMIT_PATIENCE};
+
+/// A value that must not print (a redirect's full `Location` may carry the webhook code).
+#[derive(Clone)]
+pub struct Hidden(pub String);
+
+impl std::fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
 
 /// Why a Bitrix24 request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -52,9 +63,18 @@ pub enum Bitrix24Error {
         detail: String,
         outcome_unknown: bool,
     },
-    /// The portal answered 302: it moved to a new address.
-    #[error("bitrix24 portal moved to {location}")]
-    Moved { location: String },
+    /// The portal answered a redirect; followed inside the client when the policy allows it.
+    #[error("bitrix24 answered HTTP {status} ({})", redirect::status_words(*status))]
+    Moved { status: u16, location: Hidden },
+    /// A redirect ubsync will not follow: an admin must check the configured address.
+    #[error("bitrix24 answered HTTP {status} ({words}) from {from} to {to}, which ubsync will not follow: {reason}; check bitrix24.portal_url / bitrix24.webhook_url (`ubsync auth forget-redirect` drops a remembered address)")]
+    Redirect {
+        status: u16,
+        words: &'static str,
+        from: String,
+        to: String,
+        reason: String,
+    },
 }
 
 impl Bitrix24Error {
@@ -73,7 +93,9 @@ impl Bitrix24Error {
     pub fn needs_admin(&self) -> bool {
         matches!(
             self,
-            Bitrix24Error::Auth { .. } | Bitrix24Error::NoTokens { .. }
+            Bitrix24Error::Auth { .. }
+                | Bitrix24Error::NoTokens { .. }
+                | Bitrix24Error::Redirect { .. }
         )
     }
 

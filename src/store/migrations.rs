@@ -126,5 +126,15 @@ CREATE TABLE portal_facts (
 );
 "#;
 
+/// Migration 3: no secret outside `oauth_tokens`, no endpoint taken from upstream.
+const V3: &str = r#"
+-- v1 remembered a moved webhook's full URL (its code included) as a fact; moves are now
+-- remembered as origins only (`bitrix24.moved:<configured origin>`), keyed by the configured
+-- address so an edited config always wins.
+DELETE FROM portal_facts WHERE key = 'bitrix24.moved_webhook_url';
+-- Requests go only to the configured portal: endpoints from callbacks are no longer stored.
+UPDATE oauth_tokens SET client_endpoint = NULL, server_endpoint = NULL;
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];

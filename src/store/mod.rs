@@ -7,6 +7,7 @@
 //! newer ubsync is refused rather than misread. Every multi-row change goes through one
 //! transaction, so a crash leaves the file at a state some pass actually reached.
 
+pub mod files;
 pub mod ledger;
 mod migrations;
 
@@ -134,11 +135,16 @@ impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            files::create_private_dir(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
+        // SQLite gives its -wal and -shm files the database's mode: create it 0600 first.
+        files::create_private_file(path).map_err(|source| StoreError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -257,6 +263,11 @@ impl Store {
                  FROM oauth_tokens WHERE portal = ?1",
                 [portal],
                 |r| {
+                    for i in [0, 1, 6] {
+                        if let Some(t) = r.get::<_, Option<String>>(i)? {
+                            crate::redact::register(&t);
+                        }
+                    }
                     Ok(OAuthTokens {
                         access_token: r.get(0)?,
                         refresh_token: r.get(1)?,
@@ -275,6 +286,11 @@ impl Store {
     /// Replaces the stored pair in one statement: the old refresh token is forgotten in the same
     /// instant the new one is durable.
     pub fn save_tokens(&self, portal: &str, t: &OAuthTokens, now: DateTime<Utc>) -> Result<()> {
+        crate::redact::register(&t.access_token);
+        crate::redact::register(&t.refresh_token);
+        if let Some(a) = &t.application_token {
+            crate::redact::register(a);
+        }
         self.conn.execute(
             "INSERT INTO oauth_tokens (portal, access_token, refresh_token, expires_at, client_endpoint,
                                        server_endpoint, member_id, application_token, scope, updated_at)
@@ -313,6 +329,20 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    pub fn delete_fact(&self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM portal_facts WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    /// Deletes a portal's tokens (and its member and application token). Whether any existed.
+    pub fn forget_tokens(&self, portal: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM oauth_tokens WHERE portal = ?1", [portal])?
+            > 0)
     }
 
     pub fn set_fact(&self, key: &str, value: &str, now: DateTime<Utc>) -> Result<()> {
@@ -385,7 +415,14 @@ impl Store {
     ) -> Result<()> {
         self.conn.execute(
             "UPDATE runs SET finished_at = ?2, outcome = ?3, summary = ?4, error = ?5 WHERE id = ?1",
-            params![id, ts(now), outcome, summary.map(|s| s.to_string()), error],
+            // The run log is shown by `status`: no secret ever lands in it.
+            params![
+                id,
+                ts(now),
+                outcome,
+                summary.map(|s| crate::redact::redact(&s.to_string()).into_owned()),
+                error.map(|e| crate::redact::redact(e).into_owned())
+            ],
         )?;
         Ok(())
     }
@@ -493,10 +530,58 @@ mod tests {
             assert!(s.fact("x").is_err(), "portal_facts must not exist at v1");
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         assert_eq!(s.cursor("history").unwrap(), Some(t(5)));
         s.set_fact("x", "y", t(7)).unwrap();
         assert_eq!(s.fact("x").unwrap().as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn v3_forgets_the_stored_webhook_url_and_callback_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            let s = Store::open_at_version(&path, 2).unwrap();
+            s.set_fact(
+                "bitrix24.moved_webhook_url",
+                "https://new.example/rest/1/secretcode/",
+                t(1),
+            )
+            .unwrap();
+            s.conn
+                .execute(
+                    "INSERT INTO oauth_tokens (portal, access_token, refresh_token, client_endpoint,
+                        server_endpoint, updated_at) VALUES ('p', 'a', 'r', 'https://evil/rest/',
+                        'https://evil/', 'x')",
+                    [],
+                )
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.fact("bitrix24.moved_webhook_url").unwrap(), None);
+        let t = s.tokens("p").unwrap().unwrap();
+        assert_eq!((t.client_endpoint, t.server_endpoint), (None, None));
+        assert_eq!(t.refresh_token, "r", "the tokens themselves are kept");
+    }
+
+    #[test]
+    fn the_state_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/sub/ubsync.db");
+        // SAFETY: umask is process-wide; 022 is the usual default, restored below.
+        let old = unsafe { libc::umask(0o022) };
+        let s = Store::open(&path).unwrap();
+        s.set_cursor("history", t(1), t(1)).unwrap();
+        unsafe { libc::umask(old) };
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        let wal = path.with_extension("db-wal");
+        assert_eq!(mode(&wal), 0o600, "SQLite copies the database's mode");
+        assert!(files::too_open(&path).is_empty());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(files::too_open(&path), vec![(path.clone(), 0o644)]);
     }
 
     #[test]

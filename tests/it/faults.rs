@@ -210,10 +210,11 @@ async fn a_portal_that_moved_answers_302_and_ubsync_follows_and_remembers() {
         .await
         .unwrap();
         let old_base = old.base_url();
+        // The configured addresses are the portal's old ones.
         env.edit_config(|t| {
             t.replace(
                 &format!("mode = \"telephony\"\nportal_url = \"{}\"", env.b24()),
-                &format!("mode = \"{mode}\"\nportal_url = \"{}\"", env.b24()),
+                &format!("mode = \"{mode}\"\nportal_url = \"{old_base}\""),
             )
             .replace(
                 &format!("webhook_url = \"{}/", env.b24()),
@@ -221,16 +222,6 @@ async fn a_portal_that_moved_answers_302_and_ubsync_follows_and_remembers() {
             )
         });
         let ctx = env.ctx().await;
-        if mode == "telephony" {
-            // The stored tokens still name the old address.
-            let key = env.b24().trim_start_matches("http://").to_string();
-            let mut t = ctx.store.lock().tokens(&key).unwrap().unwrap();
-            t.client_endpoint = Some(format!("{old_base}/rest/"));
-            ctx.store
-                .lock()
-                .save_tokens(&key, &t, env.clock.now())
-                .unwrap();
-        }
         let (total, last, errors) = converge(&env, &ctx, 4).await;
         assert!(errors.is_empty(), "{mode}: {errors:?}");
         let redirected = env
@@ -244,12 +235,30 @@ async fn a_portal_that_moved_answers_302_and_ubsync_follows_and_remembers() {
             redirected, 1,
             "{mode}: one 302, then the new address is used directly"
         );
+        // What is remembered is an origin only: never the webhook code.
+        let facts: Vec<String> = ctx
+            .store
+            .lock()
+            .conn()
+            .prepare("SELECT key || ' ' || value FROM portal_facts")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            facts,
+            vec![format!("bitrix24.moved:{old_base} {}", env.b24())],
+            "{mode}"
+        );
         if mode == "telephony" {
             assert_exactly_once(&s, &env, &total, &last);
         } else {
             assert!(
                 env.sims.bitrix24.activities().len() as u64 >= total.pushed && total.pushed > 0
             );
+        }
+        {
             // A new client (a later run) goes straight to the new address.
             let ctx2 = env.ctx().await;
             let before = env.sims.bitrix24.requests().len();
@@ -323,14 +332,15 @@ async fn all_faults_at_once_at_random_still_end_exactly_once() {
         )
         .await
         .unwrap();
+        // The configured address is the portal's old one: it answers 302 to the new one.
+        let old_base = old.base_url();
+        env.edit_config(|t| {
+            t.replace(
+                &format!("portal_url = \"{}\"", env.b24()),
+                &format!("portal_url = \"{old_base}\""),
+            )
+        });
         let ctx = env.ctx().await;
-        let key = env.b24().trim_start_matches("http://").to_string();
-        let mut t = ctx.store.lock().tokens(&key).unwrap().unwrap();
-        t.client_endpoint = Some(format!("{}/rest/", old.base_url()));
-        ctx.store
-            .lock()
-            .save_tokens(&key, &t, env.clock.now())
-            .unwrap();
         let methods = [
             None,
             Some("batch"),

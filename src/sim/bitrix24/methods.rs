@@ -396,6 +396,22 @@ pub(crate) fn dispatch(
     }
     match method {
         "user.current" => user_current(st, caller),
+        // DOC api-reference/common/system/app-info.md: ID, CODE, VERSION, STATUS, INSTALLED,
+        // PAYMENT_EXPIRED, DAYS, LICENSE. A local application's CODE is its client_id; real
+        // portals also answer CLIENT_ID and member_id for applications (undocumented), so the
+        // simulator sends both and ubsync accepts either.
+        "app.info" => match caller {
+            Caller::App { .. } => Ok(ApiOk::new(serde_json::json!({
+                "ID": "7", "CODE": st.cfg.client_id, "CLIENT_ID": st.cfg.client_id, "VERSION": 1,
+                "STATUS": "L", "INSTALLED": true, "PAYMENT_EXPIRED": "N", "DAYS": null,
+                "LICENSE": "ua_project", "member_id": st.member_id,
+            }))),
+            Caller::Webhook { .. } => Err(err(
+                401,
+                "WRONG_AUTH_TYPE",
+                "Current authorization type is denied for this method",
+            )),
+        },
         "user.get" => user_get(st, p),
         "telephony.externalcall.register" => register(st, caller, p, now),
         "telephony.externalcall.finish" => finish(st, p),

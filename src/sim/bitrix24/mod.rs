@@ -328,6 +328,15 @@ impl Bitrix24Sim {
     /// The form body a portal POSTs to a local application's installation path right after the
     /// admin adds it (`ONAPPINSTALL`), with fresh tokens for `user_id`.
     pub fn install_callback_body(&self, user_id: u64) -> String {
+        phpquery::build(
+            self.install_callback_fields(user_id)
+                .as_object()
+                .expect("object"),
+        )
+    }
+
+    /// The fields of [`Bitrix24Sim::install_callback_body`], for tests that forge variants.
+    pub fn install_callback_fields(&self, user_id: u64) -> Value {
         let (access, refresh) = self.install_app(user_id);
         let st = self.lock();
         let host = st
@@ -335,7 +344,7 @@ impl Bitrix24Sim {
             .trim_start_matches("http://")
             .trim_start_matches("https://")
             .to_string();
-        let fields = json!({
+        json!({
             "event": "ONAPPINSTALL",
             "data": {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
             "ts": st.token_seq.to_string(),
@@ -346,8 +355,7 @@ impl Bitrix24Sim {
                 "client_endpoint": format!("{}/rest/", st.base_url), "member_id": st.member_id,
                 "user_id": user_id.to_string(), "refresh_token": refresh, "application_token": "sim-application-token",
             },
-        });
-        phpquery::build(fields.as_object().expect("object"))
+        })
     }
 
     /// Makes every access token issued so far expire now.
