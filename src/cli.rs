@@ -230,7 +230,10 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let text = format!("{e:#}");
-            eprintln!("ubsync: error: {}", crate::redact::field(&text));
+            eprintln!(
+                "ubsync: error: {}",
+                crate::redact::printable(&crate::redact::redact(&text))
+            );
             ExitCode::from(exit_code(&e))
         }
     }

@@ -102,6 +102,42 @@ fn every_invalid_value_is_reported_with_its_key() {
             "minutes",
         ),
         ("[tasks]\ntitle = \"  \"", "tasks.title", "template"),
+        // Security: no plain http beyond loopback, no credentials in URLs, no absurd durations.
+        (
+            "[unitalk]\nbase_url = \"http://api.unitalk.example/api\"",
+            "unitalk.base_url",
+            "unitalk.allow_insecure_http",
+        ),
+        (
+            "[bitrix24]\noauth_url = \"http://oauth.example\"",
+            "bitrix24.oauth_url",
+            "bitrix24.allow_insecure_http",
+        ),
+        (
+            "[bitrix24]\nwebhook_url = \"https://u:pw@p.bitrix24.ua/rest/1/abcdef123/\"",
+            "bitrix24.webhook_url",
+            "password",
+        ),
+        (
+            "[bitrix24]\nwebhook_url = \"file:///rest/1/abcdef123/\"",
+            "bitrix24.webhook_url",
+            "https://",
+        ),
+        (
+            "[bitrix24]\nrequest_timeout = \"0s\"",
+            "bitrix24.request_timeout",
+            "from 100ms to 10m",
+        ),
+        (
+            "[unitalk]\nretry_base_delay = \"0s\"",
+            "unitalk.retry_base_delay",
+            "from 1ms",
+        ),
+        (
+            "[sync]\nlookback = \"400days\"",
+            "sync.lookback",
+            "out of range",
+        ),
     ];
     for (snippet, key, hint) in cases {
         // Merge the snippet's section into BASE by appending a second table of the same name is

@@ -9,5 +9,6 @@ mod faults;
 mod official_client;
 mod pipeline;
 mod properties;
+mod security;
 mod sim_bitrix24;
 mod sim_unitalk;
