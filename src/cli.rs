@@ -289,7 +289,7 @@ fn bitrix24_code(e: &Bitrix24Error) -> u8 {
 
 fn unitalk_code(e: &UnitalkError) -> u8 {
     match e {
-        UnitalkError::Auth { .. } => EXIT_CONFIG,
+        UnitalkError::Auth { .. } | UnitalkError::Redirect { .. } => EXIT_CONFIG,
         e if e.is_retryable() => EXIT_TEMPFAIL,
         _ => 1,
     }

@@ -34,6 +34,14 @@ pub enum UnitalkError {
     /// Transport error, timeout, 5xx or an unreadable body: retry later.
     #[error("unitalk temporarily unavailable: {detail}")]
     Unavailable { detail: String },
+    /// A redirect ubsync will not follow (another domain, a downgrade to http, a loop): the key
+    /// would go elsewhere; an admin must check `unitalk.base_url`.
+    #[error("unitalk answered HTTP {status} ({}) from {from} to {to}, which ubsync will not follow: the API key would go elsewhere; check unitalk.base_url", crate::bitrix24::redirect::status_words(*status))]
+    Redirect {
+        status: u16,
+        from: String,
+        to: String,
+    },
 }
 
 impl UnitalkError {
@@ -43,7 +51,7 @@ impl UnitalkError {
             // "Internal error" is documented as something to report, but it is transient often
             // enough that a later pass should try again.
             UnitalkError::Api { message, .. } => message.eq_ignore_ascii_case("Internal error"),
-            UnitalkError::Auth { .. } => false,
+            UnitalkError::Auth { .. } | UnitalkError::Redirect { .. } => false,
         }
     }
 }
@@ -72,7 +80,25 @@ pub struct UnitalkClient {
 
 impl UnitalkClient {
     pub fn new(cfg: &UnitalkConfig) -> Result<Self, UnitalkError> {
+        // Redirects: only those `redirect::check` allows (https, the configured domain), at most
+        // three; any other stops and is reported as a configuration error.
+        let configured = cfg.base_url.clone();
+        let allow_http = cfg.allow_insecure_http;
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            let from = attempt.previous().last().cloned();
+            let ok = attempt.previous().len() <= 3
+                && from.as_ref().is_some_and(|f| {
+                    crate::bitrix24::redirect::check(&configured, f, attempt.url(), allow_http)
+                        .is_ok()
+                });
+            if ok {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        });
         let http = reqwest::Client::builder()
+            .redirect(policy)
             .timeout(cfg.request_timeout)
             .connect_timeout(std::time::Duration::from_secs(15))
             .user_agent(concat!("ubsync/", env!("CARGO_PKG_VERSION")))
@@ -111,6 +137,20 @@ impl UnitalkClient {
             detail: e.without_url().to_string(),
         })?;
         let status = resp.status();
+        if status.is_redirection() {
+            let to = resp
+                .headers()
+                .get("location")
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| resp.url().join(l).ok())
+                .map(|u| crate::bitrix24::redirect::origin(&u))
+                .unwrap_or_else(|| "(no usable Location)".into());
+            return Err(UnitalkError::Redirect {
+                status: status.as_u16(),
+                from: crate::bitrix24::redirect::origin(resp.url()),
+                to,
+            });
+        }
         let bytes = resp.bytes().await.map_err(|e| UnitalkError::Unavailable {
             detail: e.without_url().to_string(),
         })?;

@@ -619,3 +619,82 @@ async fn set_refresh_token_reads_standard_input_and_warns_about_the_command_line
     let out = env.ubsync(&["auth", "set-refresh-token", "-"]).await;
     assert_eq!(out.status.code(), Some(2), "empty stdin: {}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unitalk_redirect_to_a_foreign_host_keeps_the_key_home() {
+    let env = TestEnv::start(scenario()).await;
+    let evil = stranger(ok_answer()).await;
+    let evil_base = evil.base.replace("127.0.0.1", "localhost");
+    let target = evil_base.clone();
+    let moved = stranger(redirect_to(move |p| format!("{target}{p}"), 307)).await;
+    env.write_config("activity", "[sync]\nstart = \"2026-11-22\"\n");
+    env.edit_config(|t| t.replace(&env.sims.unitalk_url(), &format!("{}/api", moved.base)));
+    let out = env.ubsync(&["sync"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("HTTP 307 (Temporary Redirect)") && t.contains(&evil_base),
+        "{t}"
+    );
+    assert!(
+        evil.hits.lock().unwrap().is_empty(),
+        "the API key went along"
+    );
+    assert!(!t.contains(DEFAULT_API_KEY), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_move_is_shown_by_check_and_the_configured_address_wins_after_an_edit() {
+    let env = TestEnv::start(scenario()).await;
+    let old = ubsync::sim::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        env.sims.bitrix24.moved_router(&env.b24()),
+    )
+    .await
+    .unwrap();
+    env.write_config("activity", "[sync]\nstart = \"2026-11-22\"\n");
+    env.edit_config(|t| {
+        t.replace(
+            &format!("webhook_url = \"{}", env.b24()),
+            &format!("webhook_url = \"{}", old.base_url()),
+        )
+    });
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("pushed 2"), "{}", text(&out));
+    let facts = {
+        let st = ubsync::store::Store::open(&env.dir.path().join("state/ubsync.db")).unwrap();
+        st.fact(&format!("bitrix24.moved:{}", old.base_url()))
+            .unwrap()
+    };
+    assert_eq!(facts.as_deref(), Some(env.b24().as_str()), "{}", text(&out));
+    let check = env.ubsync(&["check"]).await;
+    let t = text(&check);
+    assert!(
+        t.contains(&format!("configured {}", old.base_url()))
+            && t.contains(&format!("redirect to {}", env.b24())),
+        "{t}"
+    );
+    // The admin fixes the config: the configured address is used, the old move is irrelevant.
+    env.edit_config(|t| t.replace(&old.base_url(), &env.b24()));
+    let check = env.ubsync(&["check"]).await;
+    assert!(!text(&check).contains("WARN"), "{}", text(&check));
+    // And forgetting it on the old config sends requests to the old address again.
+    env.edit_config(|t| {
+        t.replace(
+            &format!("webhook_url = \"{}", env.b24()),
+            &format!("webhook_url = \"{}", old.base_url()),
+        )
+    });
+    let out = env.ubsync(&["auth", "forget-redirect"]).await;
+    assert!(text(&out).contains("forgot that"), "{}", text(&out));
+    let before = env.sims.bitrix24.requests().len();
+    let check = env.ubsync(&["check"]).await;
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check));
+    assert!(
+        env.sims.bitrix24.requests()[before..]
+            .iter()
+            .any(|r| r.status == 302),
+        "after forget-redirect the configured (old) address is asked again"
+    );
+}
