@@ -148,6 +148,20 @@ pub struct SyncConfig {
     pub skip_internal: bool,
     pub crm_create: bool,
     pub add_to_chat: bool,
+    /// How long an answered call without a recording link is re-checked for one.
+    pub recording_wait: Duration,
+    /// The longest call ubsync expects; the long-call sweep covers this much history.
+    pub max_call_duration: Duration,
+    /// How often the long-call sweep re-pulls `[now − max_call_duration, cursor − lookback)`.
+    pub sweep_every: Duration,
+    /// Push once this many new or changed calls are staged (bounds memory on large ranges).
+    pub stage_limit: u32,
+    /// At most this many narrow re-pulls for awaited recordings per pass.
+    pub recording_repulls: u32,
+    /// Telephony mode: a link known when the call is finished goes in `finish`'s `RECORD_URL`
+    /// (two commands per call instead of three). Off by default: Bitrix24 documents the
+    /// parameter as deprecated and reports no error when its download fails.
+    pub record_url_on_finish: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +392,12 @@ struct RawSync {
     skip_internal: Option<bool>,
     crm_create: Option<bool>,
     add_to_chat: Option<bool>,
+    recording_wait: Option<String>,
+    max_call_duration: Option<String>,
+    sweep_every: Option<String>,
+    stage_limit: Option<i64>,
+    recording_repulls: Option<i64>,
+    record_url_on_finish: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -876,6 +896,25 @@ impl Validator {
         let lookback = self.duration("sync.lookback", s.lookback, "10m", ("0s", "1day"));
         let settle = self.duration("sync.settle", s.settle, "2m", ("0s", "1h"));
         let max_window = self.duration("sync.max_window", s.max_window, "1h", ("1s", "1day"));
+        let recording_wait = self.duration(
+            "sync.recording_wait",
+            s.recording_wait,
+            "24h",
+            ("0s", "30days"),
+        );
+        let max_call_duration = self.duration(
+            "sync.max_call_duration",
+            s.max_call_duration,
+            "4h",
+            ("1m", "2days"),
+        );
+        let sweep_every = self.duration("sync.sweep_every", s.sweep_every, "5m", ("10s", "1day"));
+        let stage_limit = self
+            .positive("sync.stage_limit", s.stage_limit, 5000, 1_000_000)
+            .get();
+        let recording_repulls = self
+            .positive("sync.recording_repulls", s.recording_repulls, 6, 1000)
+            .get();
         if max_window < Duration::from_secs(60) {
             self.fail(
                 "sync.max_window",
@@ -994,6 +1033,12 @@ impl Validator {
                 skip_internal: s.skip_internal.unwrap_or(true),
                 crm_create: s.crm_create.unwrap_or(true),
                 add_to_chat: s.add_to_chat.unwrap_or(false),
+                recording_wait,
+                max_call_duration,
+                sweep_every,
+                stage_limit,
+                recording_repulls,
+                record_url_on_finish: s.record_url_on_finish.unwrap_or(false),
             },
             activity,
             tasks: TasksConfig {

@@ -136,5 +136,23 @@ DELETE FROM portal_facts WHERE key = 'bitrix24.moved_webhook_url';
 UPDATE oauth_tokens SET client_endpoint = NULL, server_endpoint = NULL;
 "#;
 
+/// Migration 4: follow-ups that do not depend on the pull window.
+const V4: &str = r#"
+-- Answered calls finished in Bitrix24 without a recording link: Unitalk publishes links minutes
+-- (on backfills, hours) after the call. Each pass re-pulls the narrow time ranges of the rows
+-- `awaiting` whose `next_check_at` has come, until `until`; then the row is `given_up`. Calls
+-- that need no recording are recorded as `not_expected` so they are judged once.
+CREATE TABLE recording_watch (
+    call_id        TEXT PRIMARY KEY REFERENCES calls(call_id),
+    started_at     TEXT NOT NULL,            -- the call's start, to re-pull its range
+    state          TEXT NOT NULL,            -- awaiting | attached | given_up | not_expected
+    until          TEXT NOT NULL,            -- give up after this instant
+    next_check_at  TEXT NOT NULL,
+    checks         INTEGER NOT NULL DEFAULT 0,
+    updated_at     TEXT NOT NULL
+);
+CREATE INDEX recording_watch_due ON recording_watch(state, next_check_at);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];

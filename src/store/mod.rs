@@ -8,6 +8,7 @@
 //! transaction, so a crash leaves the file at a state some pass actually reached.
 
 pub mod files;
+pub mod followups;
 pub mod ledger;
 mod migrations;
 

@@ -12,11 +12,16 @@
 //! upstreams.
 
 pub mod call;
+mod followup;
 pub mod plan;
+mod pull;
 pub mod reconcile;
 pub mod window;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use pull::refresh_lines;
+use pull::{observe, pull_window};
+
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Instant;
 
@@ -25,22 +30,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use self::call::{classify, content_hash, CallFacts, Disposition};
+use self::call::{classify, CallFacts, Disposition};
 use self::plan::{key, CallPlan, Entity};
 use crate::bitrix24::batch::Command;
 use crate::bitrix24::wire::{as_i64, as_text, BatchOutcome};
 use crate::bitrix24::{Bitrix24Client, Bitrix24Error};
 use crate::clock::Clock;
 use crate::config::{Config, Mode};
-use crate::store::ledger::{LedgerRow, NewQuarantine, Observation, Observed, Stage, WorkItem};
+use crate::store::ledger::{LedgerRow, NewQuarantine, Stage, WorkItem};
 use crate::store::{SharedStore, StoreError};
-use crate::timezone::local_to_utc;
-use crate::unitalk::{wire::parse_call, CallState, UnitalkClient, UnitalkError};
+use crate::unitalk::{wire::parse_call, UnitalkClient, UnitalkError};
 
 /// The cursor of regular passes.
 pub const HISTORY_STREAM: &str = "history";
 /// A call still `DIALING` holds the cursor back at most this long.
-const DIALING_HOLD_HOURS: i64 = 6;
+pub(crate) const DIALING_HOLD_HOURS: i64 = 6;
 /// How long a looked-up operator mapping is trusted.
 const OPERATOR_CACHE_HOURS: i64 = 24;
 
@@ -122,6 +126,15 @@ pub struct PassSummary {
     pub pulled: u64,
     pub new: u64,
     pub changed: u64,
+    /// Pulled again with nothing new (overlap, re-checks, sweeps); pulled = new + changed +
+    /// unchanged + quarantined unreadable records.
+    pub unchanged: u64,
+    /// Narrow re-pulls for awaited recordings.
+    pub recording_rechecks: u64,
+    /// Awaited recordings given up after `sync.recording_wait`.
+    pub recordings_given_up: u64,
+    /// Windows re-pulled by the long-call sweep.
+    pub swept_windows: u64,
     /// Calls that reached Bitrix24 in this pass.
     pub pushed: u64,
     pub recordings: u64,
@@ -157,10 +170,11 @@ impl fmt::Display for PassSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "pulled {} calls ({} new, {} changed) in {} windows; pushed {}, recordings {}, tasks {}, leads {}, skipped {}, quarantined {}; {} Bitrix24 requests, {} Unitalk requests ({} units); {:.1}s",
+            "pulled {} calls ({} new, {} changed, {} unchanged) in {} windows; pushed {}, recordings {}, tasks {}, leads {}, skipped {}, quarantined {}; {} Bitrix24 requests, {} Unitalk requests ({} units); {:.1}s",
             self.pulled,
             self.new,
             self.changed,
+            self.unchanged,
             self.windows,
             self.pushed,
             self.recordings,
@@ -185,6 +199,13 @@ impl fmt::Display for PassSummary {
                 self.refreshes
             )?;
         }
+        if self.recording_rechecks + self.swept_windows + self.recordings_given_up > 0 {
+            write!(
+                f,
+                "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
+                self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
         if !self.paused.is_empty() {
             write!(f, "; paused by Bitrix24: {}", self.paused.join(", "))?;
         }
@@ -192,7 +213,7 @@ impl fmt::Display for PassSummary {
     }
 }
 
-fn secs(d: std::time::Duration) -> Duration {
+pub(crate) fn secs(d: std::time::Duration) -> Duration {
     Duration::from_std(d).unwrap_or(Duration::zero())
 }
 
@@ -270,9 +291,9 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
         }
     };
     let total = windows.len() as u64;
-    if windows.is_empty() {
-        push_due(ctx, opts, s).await?;
-    }
+    // Pull stages calls in the store and moves the cursor; the push works from the ledger, so
+    // batches fill across windows. At most `stage_limit` new or changed calls wait for a push.
+    let mut staged = 0u64;
     for w in windows {
         if ctx.cancel.is_cancelled() {
             return Err(SyncError::Cancelled);
@@ -282,8 +303,13 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
         let _enter = span.enter();
         let records = pull_window(ctx, w).await?;
         s.pulled += records.len() as u64;
+        let before = s.new + s.changed;
         let hold = observe(ctx, &records, s)?;
-        push_due(ctx, opts, s).await?;
+        staged += s.new + s.changed - before;
+        if staged >= u64::from(cfg.sync.stage_limit) {
+            push_due(ctx, opts, s).await?;
+            staged = 0;
+        }
         let position = match hold {
             Some(h) if h < w.end => h,
             _ => w.end,
@@ -305,174 +331,15 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
             });
         }
     }
-    Ok(())
-}
-
-/// Refreshes operators (`/users/list`) and inner-line statuses (`/phones/inner`). Only a refused
-/// key stops the pass: `/phones/inner` is unconfirmed and may not exist on every account.
-pub async fn refresh_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
-    match ctx.unitalk.users().await {
-        Ok(users) => {
-            let ops: Vec<_> = users
-                .into_iter()
-                .map(|u| (u.line, u.first_name, u.last_name))
-                .collect();
-            ctx.store.lock().upsert_operators(&ops)?;
-        }
-        Err(e @ UnitalkError::Auth { .. }) => return Err(e.into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list Unitalk users; using the operators already known")
-        }
+    if opts.range.is_none() {
+        followup::recheck_recordings(ctx, s).await?;
+        followup::sweep_long_calls(ctx, cursor, s).await?;
     }
-    match ctx.unitalk.inner_lines().await {
-        Ok(lines) => {
-            let fetched = ctx.clock.now();
-            let tz = ctx.cfg.unitalk.timezone;
-            s.lines = lines.len() as u64;
-            let store = ctx.store.lock();
-            for l in lines {
-                let observed = l.changed_at.map(|t| local_to_utc(t, tz)).unwrap_or(fetched);
-                store.observe_line_status(
-                    &l.line,
-                    &l.status,
-                    observed,
-                    Some(&l.raw.to_string()),
-                )?;
-            }
-        }
-        Err(e @ UnitalkError::Auth { .. }) => return Err(e.into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read inner-line statuses (/phones/inner); call sync continues")
-        }
+    push_due(ctx, opts, s).await?;
+    if !opts.dry_run {
+        followup::watch_new(ctx, s)?;
     }
     Ok(())
-}
-
-/// Calls Unitalk, retrying what may succeed later (transport errors, 5xx, `"status":"Error"`
-/// "Internal error") with growing delays; a refused key or cancellation stops at once.
-async fn unitalk_retry<T, F, Fut>(ctx: &SyncCtx, mut call: F) -> Result<T, SyncError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, UnitalkError>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        let result = tokio::select! {
-            r = call() => r,
-            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
-        };
-        match result {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && attempt < 4 => {
-                let base = ctx.cfg.unitalk.retry_base_delay * (1u32 << attempt);
-                let delay = base + base.mul_f64(rand::random::<f64>() * 0.5);
-                tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "Unitalk request failed; retrying");
-                attempt += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Pulls one window: fixed `dateTo`, paged newest first, deduped by id, and paged again (up to
-/// three times) if the total changed meanwhile.
-async fn pull_window(ctx: &SyncCtx, w: window::SyncWindow) -> Result<Vec<Value>, SyncError> {
-    let (lo, hi) = window::wall_range(w, ctx.cfg.unitalk.timezone);
-    let (from, to) = (window::unitalk_date(lo), window::unitalk_date(hi));
-    let limit = ctx.cfg.unitalk.page_size;
-    let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
-    let mut without_id: Vec<Value> = Vec::new();
-    for attempt in 0..3 {
-        let mut offset = 0u64;
-        let mut first_count = None;
-        let mut last_count;
-        let mut pages = 0u64;
-        loop {
-            let page =
-                unitalk_retry(ctx, || ctx.unitalk.history_page(&from, &to, limit, offset)).await?;
-            if let Some(w) = &page.warning {
-                tracing::warn!(warning = %w, "Unitalk returned a warning");
-            }
-            first_count.get_or_insert(page.count);
-            last_count = page.count;
-            let n = page.calls.len() as u64;
-            for c in page.calls {
-                match c.get("id").and_then(as_text) {
-                    Some(id) => {
-                        by_id.insert(id, c);
-                    }
-                    None if !without_id.contains(&c) => without_id.push(c),
-                    None => {}
-                }
-            }
-            pages += 1;
-            offset += n;
-            if n < limit as u64 || offset >= page.count || pages > page.count / limit as u64 + 2 {
-                break;
-            }
-        }
-        if first_count == Some(last_count) {
-            break;
-        }
-        tracing::info!(attempt, before = ?first_count, after = last_count, "calls arrived while paging; paging the window again");
-    }
-    Ok(by_id.into_values().chain(without_id).collect())
-}
-
-/// Stores a window's records; unreadable ones go to quarantine. Returns the start of the oldest
-/// recent call still `DIALING`, which holds the cursor back.
-fn observe(
-    ctx: &SyncCtx,
-    records: &[Value],
-    s: &mut PassSummary,
-) -> Result<Option<DateTime<Utc>>, SyncError> {
-    let tz = ctx.cfg.unitalk.timezone;
-    let now = ctx.clock.now();
-    let mut obs = Vec::new();
-    let mut quarantine = Vec::new();
-    let mut hold: Option<DateTime<Utc>> = None;
-    for raw in records {
-        match parse_call(raw, tz) {
-            Ok(c) => {
-                if c.state == CallState::Dialing
-                    && c.started_at > now - Duration::hours(DIALING_HOLD_HOURS)
-                {
-                    hold = Some(hold.map_or(c.started_at, |h| h.min(c.started_at)));
-                }
-                obs.push(Observation {
-                    call_id: c.id.clone(),
-                    started_at: c.started_at,
-                    content_hash: content_hash(&c),
-                    raw: raw.to_string(),
-                })
-            }
-            Err(e) => {
-                tracing::warn!(reason = %e.reason, id = ?e.id, "quarantining an unreadable Unitalk record");
-                quarantine.push(NewQuarantine {
-                    source: "unitalk",
-                    call_id: e.id,
-                    raw: raw.to_string(),
-                    reason: e.reason,
-                });
-            }
-        }
-    }
-    let mut store = ctx.store.lock();
-    for r in store.observe(&obs, now)? {
-        match r {
-            Observed::New => s.new += 1,
-            Observed::Changed => s.changed += 1,
-            Observed::Unchanged | Observed::Stale => {}
-        }
-    }
-    let before = store.quarantined()?.len();
-    store.apply(&[], &quarantine, None, now)?;
-    s.quarantined += (store.quarantined()?.len() - before) as u64;
-    Ok(hold)
 }
 
 /// A call with work due, understood.
@@ -482,7 +349,7 @@ struct Due {
 }
 
 /// The operators' inner lines (to tell inner lines from client numbers).
-fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
+pub(crate) fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
     Ok(ctx
         .store
         .lock()
@@ -492,7 +359,7 @@ fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
 }
 
 /// A stored call read again and classified: its facts, when ubsync pushes it.
-fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) -> Option<CallFacts> {
+pub(crate) fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) -> Option<CallFacts> {
     let call = parse_call(
         &serde_json::from_str(raw).unwrap_or(Value::Null),
         ctx.cfg.unitalk.timezone,
@@ -709,7 +576,20 @@ async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Res
         .collect();
     let users = resolve_operators(ctx, &lines).await?;
     match ctx.cfg.bitrix24.mode {
-        Mode::Telephony => push_telephony(ctx, opts, s, due, &users).await?,
+        Mode::Telephony => {
+            // Until the portal has shown whether it takes attachRecord inside a batch, send one
+            // batch's worth first, so a refusal is learnt before every batch carries one.
+            let mut due = due;
+            if ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.is_none()
+                && due.len() > 16
+                && due.iter().any(|d| d.facts.link.is_some())
+            {
+                let rest = due.split_off(16);
+                push_telephony(ctx, opts, s, due, &users).await?;
+                due = rest;
+            }
+            push_telephony(ctx, opts, s, due, &users).await?
+        }
         Mode::Activity => push_activity(ctx, opts, s, due, &users).await?,
     }
     if ctx.cfg.tasks.enabled {
@@ -855,6 +735,15 @@ async fn send_plans(
             rows.push(row);
         }
         ctx.store.lock().apply(&rows, &quarantine, None, now)?;
+        // Methods the portal paused (429) in this batch: their calls wait for a later pass.
+        for c in &commands {
+            if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
+                let note = format!("{} until {}", c.method, until.format("%H:%M:%S UTC"));
+                if !s.paused.contains(&note) {
+                    s.paused.push(note);
+                }
+            }
+        }
         if let Some(e) = out
             .errors
             .values()
@@ -934,6 +823,7 @@ async fn push_telephony(
     let mut pushed = 0;
     let mut recordings = 0;
     let mut refused_in_batch = false;
+    let mut accepted_in_batch = false;
     send_plans(
         ctx,
         plans,
@@ -948,6 +838,7 @@ async fn push_telephony(
             {
                 refused_in_batch = true;
             }
+            accepted_in_batch |= out.results.contains_key(&plan::key("a", id));
             let (row, reason) = plan::record_chain(cfg, f, l, out, hash, now);
             if matches!(row.stage, Stage::Finished | Stage::Done)
                 && !matches!(before, Stage::Finished | Stage::Done)
@@ -967,6 +858,10 @@ async fn push_telephony(
     if refused_in_batch {
         tracing::warn!("this portal refuses attachRecord inside a batch; recordings now go as separate requests");
         ctx.store.lock().set_fact(FACT_ATTACH_IN_BATCH, "no", now)?;
+    } else if accepted_in_batch && attach_in_batch {
+        ctx.store
+            .lock()
+            .set_fact(FACT_ATTACH_IN_BATCH, "yes", now)?;
     }
     if refused_in_batch || !attach_in_batch {
         attach_standalone(ctx, s).await?;

@@ -89,23 +89,33 @@ pub fn telephony_chain(
     user_id: i64,
     attach_in_batch: bool,
 ) -> Vec<Command> {
-    let attach_record = |cfg: &Config, f: &CallFacts, id: Value| {
+    let attach_record_later = |cfg: &Config, f: &CallFacts, id: Value| {
         if attach_in_batch {
             attach_record(cfg, f, id)
         } else {
             None
         }
     };
+    let attach_record = attach_record_later;
     let tz = cfg.bitrix24.timezone;
+    let link_in_finish = record_url_in_finish(cfg, f);
     let finish = |call_id: Value| {
-        Command::new(
-            key("f", &f.id),
-            "telephony.externalCall.finish",
-            json!({
-                "CALL_ID": call_id, "USER_ID": user_id, "DURATION": f.seconds_talk,
-                "STATUS_CODE": f.status_code, "ADD_TO_CHAT": if cfg.sync.add_to_chat { 1 } else { 0 },
-            }),
-        )
+        let mut p = json!({
+            "CALL_ID": call_id, "USER_ID": user_id, "DURATION": f.seconds_talk,
+            "STATUS_CODE": f.status_code, "ADD_TO_CHAT": if cfg.sync.add_to_chat { 1 } else { 0 },
+        });
+        if link_in_finish {
+            p["RECORD_URL"] = json!(f.link);
+        }
+        Command::new(key("f", &f.id), "telephony.externalCall.finish", p)
+    };
+    // With the link in `finish`, the chain needs no attachRecord.
+    let attach_record = |cfg: &Config, f: &CallFacts, id: Value| {
+        if link_in_finish {
+            None
+        } else {
+            attach_record(cfg, f, id)
+        }
     };
     match l.stage {
         Stage::Pending | Stage::InFlight => {
@@ -135,12 +145,18 @@ pub fn telephony_chain(
             out
         }
         Stage::Finished | Stage::Done if needs_recording(f, l) => {
-            attach_record(cfg, f, json!(l.b24_call_id.clone().unwrap_or_default()))
+            attach_record_later(cfg, f, json!(l.b24_call_id.clone().unwrap_or_default()))
                 .into_iter()
                 .collect()
         }
         _ => Vec::new(),
     }
+}
+
+/// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, and the link
+/// is known when the call is finished): two commands per call instead of three.
+pub fn record_url_in_finish(cfg: &Config, f: &CallFacts) -> bool {
+    cfg.sync.record_url_on_finish && f.link.is_some()
 }
 
 /// Whether a finished call's recording is missing or changed in Bitrix24 (the attached record in
@@ -472,6 +488,9 @@ pub fn record_chain(
         }
         if let Some(id) = res.get("CALL_ID").and_then(as_text) {
             l.b24_call_id = Some(id);
+        }
+        if record_url_in_finish(cfg, f) {
+            l.record_url = f.link.clone();
         }
         l.stage = Stage::Finished;
     } else if let Some(e) = out.errors.get(&fk) {

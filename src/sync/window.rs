@@ -35,6 +35,30 @@ pub fn plan_windows(
     out
 }
 
+/// Narrow windows around call start times (for re-checks of single calls): each start widened
+/// by `pad` on both sides, neighbours closer than `gap` merged, no window longer than
+/// `max_window` (a longer run is split). `starts` need not be sorted.
+pub fn merge_ranges(
+    starts: &[DateTime<Utc>],
+    pad: Duration,
+    gap: Duration,
+    max_window: Duration,
+) -> Vec<SyncWindow> {
+    let mut sorted = starts.to_vec();
+    sorted.sort();
+    let mut out: Vec<SyncWindow> = Vec::new();
+    for t in sorted {
+        let (start, end) = (t - pad, t + pad);
+        match out.last_mut() {
+            Some(w) if start <= w.end + gap && end - w.start <= max_window => {
+                w.end = w.end.max(end)
+            }
+            _ => out.push(SyncWindow { start, end }),
+        }
+    }
+    out
+}
+
 /// The inclusive wall-clock range (`dateFrom`, `dateTo`) that asks Unitalk for `w`.
 pub fn wall_range(w: SyncWindow, tz: Tz) -> (NaiveDateTime, NaiveDateTime) {
     let last = w.end - Duration::seconds(1);
@@ -174,5 +198,41 @@ mod tests {
             );
         }
         let _ = Kyiv.with_ymd_and_hms(2026, 10, 25, 3, 0, 0);
+    }
+
+    #[test]
+    fn narrow_ranges_merge_neighbours_and_stay_bounded() {
+        let t =
+            |m: i64| Utc.with_ymd_and_hms(2026, 11, 22, 9, 0, 0).unwrap() + Duration::minutes(m);
+        let w = merge_ranges(
+            &[t(30), t(0), t(5), t(200), t(206), t(212), t(218)],
+            Duration::minutes(1),
+            Duration::minutes(10),
+            Duration::minutes(15),
+        );
+        assert_eq!(
+            w,
+            vec![
+                SyncWindow {
+                    start: t(-1),
+                    end: t(6)
+                },
+                SyncWindow {
+                    start: t(29),
+                    end: t(31)
+                },
+                SyncWindow {
+                    start: t(199),
+                    end: t(213)
+                },
+                SyncWindow {
+                    start: t(217),
+                    end: t(219)
+                },
+            ]
+        );
+        assert!(
+            merge_ranges(&[], Duration::zero(), Duration::zero(), Duration::hours(1)).is_empty()
+        );
     }
 }

@@ -123,7 +123,7 @@ async fn sync_pushes_prints_a_summary_and_status_reports_the_state() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
-        t.contains("sync: pulled 3 calls (3 new, 0 changed)")
+        t.contains("sync: pulled 3 calls (3 new, 0 changed, 0 unchanged)")
             && t.contains("pushed 3")
             && t.contains("tasks 1"),
         "{t}"

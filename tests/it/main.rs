@@ -8,6 +8,7 @@ mod config_validation;
 mod faults;
 mod official_client;
 mod pipeline;
+mod pipeline_v2;
 mod properties;
 mod security;
 mod sim_bitrix24;

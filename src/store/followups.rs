@@ -1,0 +1,137 @@
+//! The follow-ups that do not depend on the pull window: the recording watch (answered calls
+//! finished without a link, re-checked until Unitalk publishes one or the wait runs out).
+
+use chrono::{DateTime, Utc};
+use rusqlite::params;
+
+use super::{parse_ts, ts, Result, Store};
+
+/// What the watch decided for a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Answered without a link: re-check its time range until `until`.
+    Awaiting,
+    /// Nothing to wait for (missed, or no talk time).
+    NotExpected,
+}
+
+/// A call the watch has not judged yet.
+pub struct Candidate {
+    pub call_id: String,
+    pub raw: String,
+    pub started_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Finished calls without a recording that the watch has not judged yet, first seen at or
+    /// after `since`.
+    pub fn recording_candidates(&self, since: DateTime<Utc>) -> Result<Vec<Candidate>> {
+        let mut st = self.conn.prepare(
+            "SELECT l.call_id, c.raw, c.started_at FROM ledger l
+               JOIN calls c ON c.call_id = l.call_id
+               LEFT JOIN recording_watch w ON w.call_id = l.call_id
+             WHERE w.call_id IS NULL AND l.stage = 'done' AND l.record_url IS NULL
+               AND c.first_seen_at >= ?1",
+        )?;
+        let rows = st.query_map([ts(since)], |r| {
+            Ok(Candidate {
+                call_id: r.get(0)?,
+                raw: r.get(1)?,
+                started_at: parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records the watch's judgement of calls: `(call_id, started_at, watch, until)`.
+    pub fn watch_recordings(
+        &mut self,
+        rows: &[(String, DateTime<Utc>, Watch, DateTime<Utc>)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for (id, started, watch, until) in rows {
+            let state = match watch {
+                Watch::Awaiting => "awaiting",
+                Watch::NotExpected => "not_expected",
+            };
+            tx.execute(
+                "INSERT OR IGNORE INTO recording_watch
+                   (call_id, started_at, state, until, next_check_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![id, ts(*started), state, ts(*until), ts(now)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Settles the watch: rows whose recording is now in Bitrix24 become `attached`, rows past
+    /// their wait `given_up`. Returns the ids given up now.
+    pub fn settle_recording_watch(&mut self, now: DateTime<Utc>) -> Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE recording_watch SET state = 'attached', updated_at = ?1
+             WHERE state = 'awaiting'
+               AND call_id IN (SELECT call_id FROM ledger WHERE record_url IS NOT NULL)",
+            [ts(now)],
+        )?;
+        let given_up: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT call_id FROM recording_watch WHERE state = 'awaiting' AND until < ?1",
+            )?;
+            let rows = st.query_map([ts(now)], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        tx.execute(
+            "UPDATE recording_watch SET state = 'given_up', updated_at = ?1
+             WHERE state = 'awaiting' AND until < ?1",
+            [ts(now)],
+        )?;
+        tx.commit()?;
+        Ok(given_up)
+    }
+
+    /// The awaited calls whose re-check is due, oldest first: id, start, checks so far.
+    pub fn recordings_due(&self, now: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>, u32)>> {
+        let mut st = self.conn.prepare(
+            "SELECT call_id, started_at, checks FROM recording_watch
+             WHERE state = 'awaiting' AND next_check_at <= ?1 ORDER BY started_at",
+        )?;
+        let rows = st.query_map([ts(now)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                parse_ts(&r.get::<_, String>(1)?).unwrap_or_default(),
+                r.get::<_, u32>(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Notes that calls were re-checked: `(id, when the next check comes)`.
+    pub fn recordings_checked(
+        &mut self,
+        checked: &[(String, DateTime<Utc>)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for (id, next) in checked {
+            tx.execute(
+                "UPDATE recording_watch SET checks = checks + 1, next_check_at = ?2, updated_at = ?3
+                 WHERE call_id = ?1",
+                params![id, ts(*next), ts(now)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Rows of the watch by state (for `status`).
+    pub fn recording_watch_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM recording_watch GROUP BY state ORDER BY state")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}

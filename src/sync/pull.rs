@@ -1,0 +1,186 @@
+//! Pull: everything read from Unitalk is staged in the store (calls, observations, quarantine).
+//! Nothing here talks to Bitrix24. Operators and inner-line statuses are refreshed, a window is
+//! pulled with a fixed `dateTo` (paged, deduped by id, re-paged if the total moved) and its
+//! records observed (the later fetch wins; unreadable records are quarantined).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::Value;
+
+use super::call::content_hash;
+use super::{window, PassSummary, SyncCtx, SyncError, DIALING_HOLD_HOURS};
+use crate::bitrix24::wire::as_text;
+use crate::store::ledger::{NewQuarantine, Observation, Observed};
+use crate::timezone::local_to_utc;
+use crate::unitalk::{wire::parse_call, CallState, UnitalkError};
+
+/// Refreshes operators (`/users/list`) and inner-line statuses (`/phones/inner`). Only a refused
+/// key stops the pass: `/phones/inner` is unconfirmed and may not exist on every account.
+pub async fn refresh_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    match ctx.unitalk.users().await {
+        Ok(users) => {
+            let ops: Vec<_> = users
+                .into_iter()
+                .map(|u| (u.line, u.first_name, u.last_name))
+                .collect();
+            ctx.store.lock().upsert_operators(&ops)?;
+        }
+        Err(e @ UnitalkError::Auth { .. }) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list Unitalk users; using the operators already known")
+        }
+    }
+    match ctx.unitalk.inner_lines().await {
+        Ok(lines) => {
+            let fetched = ctx.clock.now();
+            let tz = ctx.cfg.unitalk.timezone;
+            s.lines = lines.len() as u64;
+            let store = ctx.store.lock();
+            for l in lines {
+                let observed = l.changed_at.map(|t| local_to_utc(t, tz)).unwrap_or(fetched);
+                store.observe_line_status(
+                    &l.line,
+                    &l.status,
+                    observed,
+                    Some(&l.raw.to_string()),
+                )?;
+            }
+        }
+        Err(e @ UnitalkError::Auth { .. }) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read inner-line statuses (/phones/inner); call sync continues")
+        }
+    }
+    Ok(())
+}
+
+/// Calls Unitalk, retrying what may succeed later (transport errors, 5xx, `"status":"Error"`
+/// "Internal error") with growing delays; a refused key or cancellation stops at once.
+pub(super) async fn unitalk_retry<T, F, Fut>(ctx: &SyncCtx, mut call: F) -> Result<T, SyncError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, UnitalkError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let result = tokio::select! {
+            r = call() => r,
+            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+        };
+        match result {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && attempt < 4 => {
+                let base = ctx.cfg.unitalk.retry_base_delay * (1u32 << attempt);
+                let delay = base + base.mul_f64(rand::random::<f64>() * 0.5);
+                tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "Unitalk request failed; retrying");
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Pulls one window: fixed `dateTo`, paged newest first, deduped by id, and paged again (up to
+/// three times) if the total changed meanwhile.
+pub(super) async fn pull_window(
+    ctx: &SyncCtx,
+    w: window::SyncWindow,
+) -> Result<Vec<Value>, SyncError> {
+    let (lo, hi) = window::wall_range(w, ctx.cfg.unitalk.timezone);
+    let (from, to) = (window::unitalk_date(lo), window::unitalk_date(hi));
+    let limit = ctx.cfg.unitalk.page_size;
+    let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
+    let mut without_id: Vec<Value> = Vec::new();
+    for attempt in 0..3 {
+        let mut offset = 0u64;
+        let mut first_count = None;
+        let mut last_count;
+        let mut pages = 0u64;
+        loop {
+            let page =
+                unitalk_retry(ctx, || ctx.unitalk.history_page(&from, &to, limit, offset)).await?;
+            if let Some(w) = &page.warning {
+                tracing::warn!(warning = %w, "Unitalk returned a warning");
+            }
+            first_count.get_or_insert(page.count);
+            last_count = page.count;
+            let n = page.calls.len() as u64;
+            for c in page.calls {
+                match c.get("id").and_then(as_text) {
+                    Some(id) => {
+                        by_id.insert(id, c);
+                    }
+                    None if !without_id.contains(&c) => without_id.push(c),
+                    None => {}
+                }
+            }
+            pages += 1;
+            offset += n;
+            if n < limit as u64 || offset >= page.count || pages > page.count / limit as u64 + 2 {
+                break;
+            }
+        }
+        if first_count == Some(last_count) {
+            break;
+        }
+        tracing::info!(attempt, before = ?first_count, after = last_count, "calls arrived while paging; paging the window again");
+    }
+    Ok(by_id.into_values().chain(without_id).collect())
+}
+
+/// Stores a window's records; unreadable ones go to quarantine. Returns the start of the oldest
+/// recent call still `DIALING`, which holds the cursor back.
+pub(super) fn observe(
+    ctx: &SyncCtx,
+    records: &[Value],
+    s: &mut PassSummary,
+) -> Result<Option<DateTime<Utc>>, SyncError> {
+    let tz = ctx.cfg.unitalk.timezone;
+    let now = ctx.clock.now();
+    let mut obs = Vec::new();
+    let mut quarantine = Vec::new();
+    let mut hold: Option<DateTime<Utc>> = None;
+    for raw in records {
+        match parse_call(raw, tz) {
+            Ok(c) => {
+                if c.state == CallState::Dialing
+                    && c.started_at > now - Duration::hours(DIALING_HOLD_HOURS)
+                {
+                    hold = Some(hold.map_or(c.started_at, |h| h.min(c.started_at)));
+                }
+                obs.push(Observation {
+                    call_id: c.id.clone(),
+                    started_at: c.started_at,
+                    content_hash: content_hash(&c),
+                    raw: raw.to_string(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(reason = %e.reason, id = ?e.id, "quarantining an unreadable Unitalk record");
+                quarantine.push(NewQuarantine {
+                    source: "unitalk",
+                    call_id: e.id,
+                    raw: raw.to_string(),
+                    reason: e.reason,
+                });
+            }
+        }
+    }
+    let mut store = ctx.store.lock();
+    for r in store.observe(&obs, now)? {
+        match r {
+            Observed::New => s.new += 1,
+            Observed::Changed => s.changed += 1,
+            Observed::Unchanged | Observed::Stale => s.unchanged += 1,
+        }
+    }
+    let before = store.quarantined()?.len();
+    store.apply(&[], &quarantine, None, now)?;
+    s.quarantined += (store.quarantined()?.len() - before) as u64;
+    Ok(hold)
+}

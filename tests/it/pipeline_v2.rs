@@ -1,0 +1,249 @@
+//! Pipeline v2: pull and push decoupled through the ledger. Batches fill across windows, late
+//! recordings are caught by narrow re-pulls, long calls by the sweep. Library passes over real
+//! HTTP with a manual clock.
+
+use chrono::{Duration, NaiveDateTime};
+use ubsync::sim::scenario::Scenario;
+use ubsync::store::ledger::Stage;
+
+use crate::harness::{pass, TestEnv};
+
+const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
+
+fn n(s: &str) -> NaiveDateTime {
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap()
+}
+
+fn ops() -> Scenario {
+    Scenario::empty(KYIV)
+        .with_operator(10, "101")
+        .with_operator(11, "102")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_full_across_windows() {
+    // 120 answered calls without recordings, spread over ten hours: one or two calls per
+    // window of 5 minutes. Each call is a two-command chain, so a full batch carries 50.
+    let mut s = ops();
+    for i in 0..120 {
+        let at = n("2026-11-22 00:00:00") + Duration::minutes(5 * i);
+        s.add_call(at, "OUT", "101", &["380501112233"], "ANSWER", 30, None);
+    }
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22 00:00:00\"\nmax_window = \"5m\"\n",
+    );
+    let ctx = env.ctx().await;
+    let before = env.sims.bitrix24.requests().len();
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(summary.pushed, 120, "{summary:?}");
+    assert!(summary.windows > 100, "{summary:?}");
+    let sizes: Vec<usize> = env.sims.bitrix24.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "batch" && r.commands.iter().any(|c| c.contains("register")))
+        .map(|r| r.commands.len())
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![50, 50, 50, 50, 40],
+        "batches fill across windows"
+    );
+    assert_eq!(env.sims.bitrix24.calls().len(), 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_appears_a_day_later_is_attached_without_a_second_registration() {
+    let mut s = ops();
+    let id = s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        Some("https://rec/day-late.mp3"),
+    );
+    // An unrelated missed call, which never awaits a recording.
+    s.add_call(
+        n("2026-11-22 13:10:00"),
+        "IN",
+        "380501112244",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls[0].link_delay = Duration::hours(20);
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert_eq!((first.pushed, first.recordings), (2, 0), "{first:?}");
+    let watch = ctx.store.lock().recording_watch_counts().unwrap();
+    assert_eq!(
+        watch,
+        vec![("awaiting".to_string(), 1), ("not_expected".to_string(), 1)]
+    );
+    // Passes every minute for a day: the call's window is long out of the lookback.
+    let mut attached_at = None;
+    for minute in 1..=(24 * 60) {
+        env.clock.advance(Duration::minutes(1));
+        let s = pass(&ctx).await.unwrap();
+        if s.recordings > 0 {
+            attached_at = Some(minute);
+            break;
+        }
+    }
+    let minute = attached_at.expect("the late link is attached within the wait");
+    // The call ended at 13:01 local, the passes start at 14:00: the link appears 20 h after
+    // the end, 1141 minutes in; re-checks are at most an hour apart.
+    assert!(
+        (1141..=1141 + 61).contains(&minute),
+        "attached after {minute} minutes"
+    );
+    assert_eq!(
+        env.sims.bitrix24.calls().len(),
+        2,
+        "never a second registration"
+    );
+    let st = env
+        .sims
+        .bitrix24
+        .stats()
+        .into_iter()
+        .find(|r| r.record_url.is_some())
+        .unwrap();
+    assert_eq!(st.record_url.as_deref(), Some("https://rec/day-late.mp3"));
+    let l = ctx
+        .store
+        .lock()
+        .ledger_row(&id.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.stage, Stage::Done);
+    let watch = ctx.store.lock().recording_watch_counts().unwrap();
+    assert!(watch.contains(&("attached".to_string(), 1)), "{watch:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_awaited_recording_is_given_up_after_the_wait_and_counted() {
+    let mut s = ops();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22 12:00:00\"\nrecording_wait = \"2h\"\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let mut given_up = 0;
+    let mut unitalk_requests = 0;
+    for _ in 0..(3 * 60 / 5) {
+        env.clock.advance(Duration::minutes(5));
+        let s = pass(&ctx).await.unwrap();
+        given_up += s.recordings_given_up;
+        unitalk_requests += s.recording_rechecks;
+    }
+    assert_eq!(given_up, 1);
+    assert!(
+        (3..=12).contains(&unitalk_requests),
+        "re-checks are spaced out: {unitalk_requests}"
+    );
+    let watch = ctx.store.lock().recording_watch_counts().unwrap();
+    assert_eq!(watch, vec![("given_up".to_string(), 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forty_minute_call_is_delivered_by_the_sweep_soon_after_it_ends() {
+    let mut s = ops();
+    // Starts at 13:00 local (11:00 UTC), lasts 40 minutes, appears in history at 13:40.
+    let id = s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        2400,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:30:00\"\n");
+    let ctx = env.ctx().await;
+    // t0 is 14:00 local; rewind to 13:05 and run a pass a minute, as the timer does.
+    env.clock.set(crate::harness::t0() - Duration::minutes(55));
+    let mut delivered_at = None;
+    for minute in 0..60 {
+        let s = pass(&ctx).await.unwrap();
+        if s.pushed > 0 {
+            delivered_at = Some(env.clock.now());
+            break;
+        }
+        let _ = minute;
+        env.clock.advance(Duration::minutes(1));
+    }
+    let at = delivered_at.expect("the long call is delivered");
+    let ended = crate::harness::t0() - Duration::minutes(20); // 13:40 local
+    let lag = at - ended;
+    // settle (2 min) + sweep_every (5 min) + one pass.
+    assert!(
+        lag <= Duration::minutes(8),
+        "delivered {lag} after it ended"
+    );
+    let l = ctx
+        .store
+        .lock()
+        .ledger_row(&id.to_string())
+        .unwrap()
+        .unwrap();
+    assert!(matches!(l.stage, Stage::Done | Stage::Finished), "{l:?}");
+    assert_eq!(env.sims.bitrix24.calls().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_record_url_on_finish_an_answered_call_takes_two_commands() {
+    let mut s = ops();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        Some("https://rec/1.mp3"),
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22 12:00:00\"\nrecord_url_on_finish = true\n",
+    );
+    let ctx = env.ctx().await;
+    let before = env.sims.bitrix24.requests().len();
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!((summary.pushed, summary.recordings), (1, 1), "{summary:?}");
+    let commands: Vec<String> = env.sims.bitrix24.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "batch")
+        .flat_map(|r| r.commands.clone())
+        .filter(|c| c.starts_with("telephony"))
+        .collect();
+    assert_eq!(
+        commands,
+        vec![
+            "telephony.externalcall.register",
+            "telephony.externalcall.finish"
+        ]
+    );
+    assert_eq!(
+        env.sims.bitrix24.stats()[0].record_url.as_deref(),
+        Some("https://rec/1.mp3")
+    );
+}
