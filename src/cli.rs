@@ -762,8 +762,11 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
             rand::random::<u32>()
         ));
         store.snapshot_to(&scratch)?;
-        drop(store);
-        let ctx = context(cfg, SharedStore::new(Store::open(&scratch)?))?;
+        // The pipeline plans on the scratch copy, but the Bitrix24 client keeps the real store:
+        // a refreshed token pair must be stored for good (the portal voids the old one at once).
+        let real = SharedStore::new(store);
+        let mut ctx = context(cfg, SharedStore::new(Store::open(&scratch)?))?;
+        ctx.b24 = Bitrix24Client::new(&ctx.cfg.bitrix24, real, ctx.clock.clone())?;
         let result = run_pass(
             &ctx,
             &PassOptions {
@@ -803,8 +806,39 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
     let stages = store.stage_counts()?;
     let quarantined = store.quarantined()?;
     let lines = store.line_statuses()?;
+    let kinds = ["sync", "backfill", "reconcile", "retry"];
+    let mut last_runs = serde_json::Map::new();
+    for k in kinds {
+        if let Some(r) = store.last_run(Some(k))? {
+            last_runs.insert(
+                k.into(),
+                serde_json::json!({
+                    "started_at": r.started_at.to_rfc3339(),
+                    "finished_at": r.finished_at.map(|t| t.to_rfc3339()),
+                    "outcome": r.outcome, "error": r.error,
+                }),
+            );
+        }
+    }
+    let watch = store.recording_watch_counts()?;
+    let awaiting = watch
+        .iter()
+        .find(|(k, _)| k == "awaiting")
+        .map_or(0, |(_, n)| *n);
+    let given_up = watch
+        .iter()
+        .find(|(k, _)| k == "given_up")
+        .map_or(0, |(_, n)| *n);
+    let last_sweep = store.cursor(crate::sync::SWEEP_STREAM)?;
     if json {
         let v = serde_json::json!({
+            "last_runs": last_runs,
+            "follow_ups": {
+                "recordings_awaiting": awaiting,
+                "recordings_given_up": given_up,
+                "recording_watch": watch.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                "last_long_call_sweep": last_sweep.map(|t| t.to_rfc3339()),
+            },
             "cursor": cursor.map(|c| c.to_rfc3339()),
             "cursor_lag_seconds": cursor.map(|c| (now - c).num_seconds()),
             "last_pass": last.as_ref().map(|r| serde_json::json!({
@@ -854,6 +888,22 @@ fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
         } else {
             stage_text.join(", ")
         }
+    );
+    for k in &kinds[1..] {
+        if let Some(r) = store.last_run(Some(k))? {
+            crate::say!(
+                "last {k:<9} {} {}{}",
+                r.started_at.to_rfc3339(),
+                r.outcome.as_deref().unwrap_or("running"),
+                r.error.map(|e| format!(": {e}")).unwrap_or_default()
+            );
+        }
+    }
+    crate::say!(
+        "follow-ups  {awaiting} calls awaiting a recording, {given_up} given up; last long-call sweep {}",
+        last_sweep
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "never".into())
     );
     crate::say!("quarantine  {} open", quarantined.len());
     for q in &quarantined {

@@ -18,6 +18,7 @@ mod pull;
 pub mod reconcile;
 pub mod window;
 
+pub use followup::SWEEP_STREAM;
 pub use pull::refresh_lines;
 use pull::{observe, pull_window};
 
@@ -306,7 +307,8 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
         let before = s.new + s.changed;
         let hold = observe(ctx, &records, s)?;
         staged += s.new + s.changed - before;
-        if staged >= u64::from(cfg.sync.stage_limit) {
+        // A dry run records nothing, so an early push would plan the same calls twice.
+        if staged >= u64::from(cfg.sync.stage_limit) && !opts.dry_run {
             push_due(ctx, opts, s).await?;
             staged = 0;
         }

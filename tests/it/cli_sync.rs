@@ -143,9 +143,15 @@ async fn sync_pushes_prints_a_summary_and_status_reports_the_state() {
     assert!(v["cursor"].is_string());
     assert_eq!(v["last_pass"]["outcome"], "ok");
     assert_eq!(v["inner_lines"].as_array().unwrap().len(), 2);
+    assert_eq!(v["last_runs"]["sync"]["outcome"], "ok", "{v}");
+    // Call 1001 had its link at once; the busy and missed calls expect none.
+    assert_eq!(v["follow_ups"]["recordings_awaiting"], 0, "{v}");
+    assert_eq!(v["follow_ups"]["recording_watch"]["not_expected"], 2, "{v}");
+    assert!(v["follow_ups"]["last_long_call_sweep"].is_string(), "{v}");
     let human = env.ubsync(&["status"]).await;
     assert!(
-        text(&human).contains("calls       done 3"),
+        text(&human).contains("calls       done 3")
+            && text(&human).contains("follow-ups  0 calls awaiting a recording"),
         "{}",
         text(&human)
     );
@@ -518,4 +524,50 @@ async fn healthz_turns_503_with_the_reason_when_passes_keep_failing() {
     let (_, m) = get(&env, &format!("{base}/metrics")).await;
     assert!(m.contains("ubsync_failures_total{job=\"sync\"}"), "{m}");
     child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_plans_each_command_once_matches_the_real_pass_and_keeps_a_refreshed_token() {
+    let env = env(scenario()).await;
+    // The stored access token has expired: the dry run must refresh and keep the new pair.
+    env.sims.bitrix24.expire_access_tokens();
+    let db = env.dir.path().join("state/ubsync.db");
+    let out = env.ubsync(&["sync", "--dry-run"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let planned: Vec<&str> = t.lines().filter(|l| l.starts_with("call ")).collect();
+    let unique: std::collections::HashSet<&&str> = planned.iter().collect();
+    assert_eq!(unique.len(), planned.len(), "each command once:\n{t}");
+    // The real pass afterwards works: the dry run did not throw the refreshed pair away.
+    let before = env.sims.bitrix24.requests().len();
+    let real = env.ubsync(&["sync"]).await;
+    assert_eq!(real.status.code(), Some(0), "{}", text(&real));
+    let sent = env.sims.bitrix24.requests()[before..]
+        .iter()
+        .flat_map(|r| r.commands.clone())
+        .filter(|c| {
+            !c.starts_with("user.get")
+                && !c.contains(".list")
+                && !c.contains("statistic")
+                && !c.contains("search")
+        })
+        .count();
+    let real_commands: Vec<String> = env.sims.bitrix24.requests()[before..]
+        .iter()
+        .flat_map(|r| r.commands.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        planned.len(),
+        "the plan's totals match what a real pass sends:\n{t}\nsent: {real_commands:?}"
+    );
+    // And a second dry run on an up-to-date store changes nothing in the file.
+    let bytes = std::fs::read(&db).unwrap();
+    let again = env.ubsync(&["sync", "--dry-run"]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the store file is byte-identical"
+    );
 }
