@@ -1,0 +1,341 @@
+//! Activity mode: CRM lookups (`crm.duplicate.findbycomm`, entity responsibles), leads, and
+//! `crm.activity.add`/`update` per call.
+
+use super::*;
+
+/// Looks numbers up with `crm.duplicate.findbycomm` (20 per command) and returns the best
+/// entity per number: a contact, else a company, else a lead (lowest id first).
+pub(super) async fn find_entities(
+    ctx: &SyncCtx,
+    numbers: &[String],
+) -> Result<HashMap<String, Entity>, SyncError> {
+    let mut out = HashMap::new();
+    let chunks: Vec<&[String]> = numbers.chunks(20).collect();
+    for (ci, chunk) in chunks.iter().enumerate() {
+        // One number per entity type is ambiguous across a chunk; ask per number in the chunk.
+        let commands: Vec<Command> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                Command::new(
+                    format!("d{ci}_{i}"),
+                    "crm.duplicate.findbycomm",
+                    json!({"type": "PHONE", "values": [n]}),
+                )
+            })
+            .collect();
+        let found = lookup(ctx, commands).await?;
+        for (i, n) in chunk.iter().enumerate() {
+            let Some(Value::Object(m)) = found.results.get(&format!("d{ci}_{i}")) else {
+                continue;
+            };
+            for kind in ["CONTACT", "COMPANY", "LEAD"] {
+                let id = m
+                    .get(kind)
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().filter_map(as_i64).min());
+                if let Some(id) = id {
+                    out.insert(
+                        n.clone(),
+                        Entity {
+                            kind: kind.into(),
+                            id,
+                        },
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn push_activity(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    due: Vec<Due>,
+    users: &HashMap<String, i64>,
+) -> Result<(), SyncError> {
+    let cfg = &ctx.cfg;
+    let now = ctx.clock.now();
+    // Follow-ups first: a recording link that appeared after the activity was written.
+    let mut updates = Vec::new();
+    let mut fresh = Vec::new();
+    let mut unassigned = Vec::new();
+    for d in due {
+        match d.item.ledger.stage {
+            Stage::Pending | Stage::InFlight => match user_for(ctx, &d.facts, users) {
+                Some(_) => fresh.push(d),
+                None => unassigned.push(d),
+            },
+            _ if plan::needs_recording(&d.facts, &d.item.ledger)
+                || plan::needs_activity_refresh(cfg, &d.item.ledger, &d.item.content_hash) =>
+            {
+                if let Some(c) =
+                    plan::activity_update(cfg, &d.facts, &d.item.ledger, operator_name(&d.facts))
+                {
+                    updates.push((d, c));
+                }
+            }
+            _ => {}
+        }
+    }
+    settle_unassigned(ctx, s, unassigned, now)?;
+
+    let mut numbers: Vec<String> = fresh
+        .iter()
+        .map(|d| d.facts.client_number.clone())
+        .collect();
+    numbers.sort();
+    numbers.dedup();
+    let mut entities = find_entities(ctx, &numbers).await?;
+
+    // Unknown numbers: one lead per number, created before any activity refers to it.
+    let unknown: Vec<String> = numbers
+        .iter()
+        .filter(|n| !entities.contains_key(*n))
+        .cloned()
+        .collect();
+    if cfg.activity.create_leads && !unknown.is_empty() {
+        let first_call: HashMap<&String, &Due> = fresh
+            .iter()
+            .rev()
+            .map(|d| (&d.facts.client_number, d))
+            .collect();
+        let commands: Vec<Command> = unknown
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let d = first_call[n];
+                let assigned = user_for(ctx, &d.facts, users).unwrap_or(1);
+                Command::new(
+                    format!("l{i}"),
+                    "crm.lead.add",
+                    json!({"fields": {
+                        "TITLE": cfg.activity.lead_title.replace("{phone}", n),
+                        "PHONE": [{"VALUE": n, "VALUE_TYPE": "WORK"}],
+                        "SOURCE_ID": "CALL", "ASSIGNED_BY_ID": assigned,
+                        "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": d.facts.external_id,
+                    }}),
+                )
+            })
+            .collect();
+        if opts.dry_run {
+            s.plan.extend(
+                commands
+                    .iter()
+                    .map(|c| format!("lead for {}: {}", c.params["fields"]["TITLE"], c.encode())),
+            );
+        } else {
+            let out = lookup(ctx, commands).await?;
+            for (i, n) in unknown.iter().enumerate() {
+                match out.results.get(&format!("l{i}")).and_then(as_i64) {
+                    Some(id) => {
+                        s.leads += 1;
+                        entities.insert(
+                            n.clone(),
+                            Entity {
+                                kind: "LEAD".into(),
+                                id,
+                            },
+                        );
+                    }
+                    None => {
+                        tracing::warn!(number = %n, error = ?out.errors.get(&format!("l{i}")), "lead creation failed; the calls wait for the next pass")
+                    }
+                }
+            }
+        }
+    }
+
+    let mut plans = Vec::new();
+    let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
+    let mut skipped = Vec::new();
+    for d in fresh {
+        let Some(entity) = entities.get(&d.facts.client_number).cloned() else {
+            if !cfg.activity.create_leads {
+                let mut l = d.item.ledger.clone();
+                l.stage = Stage::Skipped;
+                l.reason =
+                    Some("no CRM entity has this number and activity.create_leads = false".into());
+                skipped.push(l);
+            }
+            continue;
+        };
+        let user = user_for(ctx, &d.facts, users).expect("checked above");
+        let mut l = d.item.ledger.clone();
+        l.responsible_id = Some(user);
+        l.crm_entity_type = Some(entity.kind.clone());
+        l.crm_entity_id = Some(entity.id);
+        let command = plan::activity_add(cfg, &d.facts, &entity, user, operator_name(&d.facts));
+        facts.insert(
+            d.facts.id.clone(),
+            (d.facts.clone(), d.item.content_hash.clone()),
+        );
+        plans.push((
+            CallPlan {
+                call_id: d.facts.id.clone(),
+                commands: vec![command],
+            },
+            l,
+            true,
+        ));
+    }
+    if opts.dry_run {
+        s.plan
+            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+        s.plan.extend(
+            updates
+                .iter()
+                .map(|(d, c)| format!("call {}: {}", d.facts.id, c.encode())),
+        );
+        s.plan.extend(missed_task_lines(ctx, &facts));
+        return Ok(());
+    }
+    if !skipped.is_empty() {
+        s.skipped += skipped.len() as u64;
+        ctx.store.lock().apply(&skipped, &[], None, now)?;
+    }
+    let mut pushed = 0;
+    send_plans(
+        ctx,
+        plans,
+        |id, l, out| {
+            let (f, hash) = &facts[id];
+            let (row, reason) = plan::record_activity(cfg, f, l, out, hash, now);
+            if matches!(row.stage, Stage::Finished | Stage::Done) {
+                pushed += 1;
+            }
+            (row, reason)
+        },
+        s,
+    )
+    .await?;
+    s.pushed += pushed;
+
+    let upd_facts: HashMap<String, (CallFacts, String)> = updates
+        .iter()
+        .map(|(d, _)| {
+            (
+                d.facts.id.clone(),
+                (d.facts.clone(), d.item.content_hash.clone()),
+            )
+        })
+        .collect();
+    let upd_plans = updates
+        .into_iter()
+        .map(|(d, c)| {
+            (
+                CallPlan {
+                    call_id: d.facts.id.clone(),
+                    commands: vec![c],
+                },
+                d.item.ledger,
+                false,
+            )
+        })
+        .collect();
+    let mut recordings = 0;
+    send_plans(
+        ctx,
+        upd_plans,
+        |id, l, out| {
+            let (f, hash) = &upd_facts[id];
+            let (row, reason) = plan::record_activity_update(cfg, f, l, out, hash, now);
+            if f.link.is_some() && row.record_url == f.link && row.stage != Stage::Quarantined {
+                recordings += 1;
+            }
+            (row, reason)
+        },
+        s,
+    )
+    .await?;
+    s.recordings += recordings;
+    Ok(())
+}
+
+/// Responsible users of CRM entities, by (kind, id).
+pub(super) async fn entity_responsibles(
+    ctx: &SyncCtx,
+    entities: &[Entity],
+    numbers: &[String],
+) -> Result<(HashMap<(String, i64), i64>, HashMap<String, (Entity, i64)>), SyncError> {
+    let mut by_entity = HashMap::new();
+    let mut by_number = HashMap::new();
+    match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => {
+            let commands: Vec<Command> = numbers
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Command::new(
+                        format!("s{i}"),
+                        "telephony.externalCall.searchCrmEntities",
+                        json!({"PHONE_NUMBER": n}),
+                    )
+                })
+                .collect();
+            let found = lookup(ctx, commands).await?;
+            for (i, n) in numbers.iter().enumerate() {
+                let Some(Value::Array(list)) = found.results.get(&format!("s{i}")) else {
+                    continue;
+                };
+                for e in list {
+                    let (Some(kind), Some(id), Some(resp)) = (
+                        e.get("CRM_ENTITY_TYPE").and_then(as_text),
+                        e.get("CRM_ENTITY_ID").and_then(as_i64),
+                        e.get("ASSIGNED_BY_ID").and_then(as_i64),
+                    ) else {
+                        continue;
+                    };
+                    by_entity.insert((kind.clone(), id), resp);
+                    by_number
+                        .entry(n.clone())
+                        .or_insert((Entity { kind, id }, resp));
+                }
+            }
+        }
+        Mode::Activity => {
+            let mut commands = Vec::new();
+            for kind in ["CONTACT", "LEAD", "COMPANY"] {
+                let ids: Vec<i64> = entities
+                    .iter()
+                    .filter(|e| e.kind == kind)
+                    .map(|e| e.id)
+                    .collect();
+                for (ci, chunk) in ids.chunks(50).enumerate() {
+                    let method = format!("crm.{}.list", kind.to_lowercase());
+                    commands.push(Command::new(
+                        format!("e_{}_{ci}", kind.to_lowercase()),
+                        method,
+                        json!({"filter": {"@ID": chunk}, "select": ["ID", "ASSIGNED_BY_ID"]}),
+                    ));
+                }
+            }
+            let keys: Vec<(String, String)> = commands
+                .iter()
+                .map(|c| (c.key.clone(), c.method.clone()))
+                .collect();
+            let found = lookup(ctx, commands).await?;
+            for (k, method) in keys {
+                let kind = method
+                    .trim_start_matches("crm.")
+                    .trim_end_matches(".list")
+                    .to_uppercase();
+                let Some(Value::Array(list)) = found.results.get(&k) else {
+                    continue;
+                };
+                for e in list {
+                    if let (Some(id), Some(resp)) = (
+                        e.get("ID").and_then(as_i64),
+                        e.get("ASSIGNED_BY_ID").and_then(as_i64),
+                    ) {
+                        by_entity.insert((kind.clone(), id), resp);
+                    }
+                }
+            }
+        }
+    }
+    Ok((by_entity, by_number))
+}

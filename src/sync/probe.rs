@@ -1,0 +1,115 @@
+//! Probing calls whose outcome is unknown: looked up in Bitrix24 (statistics by
+//! `EXTERNAL_CALL_ID`, activities by `ORIGIN_ID`, tasks) and continued from what is found.
+
+use super::*;
+
+/// Settles calls whose last batch has an unknown outcome by asking Bitrix24 what it holds.
+pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let now = ctx.clock.now();
+    // In-flight rows are due whatever their retry time.
+    let rows: Vec<WorkItem> = ctx
+        .store
+        .lock()
+        .work_due(now + Duration::days(36500))?
+        .into_iter()
+        .filter(|w| w.ledger.stage == Stage::InFlight || w.ledger.task_in_flight_since.is_some())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        calls = rows.len(),
+        "probing Bitrix24 for calls whose last batch had an unknown outcome"
+    );
+    let mut commands = Vec::new();
+    for w in &rows {
+        let ext = format!("unitalk-{}", w.ledger.call_id);
+        if w.ledger.stage == Stage::InFlight {
+            commands.push(match ctx.cfg.bitrix24.mode {
+                Mode::Telephony => Command::new(key("p", &w.ledger.call_id), "voximplant.statistic.get", json!({"FILTER": {"EXTERNAL_CALL_ID": ext}})),
+                Mode::Activity => Command::new(
+                    key("p", &w.ledger.call_id),
+                    "crm.activity.list",
+                    json!({"filter": {"ORIGINATOR_ID": "ubsync", "ORIGIN_ID": ext}, "select": ["ID", "OWNER_TYPE_ID", "OWNER_ID"]}),
+                ),
+            });
+        }
+        if let (Some(since), Some(resp)) = (w.ledger.task_in_flight_since, w.ledger.responsible_id)
+        {
+            commands.push(Command::new(
+                key("q", &w.ledger.call_id),
+                "tasks.task.list",
+                json!({"filter": {"RESPONSIBLE_ID": resp, ">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)},
+                       "select": ["ID", "XML_ID", "DESCRIPTION"]}),
+            ));
+        }
+    }
+    let found = lookup(ctx, commands).await?;
+    let mut updated = Vec::new();
+    for w in rows {
+        let mut l = w.ledger.clone();
+        let ext = format!("unitalk-{}", l.call_id);
+        if l.stage == Stage::InFlight {
+            let Some(res) = found.results.get(&key("p", &l.call_id)) else {
+                continue; // the probe itself failed; try again next pass
+            };
+            let hit = res.as_array().and_then(|a| a.first()).cloned();
+            l.in_flight_since = None;
+            match (hit, ctx.cfg.bitrix24.mode) {
+                (Some(row), Mode::Telephony) => {
+                    l.b24_call_id = row.get("CALL_ID").and_then(as_text).or(l.b24_call_id);
+                    l.b24_stat_id = row.get("ID").and_then(as_i64);
+                    l.b24_activity_id = row.get("CRM_ACTIVITY_ID").and_then(as_i64);
+                    if let (Some(k), Some(id)) = (
+                        row.get("CRM_ENTITY_TYPE").and_then(as_text),
+                        row.get("CRM_ENTITY_ID").and_then(as_i64),
+                    ) {
+                        l.crm_entity_type = Some(k);
+                        l.crm_entity_id = Some(id);
+                    }
+                    let has_record = row.get("CALL_RECORD_URL").and_then(as_text).is_some()
+                        || row.get("RECORD_FILE_ID").and_then(as_text).is_some();
+                    if has_record {
+                        let raw: Value = serde_json::from_str(&w.raw).unwrap_or(Value::Null);
+                        l.record_url = raw.get("link").and_then(as_text);
+                    }
+                    l.stage = Stage::Finished;
+                }
+                (Some(row), Mode::Activity) => {
+                    l.b24_activity_id = row.get("ID").and_then(as_i64);
+                    l.stage = Stage::Finished;
+                }
+                (None, _) => {
+                    l.stage = if l.b24_call_id.is_some() {
+                        Stage::Registered
+                    } else {
+                        Stage::Pending
+                    }
+                }
+            }
+            s.probed += 1;
+        }
+        if l.task_in_flight_since.is_some() {
+            if let Some(Value::Object(res)) = found.results.get(&key("q", &l.call_id)) {
+                let tasks = res
+                    .get("tasks")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let mine = tasks.iter().find(|t| {
+                    t.get("xmlId").and_then(as_text).as_deref() == Some(ext.as_str())
+                        || t.get("description")
+                            .and_then(Value::as_str)
+                            .is_some_and(|d| d.contains(&ext))
+                });
+                l.task_id = mine.and_then(|t| t.get("id")).and_then(as_i64);
+                l.task_in_flight_since = None;
+                s.probed += 1;
+            }
+        }
+        updated.push(l);
+    }
+    ctx.store.lock().apply(&updated, &[], None, now)?;
+    // Rows settled as finished may have nothing left to do; the planner re-reads them.
+    Ok(())
+}

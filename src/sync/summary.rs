@@ -1,0 +1,123 @@
+//! What a pass reports: progress after each window and the summary line stored in the run log.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Where a pass stands, reported after each window.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub windows_done: u64,
+    pub windows_total: u64,
+    pub pulled: u64,
+    pub pushed: u64,
+    pub tasks: u64,
+    /// The cursor after the window.
+    pub position: Option<DateTime<Utc>>,
+}
+
+/// A progress callback.
+#[derive(Clone)]
+pub struct ProgressFn(pub std::sync::Arc<dyn Fn(&Progress) + Send + Sync>);
+
+impl fmt::Debug for ProgressFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProgressFn")
+    }
+}
+
+/// What a pass did; printed as one line and stored in the run log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassSummary {
+    pub windows: u64,
+    pub pulled: u64,
+    pub new: u64,
+    pub changed: u64,
+    /// Pulled again with nothing new (overlap, re-checks, sweeps); pulled = new + changed +
+    /// unchanged + quarantined unreadable records.
+    pub unchanged: u64,
+    /// Narrow re-pulls for awaited recordings.
+    pub recording_rechecks: u64,
+    /// Awaited recordings given up after `sync.recording_wait`.
+    pub recordings_given_up: u64,
+    /// Windows re-pulled by the long-call sweep.
+    pub swept_windows: u64,
+    /// Calls that reached Bitrix24 in this pass.
+    pub pushed: u64,
+    pub recordings: u64,
+    pub tasks: u64,
+    pub leads: u64,
+    pub skipped: u64,
+    pub quarantined: u64,
+    /// Calls whose unknown outcome was settled by asking Bitrix24.
+    pub probed: u64,
+    pub bitrix24_requests: u64,
+    pub unitalk_requests: u64,
+    pub unitalk_units: u64,
+    pub lines: u64,
+    pub elapsed_ms: u64,
+    /// Requests that waited at the client-side limiter, in total milliseconds.
+    pub limiter_wait_ms: u64,
+    /// 503 `QUERY_LIMIT_EXCEEDED` answers met (and waited out).
+    pub rate_limited: u64,
+    /// 429 `OPERATION_TIME_LIMIT` answers met.
+    pub operation_limited: u64,
+    /// OAuth refreshes.
+    pub refreshes: u64,
+    /// Methods paused by the portal (429), with when they resume; their calls wait.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paused: Vec<String>,
+    /// Dry run: the commands that would be sent, one line each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plan: Vec<String>,
+    pub cursor: Option<String>,
+}
+
+impl fmt::Display for PassSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pulled {} calls ({} new, {} changed, {} unchanged) in {} windows; pushed {}, recordings {}, tasks {}, leads {}, skipped {}, quarantined {}; {} Bitrix24 requests, {} Unitalk requests ({} units); {:.1}s",
+            self.pulled,
+            self.new,
+            self.changed,
+            self.unchanged,
+            self.windows,
+            self.pushed,
+            self.recordings,
+            self.tasks,
+            self.leads,
+            self.skipped,
+            self.quarantined,
+            self.bitrix24_requests,
+            self.unitalk_requests,
+            self.unitalk_units,
+            self.elapsed_ms as f64 / 1000.0
+        )?;
+        if self.rate_limited + self.operation_limited + self.refreshes > 0
+            || self.limiter_wait_ms >= 1000
+        {
+            write!(
+                f,
+                "; waited {:.1}s for the rate limit, {} 503s, {} 429s, {} token refreshes",
+                self.limiter_wait_ms as f64 / 1000.0,
+                self.rate_limited,
+                self.operation_limited,
+                self.refreshes
+            )?;
+        }
+        if self.recording_rechecks + self.swept_windows + self.recordings_given_up > 0 {
+            write!(
+                f,
+                "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
+                self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
+        if !self.paused.is_empty() {
+            write!(f, "; paused by Bitrix24: {}", self.paused.join(", "))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! Telephony mode: register → finish → attachRecord chains, and standalone attachRecord for
+//! portals that refuse it inside a batch.
+
+use super::*;
+
+/// Fact: "no" once the portal refused `attachRecord` inside a batch.
+pub(super) const FACT_ATTACH_IN_BATCH: &str = "bitrix24.attach_record_in_batch";
+
+pub(super) async fn push_telephony(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    due: Vec<Due>,
+    users: &HashMap<String, i64>,
+) -> Result<(), SyncError> {
+    let now = ctx.clock.now();
+    let attach_in_batch = ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
+    let mut plans = Vec::new();
+    let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
+    let mut unassigned = Vec::new();
+    for d in due {
+        let l = &d.item.ledger;
+        if l.stage == Stage::Finished && !plan::needs_recording(&d.facts, l) {
+            continue;
+        }
+        let Some(user) = user_for(ctx, &d.facts, users) else {
+            unassigned.push(d);
+            continue;
+        };
+        let commands = plan::telephony_chain(&ctx.cfg, &d.facts, l, user, attach_in_batch);
+        if commands.is_empty() {
+            continue;
+        }
+        let non_idempotent = commands
+            .iter()
+            .any(|c| c.method != "telephony.externalCall.attachRecord");
+        let mut l = l.clone();
+        l.responsible_id = Some(user);
+        facts.insert(
+            d.facts.id.clone(),
+            (d.facts.clone(), d.item.content_hash.clone()),
+        );
+        plans.push((
+            CallPlan {
+                call_id: d.facts.id.clone(),
+                commands,
+            },
+            l,
+            non_idempotent,
+        ));
+    }
+    settle_unassigned(ctx, s, unassigned, now)?;
+    if opts.dry_run {
+        s.plan
+            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+        if !attach_in_batch {
+            s.plan.extend(facts.values().filter(|(f, _)| f.link.is_some()).map(|(f, _)| format!("call {}: telephony.externalCall.attachRecord (standalone: this portal refuses it in a batch)", f.id)));
+        }
+        s.plan.extend(missed_task_lines(ctx, &facts));
+        return Ok(());
+    }
+    let cfg = &ctx.cfg;
+    let mut pushed = 0;
+    let mut recordings = 0;
+    let mut refused_in_batch = false;
+    let mut accepted_in_batch = false;
+    send_plans(
+        ctx,
+        plans,
+        |id, l, out| {
+            let (f, hash) = &facts[id];
+            let before = l.stage;
+            let had_record = l.record_url.clone();
+            if out
+                .errors
+                .get(&plan::key("a", id))
+                .is_some_and(|e| e.effective_code() == "ERROR_BATCH_METHOD_NOT_ALLOWED")
+            {
+                refused_in_batch = true;
+            }
+            accepted_in_batch |= out.results.contains_key(&plan::key("a", id));
+            let (row, reason) = plan::record_chain(cfg, f, l, out, hash, now);
+            if matches!(row.stage, Stage::Finished | Stage::Done)
+                && !matches!(before, Stage::Finished | Stage::Done)
+            {
+                pushed += 1;
+            }
+            if row.record_url.is_some() && row.record_url != had_record {
+                recordings += 1;
+            }
+            (row, reason)
+        },
+        s,
+    )
+    .await?;
+    s.pushed += pushed;
+    s.recordings += recordings;
+    if refused_in_batch {
+        tracing::warn!("this portal refuses attachRecord inside a batch; recordings now go as separate requests");
+        ctx.store.lock().set_fact(FACT_ATTACH_IN_BATCH, "no", now)?;
+    } else if accepted_in_batch && attach_in_batch {
+        ctx.store
+            .lock()
+            .set_fact(FACT_ATTACH_IN_BATCH, "yes", now)?;
+    }
+    if refused_in_batch || !attach_in_batch {
+        attach_standalone(ctx, s).await?;
+    }
+    Ok(())
+}
+
+/// Attaches recordings one request at a time (still through the request budget), for portals
+/// that refuse `attachRecord` inside a batch.
+pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let cfg = &ctx.cfg;
+    let items = ctx.store.lock().work_due(ctx.clock.now())?;
+    let known = known_lines(ctx)?;
+    for w in items
+        .into_iter()
+        .filter(|w| w.ledger.stage == Stage::Finished)
+    {
+        let Some(f) = stored_facts(ctx, &known, &w.raw) else {
+            continue;
+        };
+        if !plan::needs_recording(&f, &w.ledger) {
+            continue;
+        }
+        let Some(command) = plan::attach_record(
+            cfg,
+            &f,
+            json!(w.ledger.b24_call_id.clone().unwrap_or_default()),
+        ) else {
+            continue;
+        };
+        let result = tokio::select! {
+            r = ctx.b24.call(&command.method, Value::Object(command.params.clone())) => r,
+            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+        };
+        let now = ctx.clock.now();
+        let (row, reason) = match result {
+            Ok(_) => {
+                let mut l = w.ledger.clone();
+                l.record_url = f.link.clone();
+                s.recordings += 1;
+                (plan::settle_stage(cfg, &f, l, &w.content_hash), None)
+            }
+            Err(Bitrix24Error::Api {
+                code, description, ..
+            }) => plan::fail(
+                w.ledger.clone(),
+                plan::classify_error(
+                    &command.method,
+                    &crate::bitrix24::wire::ErrorBody { code, description },
+                ),
+                now,
+            ),
+            Err(e) if e.is_retryable() && !e.needs_admin() => {
+                tracing::warn!(error = %e, call = %f.id, "recording not attached; a later pass retries");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let quarantine: Vec<NewQuarantine> = reason
+            .map(|reason| NewQuarantine {
+                source: "bitrix24",
+                call_id: Some(f.id.clone()),
+                raw: command.encode(),
+                reason,
+            })
+            .into_iter()
+            .collect();
+        s.quarantined += quarantine.len() as u64;
+        ctx.store.lock().apply(&[row], &quarantine, None, now)?;
+    }
+    Ok(())
+}
