@@ -248,6 +248,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 SyncError::Bitrix24(b) => bitrix24_code(b),
                 SyncError::Store(StoreError::Busy(_)) | SyncError::Cancelled => EXIT_TEMPFAIL,
                 SyncError::Store(_) => 1,
+                SyncError::IdentityChanged { .. } => EXIT_CONFIG,
             };
         }
         if cause.downcast_ref::<ConfigError>().is_some()
@@ -951,7 +952,7 @@ async fn retry(path: &std::path::Path, ids: &[String], all: bool) -> anyhow::Res
             // An unreadable record: read it again; it enters the pipeline only if it now parses.
             let raw: serde_json::Value =
                 serde_json::from_str(&q.raw).unwrap_or(serde_json::Value::Null);
-            match crate::unitalk::wire::parse_call(&raw, tz) {
+            match crate::unitalk::wire::parse_call_as(&raw, tz, &cfg.unitalk.call_id_field) {
                 Ok(call) => {
                     store.observe(
                         &[crate::store::ledger::Observation {

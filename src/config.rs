@@ -68,6 +68,8 @@ pub struct UnitalkConfig {
     pub retry_base_delay: Duration,
     /// Plain `http://` accepted for a non-loopback `base_url` (`unitalk.allow_insecure_http`).
     pub allow_insecure_http: bool,
+    /// The history field that identifies a call (`id`; a documented record also has `dbid`).
+    pub call_id_field: String,
 }
 
 /// How ubsync writes to Bitrix24.
@@ -351,6 +353,7 @@ struct RawUnitalk {
     page_size: Option<i64>,
     retry_base_delay: Option<String>,
     allow_insecure_http: Option<bool>,
+    call_id_field: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -716,6 +719,23 @@ impl Validator {
             ("1ms", "5m"),
         );
 
+        let call_id_field = raw
+            .unitalk
+            .call_id_field
+            .map(|f| f.trim().to_string())
+            .unwrap_or_else(|| "id".into());
+        if call_id_field.is_empty()
+            || !call_id_field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            self.fail(
+                "unitalk.call_id_field",
+                format!("`{call_id_field}` is not a field name"),
+                "use \"id\" (the default) or \"dbid\"",
+            );
+        }
+
         // Bitrix24.
         let b = raw.bitrix24;
         let b24_http = b.allow_insecure_http.unwrap_or(false);
@@ -1005,6 +1025,7 @@ impl Validator {
                 page_size,
                 retry_base_delay: unitalk_retry,
                 allow_insecure_http: unitalk_http,
+                call_id_field,
             },
             bitrix24: Bitrix24Config {
                 mode,

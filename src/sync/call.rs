@@ -132,6 +132,11 @@ pub fn classify(call: &Call, known_lines: &HashSet<String>, cfg: &SyncConfig) ->
             Some(call.from.clone()).filter(|f| !f.is_empty()),
         );
     }
+    if call.state == CallState::Other(String::new()) {
+        return Disposition::Quarantine(
+            "the record has no `state` and no talk time: its outcome is unknown".into(),
+        );
+    }
     let way = match &call.direction {
         Direction::In => Way::In,
         Direction::Out => Way::Out,

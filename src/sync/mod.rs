@@ -49,7 +49,7 @@ use crate::clock::Clock;
 use crate::config::{Config, Mode};
 use crate::store::ledger::{LedgerRow, NewQuarantine, Stage, WorkItem};
 use crate::store::{SharedStore, StoreError};
-use crate::unitalk::{wire::parse_call, UnitalkClient, UnitalkError};
+use crate::unitalk::{UnitalkClient, UnitalkError};
 
 /// The cursor of regular passes.
 pub const HISTORY_STREAM: &str = "history";
@@ -69,6 +69,8 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("interrupted; the next pass continues where this one stopped")]
     Cancelled,
+    #[error("unitalk.call_id_field is `{configured}`, but this state file's calls are keyed by `{stored}`: changing it would push every call to Bitrix24 again. Set it back to \"{stored}\", or start a new state file (then `ubsync reconcile` before trusting it)")]
+    IdentityChanged { stored: String, configured: String },
 }
 
 /// Everything a pass needs.
@@ -102,6 +104,51 @@ impl Default for PassOptions {
             stream: HISTORY_STREAM.into(),
             range: None,
             progress: None,
+        }
+    }
+}
+
+/// Parses a Unitalk record with this configuration's zone and identity field.
+pub(crate) fn parse(
+    ctx: &SyncCtx,
+    raw: &Value,
+) -> Result<crate::unitalk::Call, crate::unitalk::RecordError> {
+    crate::unitalk::wire::parse_call_as(
+        raw,
+        ctx.cfg.unitalk.timezone,
+        &ctx.cfg.unitalk.call_id_field,
+    )
+}
+
+/// The identity field is stored with the ledger: changing it would give every call a new id
+/// and push it again, so a pass refuses a configuration that differs from the stored one.
+pub const FACT_CALL_ID_FIELD: &str = "unitalk.call_id_field";
+
+fn check_identity(ctx: &SyncCtx) -> Result<(), SyncError> {
+    let want = &ctx.cfg.unitalk.call_id_field;
+    let store = ctx.store.lock();
+    match store.fact(FACT_CALL_ID_FIELD)? {
+        Some(have) if have != *want => Err(SyncError::IdentityChanged {
+            stored: have,
+            configured: want.clone(),
+        }),
+        Some(_) => Ok(()),
+        None => {
+            // A store from before this setting was keyed by `id`.
+            let had_calls = !store.ledger_rows()?.is_empty();
+            let have = if had_calls {
+                "id".to_string()
+            } else {
+                want.clone()
+            };
+            store.set_fact(FACT_CALL_ID_FIELD, &have, ctx.clock.now())?;
+            if have != *want {
+                return Err(SyncError::IdentityChanged {
+                    stored: have,
+                    configured: want.clone(),
+                });
+            }
+            Ok(())
         }
     }
 }
@@ -144,6 +191,7 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
 
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
     let cfg = &ctx.cfg;
+    check_identity(ctx)?;
     refresh_lines(ctx, s).await?;
     let now = ctx.clock.now();
     let stored = ctx.store.lock().cursor(&opts.stream)?;
@@ -254,11 +302,7 @@ pub(crate) fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
 
 /// A stored call read again and classified: its facts, when ubsync pushes it.
 pub(crate) fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) -> Option<CallFacts> {
-    let call = parse_call(
-        &serde_json::from_str(raw).unwrap_or(Value::Null),
-        ctx.cfg.unitalk.timezone,
-    )
-    .ok()?;
+    let call = parse(ctx, &serde_json::from_str(raw).unwrap_or(Value::Null)).ok()?;
     match classify(&call, known, &ctx.cfg.sync) {
         Disposition::Push(f) => Some(*f),
         _ => None,
@@ -339,7 +383,7 @@ fn understand(
     let mut quarantine = Vec::new();
     for item in items {
         let raw: Value = serde_json::from_str(&item.raw).unwrap_or(Value::Null);
-        let call = match parse_call(&raw, ctx.cfg.unitalk.timezone) {
+        let call = match parse(ctx, &raw) {
             Ok(c) => c,
             Err(e) => {
                 let (l, q) = quarantine_item(&item, "unitalk", e.reason);

@@ -20,13 +20,21 @@ use crate::timezone::rfc3339_in;
 /// Failures before a retryable problem is quarantined instead.
 pub const MAX_ATTEMPTS: i64 = 6;
 
-/// A non-numeric batch key for a call's command (`r_12345`).
+/// A non-numeric batch key for a call's command (`r_12345`). Injective: every byte that is not
+/// an ASCII letter or digit (the underscore included) is written `_xx` in hex, so call ids that
+/// differ only in punctuation (`8000036-1`, `8000036.1`) never share a key.
 pub fn key(prefix: &str, call_id: &str) -> String {
-    let clean: String = call_id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("{prefix}_{clean}")
+    let mut out = String::with_capacity(prefix.len() + 1 + call_id.len());
+    out.push_str(prefix);
+    out.push('_');
+    for b in call_id.bytes() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
 }
 
 /// A CRM entity as Bitrix24 names it.
@@ -605,6 +613,25 @@ pub fn record_task(
 mod tests {
     use super::*;
 
+    #[test]
+    fn batch_keys_are_injective() {
+        let ids = [
+            "8000036-1",
+            "8000036.1",
+            "8000036_1",
+            "8000036_2d1",
+            "80000361",
+            "a b",
+            "a_20b",
+        ];
+        let keys: std::collections::HashSet<String> = ids.iter().map(|i| key("r", i)).collect();
+        assert_eq!(keys.len(), ids.len(), "{keys:?}");
+        assert_eq!(key("r", "12345"), "r_12345");
+        assert!(keys
+            .iter()
+            .all(|k| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')));
+    }
+
     fn plan(n: usize, each: usize) -> CallPlan {
         CallPlan {
             call_id: n.to_string(),
@@ -627,7 +654,7 @@ mod tests {
     #[test]
     fn keys_are_never_numeric() {
         assert_eq!(key("r", "12345"), "r_12345");
-        assert_eq!(key("r", "a-b.c"), "r_a_b_c");
+        assert_eq!(key("r", "a-b.c"), "r_a_2db_2ec");
     }
 
     #[test]

@@ -10,10 +10,9 @@ use serde_json::Value;
 
 use super::call::content_hash;
 use super::{window, PassSummary, SyncCtx, SyncError, DIALING_HOLD_HOURS};
-use crate::bitrix24::wire::as_text;
 use crate::store::ledger::{NewQuarantine, Observation, Observed};
 use crate::timezone::local_to_utc;
-use crate::unitalk::{wire::parse_call, CallState, UnitalkError};
+use crate::unitalk::{CallState, UnitalkError};
 
 /// Refreshes operators (`/users/list`) and inner-line statuses (`/phones/inner`). Only a refused
 /// key stops the pass: `/phones/inner` is unconfirmed and may not exist on every account.
@@ -111,7 +110,7 @@ pub(super) async fn pull_window(
             last_count = page.count;
             let n = page.calls.len() as u64;
             for c in page.calls {
-                match c.get("id").and_then(as_text) {
+                match crate::unitalk::wire::record_id(&c, &ctx.cfg.unitalk.call_id_field) {
                     Some(id) => {
                         by_id.insert(id, c);
                     }
@@ -140,13 +139,28 @@ pub(super) fn observe(
     records: &[Value],
     s: &mut PassSummary,
 ) -> Result<Option<DateTime<Utc>>, SyncError> {
-    let tz = ctx.cfg.unitalk.timezone;
     let now = ctx.clock.now();
     let mut obs = Vec::new();
     let mut quarantine = Vec::new();
     let mut hold: Option<DateTime<Utc>> = None;
     for raw in records {
-        match parse_call(raw, tz) {
+        match super::parse(ctx, raw) {
+            Ok(c)
+                if c.started_at < now - Duration::days(366)
+                    || c.started_at > now + Duration::days(1) =>
+            {
+                let reason = format!(
+                    "its start {} is outside [now - 1 year, now + 1 day]: a broken date, not a call to push",
+                    c.started_at.to_rfc3339()
+                );
+                tracing::warn!(%reason, id = %c.id, "quarantining a Unitalk record");
+                quarantine.push(NewQuarantine {
+                    source: "unitalk",
+                    call_id: Some(c.id.clone()),
+                    raw: raw.to_string(),
+                    reason,
+                });
+            }
             Ok(c) => {
                 if c.state == CallState::Dialing
                     && c.started_at > now - Duration::hours(DIALING_HOLD_HOURS)

@@ -22,7 +22,6 @@ use crate::bitrix24::wire::{as_i64, as_text};
 use crate::config::Mode;
 use crate::store::ledger::{LedgerRow, Observation, Stage};
 use crate::timezone::rfc3339_in;
-use crate::unitalk::wire::parse_call;
 
 /// What a reconciliation found (and did).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -246,7 +245,6 @@ pub async fn reconcile(
     dry_run: bool,
 ) -> Result<(ReconcileReport, PassSummary), SyncError> {
     let cfg = &ctx.cfg;
-    let tz = cfg.unitalk.timezone;
     let now = ctx.clock.now();
     let known = super::known_lines(ctx)?;
 
@@ -264,7 +262,7 @@ pub async fn reconcile(
     let mut seen = HashSet::new();
     let mut pushable = Vec::new();
     for raw in records {
-        let Ok(call) = parse_call(&raw, tz) else {
+        let Ok(call) = super::parse(ctx, &raw) else {
             continue;
         };
         if call.started_at < from || call.started_at >= to || !seen.insert(call.id.clone()) {

@@ -167,8 +167,46 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-/// Parses one history record; `tz` is Unitalk's zone.
+/// The longest call ubsync believes: a longer duration is a broken record.
+pub const MAX_CALL_SECONDS: u32 = 86_400;
+
+/// A call identity as Unitalk can send it: a whole number, possibly as a string of digits
+/// (normalized, so `"0042"`, `"42"` and `42` are one call). Floats, negatives, exponents and
+/// text are not ids.
+fn call_id(v: Option<&Value>, field: &str) -> Result<String, String> {
+    let bad = |shown: String| format!("`{field}` {shown} is not a call id (a whole number)");
+    match v {
+        None | Some(Value::Null) => Err(format!("missing `{field}`")),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|u| u.to_string())
+            .ok_or_else(|| bad(n.to_string())),
+        Some(Value::String(s)) => {
+            let t = s.trim();
+            if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+                t.parse::<u64>()
+                    .map(|u| u.to_string())
+                    .map_err(|_| bad(format!("{s:?}")))
+            } else {
+                Err(bad(format!("{s:?}")))
+            }
+        }
+        Some(other) => Err(bad(other.to_string())),
+    }
+}
+
+/// A record's identity under `field` (`unitalk.call_id_field`), for deduplication while paging.
+pub fn record_id(raw: &Value, field: &str) -> Option<String> {
+    call_id(raw.get(field), field).ok()
+}
+
+/// Parses one history record with the default identity field `id`; `tz` is Unitalk's zone.
 pub fn parse_call(raw: &Value, tz: Tz) -> Result<Call, RecordError> {
+    parse_call_as(raw, tz, "id")
+}
+
+/// Parses one history record whose identity is `id_field`; `tz` is Unitalk's zone.
+pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, RecordError> {
     let fail = |id: Option<String>, reason: String| RecordError {
         id,
         reason,
@@ -177,7 +215,7 @@ pub fn parse_call(raw: &Value, tz: Tz) -> Result<Call, RecordError> {
     let Some(obj) = raw.as_object() else {
         return Err(fail(None, "not a JSON object".into()));
     };
-    let id = text(obj.get("id")).ok_or_else(|| fail(None, "missing `id`".into()))?;
+    let id = call_id(obj.get(id_field), id_field).map_err(|reason| fail(None, reason))?;
     let date_raw =
         text(obj.get("date")).ok_or_else(|| fail(Some(id.clone()), "missing `date`".into()))?;
     let local_start = NaiveDateTime::parse_from_str(&date_raw, "%Y-%m-%d %H:%M:%S")
@@ -198,12 +236,26 @@ pub fn parse_call(raw: &Value, tz: Tz) -> Result<Call, RecordError> {
     };
     let seconds_full = num("secondsFullTime")?.unwrap_or(0);
     let seconds_talk = num("secondsTalk")?.unwrap_or(0);
+    if seconds_full.max(seconds_talk) > MAX_CALL_SECONDS {
+        return Err(fail(
+            Some(id.clone()),
+            format!(
+                "a duration of {} s is beyond a day",
+                seconds_full.max(seconds_talk)
+            ),
+        ));
+    }
     let direction = text(obj.get("direction"))
         .map(|d| Direction::parse(&d))
         .unwrap_or(Direction::Other(String::new()));
-    let state = text(obj.get("state"))
-        .map(|s| CallState::parse(&s))
-        .unwrap_or(CallState::Other(String::new()));
+    // `state: null` is seen in production data: talk time proves an answer; without it the
+    // outcome is unknown (`Other("")`, quarantined by the classifier rather than taken for a
+    // missed call).
+    let state = match text(obj.get("state")) {
+        Some(s) => CallState::parse(&s),
+        None if seconds_talk > 0 => CallState::Answer,
+        None => CallState::Other(String::new()),
+    };
     Ok(Call {
         started_at: local_to_utc(local_start, tz),
         local_start,
@@ -347,6 +399,54 @@ mod tests {
     use super::*;
     use chrono_tz::Europe::Kyiv;
     use serde_json::json;
+
+    #[test]
+    fn only_whole_numbers_are_call_ids() {
+        let rec = |id: Value| json!({"id": id, "date": "2026-11-22 10:00:00", "direction": "IN"});
+        for (id, want) in [
+            (json!(42), "42"),
+            (json!("42"), "42"),
+            (json!(" 0042 "), "42"),
+        ] {
+            assert_eq!(parse_call(&rec(id.clone()), Kyiv).unwrap().id, want, "{id}");
+        }
+        for id in [
+            json!(1.5),
+            json!(-3),
+            json!(1e30),
+            json!("abc"),
+            json!("12a"),
+            json!("1e3"),
+            json!(""),
+            json!(null),
+            json!([1]),
+            json!("99999999999999999999999"),
+        ] {
+            let e = parse_call(&rec(id.clone()), Kyiv).unwrap_err();
+            assert!(e.reason.contains("`id`"), "{id}: {}", e.reason);
+        }
+        // Another identity field, as `unitalk.call_id_field` may name.
+        let r = json!({"id": 1, "dbid": "700", "date": "2026-11-22 10:00:00"});
+        assert_eq!(parse_call_as(&r, Kyiv, "dbid").unwrap().id, "700");
+        assert_eq!(record_id(&r, "dbid").as_deref(), Some("700"));
+    }
+
+    #[test]
+    fn durations_beyond_a_day_and_null_states_are_explicit() {
+        let r = json!({"id": 1, "date": "2026-11-22 10:00:00", "secondsFullTime": 90000});
+        assert!(parse_call(&r, Kyiv)
+            .unwrap_err()
+            .reason
+            .contains("beyond a day"));
+        let r = json!({"id": 1, "date": "2026-11-22 10:00:00", "state": null, "secondsTalk": 30});
+        assert_eq!(parse_call(&r, Kyiv).unwrap().state, CallState::Answer);
+        let r =
+            json!({"id": 1, "date": "2026-11-22 10:00:00", "state": null, "secondsFullTime": null});
+        assert_eq!(
+            parse_call(&r, Kyiv).unwrap().state,
+            CallState::Other(String::new())
+        );
+    }
 
     #[test]
     fn the_documented_example_record_parses() {

@@ -571,3 +571,20 @@ async fn a_dry_run_plans_each_command_once_matches_the_real_pass_and_keeps_a_ref
         "the store file is byte-identical"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_identity_field_of_a_used_state_file_is_refused() {
+    let env = env(scenario()).await;
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env.edit_config(|t| t.replace("[unitalk]\n", "[unitalk]\ncall_id_field = \"dbid\"\n"));
+    let before = env.sims.bitrix24.calls().len();
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("keyed by `id`"), "{}", text(&out));
+    assert_eq!(
+        env.sims.bitrix24.calls().len(),
+        before,
+        "nothing pushed again"
+    );
+}

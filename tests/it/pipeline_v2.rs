@@ -247,3 +247,108 @@ async fn with_record_url_on_finish_an_answered_call_takes_two_commands() {
         Some("https://rec/1.mp3")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_are_not_calls_are_quarantined_and_never_pushed() {
+    use serde_json::json;
+    let mut s = ops();
+    let good = s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let base = s.calls[0].clone();
+    let bad = [
+        json!({"id": 1.5, "date": "2026-11-22 13:01:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "NOANSWER"}),
+        json!({"id": -7, "date": "2026-11-22 13:02:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "NOANSWER"}),
+        json!({"id": 1e30, "date": "2026-11-22 13:03:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "NOANSWER"}),
+        json!({"id": "call-x", "date": "2026-11-22 13:04:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "NOANSWER"}),
+        json!({"id": 9001, "date": "2026-11-22 13:05:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": "NOANSWER", "secondsFullTime": 200000}),
+        json!({"id": 9002, "date": "2026-11-22 13:06:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": null, "secondsFullTime": null}),
+    ];
+    for (i, raw) in bad.iter().enumerate() {
+        let mut c = base.clone();
+        c.id = 5000 + i as u64;
+        c.date = n("2026-11-22 13:01:00") + Duration::minutes(i as i64);
+        c.raw_override = Some(raw.clone());
+        s.calls.push(c);
+    }
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!((summary.pushed, summary.tasks), (1, 1), "{summary:?}");
+    assert_eq!(summary.quarantined, bad.len() as u64, "{summary:?}");
+    assert_eq!(env.sims.bitrix24.calls().len(), 1);
+    let q = ctx.store.lock().quarantined().unwrap();
+    let reasons: Vec<&str> = q.iter().map(|q| q.reason.as_str()).collect();
+    assert!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("not a call id"))
+            .count()
+            == 4,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("beyond a day")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("no `state`")),
+        "{reasons:?}"
+    );
+    let l = ctx
+        .store
+        .lock()
+        .ledger_row(&good.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.stage, Stage::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dates_outside_a_year_back_and_a_day_ahead_are_quarantined() {
+    use serde_json::json;
+    let mut s = ops();
+    let base = {
+        s.add_call(
+            n("2026-11-22 13:00:00"),
+            "IN",
+            "380501112233",
+            &["101"],
+            "NOANSWER",
+            0,
+            None,
+        );
+        s.calls.pop().unwrap()
+    };
+    // Served in the pulled window, but dated 1970 and 2099 in the record itself.
+    for (i, date) in ["1970-01-01 00:00:00", "2099-01-01 00:00:00"]
+        .iter()
+        .enumerate()
+    {
+        let mut c = base.clone();
+        c.id = 6000 + i as u64;
+        c.raw_override = Some(json!({"id": 6000 + i, "date": date, "direction": "IN",
+            "from": "380501112233", "to": ["101"], "state": "NOANSWER"}));
+        s.calls.push(c);
+    }
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(
+        (summary.pushed, summary.tasks, summary.quarantined),
+        (0, 0, 2),
+        "{summary:?}"
+    );
+    assert!(
+        env.sims.bitrix24.tasks().is_empty(),
+        "no task with a 1970 or 2099 deadline"
+    );
+}
