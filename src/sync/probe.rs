@@ -39,12 +39,32 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
             commands.push(Command::new(
                 key("q", &w.ledger.call_id),
                 "tasks.task.list",
-                json!({"filter": {"RESPONSIBLE_ID": resp, ">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)},
-                       "select": ["ID", "XML_ID", "DESCRIPTION"]}),
+                task_probe_params(ctx, resp, since),
             ));
         }
     }
-    let found = lookup(ctx, commands).await?;
+    let mut found = lookup(ctx, commands).await?;
+    // A task probe is complete only when every page was read: a task past the first 50 would
+    // otherwise be created again.
+    for w in &rows {
+        if let (Some(since), Some(resp)) = (w.ledger.task_in_flight_since, w.ledger.responsible_id)
+        {
+            let k = key("q", &w.ledger.call_id);
+            if !found.results.contains_key(&k) {
+                continue;
+            }
+            match more_task_pages(ctx, &found, &k, resp, since).await {
+                Ok(Some(all)) => {
+                    found.results.insert(k, json!({"tasks": all}));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, call = %w.ledger.call_id, "a task probe could not be completed; trying again next pass");
+                    found.results.remove(&k);
+                }
+            }
+        }
+    }
     let mut updated = Vec::new();
     for w in rows {
         let mut l = w.ledger.clone();
@@ -112,4 +132,72 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
     ctx.store.lock().apply(&updated, &[], None, now)?;
     // Rows settled as finished may have nothing left to do; the planner re-reads them.
     Ok(())
+}
+
+/// The task probe's request: the responsible user's tasks created since shortly before the
+/// send, in a stable order so pages do not shift.
+fn task_probe_params(ctx: &SyncCtx, responsible: i64, since: DateTime<Utc>) -> Value {
+    json!({"filter": {"RESPONSIBLE_ID": responsible,
+                      ">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)},
+           "order": {"ID": "asc"},
+           "select": ["ID", "XML_ID", "DESCRIPTION"]})
+}
+
+/// Most pages a task probe reads (50 tasks each) before it gives up for this pass.
+const MAX_TASK_PAGES: u64 = 200;
+
+/// Reads the pages after the first of a task probe. `None` when the first page was all there
+/// was; `Err` when the listing could not be completed (the probe is then retried, never taken
+/// as "not found").
+async fn more_task_pages(
+    ctx: &SyncCtx,
+    found: &BatchOutcome,
+    k: &str,
+    responsible: i64,
+    since: DateTime<Utc>,
+) -> Result<Option<Vec<Value>>, SyncError> {
+    let page_tasks = |v: &Value| -> Vec<Value> {
+        v.get("tasks")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let first = page_tasks(&found.results[k]);
+    // Do not trust `next` alone: a full page means there may be more.
+    let mut next = found
+        .nexts
+        .get(k)
+        .copied()
+        .or((first.len() >= 50).then_some(first.len() as u64));
+    if next.is_none() {
+        return Ok(None);
+    }
+    let mut all = first;
+    let mut pages = 1;
+    while let Some(start) = next {
+        if pages >= MAX_TASK_PAGES {
+            return Err(SyncError::Bitrix24(Bitrix24Error::Unavailable {
+                detail: format!("more than {} matching tasks", MAX_TASK_PAGES * 50),
+                outcome_unknown: false,
+            }));
+        }
+        let mut params = task_probe_params(ctx, responsible, since);
+        params["start"] = json!(start);
+        let env = ctx.b24.call("tasks.task.list", params).await?;
+        let page = page_tasks(&env.result);
+        let n = page.len() as u64;
+        let before = all.len();
+        for t in page {
+            if !all.contains(&t) {
+                all.push(t);
+            }
+        }
+        pages += 1;
+        next = match env.next {
+            Some(nx) if nx > start => Some(nx),
+            _ if n >= 50 && all.len() > before => Some(start + n),
+            _ => None,
+        };
+    }
+    Ok(Some(all))
 }

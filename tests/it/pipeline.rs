@@ -900,3 +900,49 @@ async fn in_activity_mode_a_corrected_call_updates_its_activity_and_never_adds_a
         "then nothing more"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_probe_reads_every_page_when_the_responsible_has_many_tasks() {
+    let mut s = small();
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let roomy = Bitrix24SimConfig {
+        burst: 1000.0,
+        ..Default::default()
+    };
+    let env = TestEnv::with(s, roomy, Clock::manual(t0())).await;
+    env.write_config("telephony", &start("2026-11-21"));
+    let ctx = env.ctx().await;
+    // The contact's responsible (user 11) already has 60 tasks created just now, so the one
+    // ubsync adds is the 61st: past the first page of 50.
+    for i in 0..60 {
+        let (code, body) = env
+            .hook(
+                "tasks.task.add",
+                json!({"fields": {"TITLE": format!("other work {i}"), "RESPONSIBLE_ID": 11}}),
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+    env.sims.bitrix24.inject(Fault::once(
+        Some("tasks.task.add"),
+        FaultKind::CommitThenDrop,
+    ));
+    assert!(pass(&ctx).await.is_err());
+    assert_eq!(env.sims.bitrix24.tasks().len(), 61, "committed before the drop");
+    pass(&ctx).await.unwrap();
+    assert_eq!(
+        env.sims.bitrix24.tasks().len(),
+        61,
+        "found on the probe's second page, not added again"
+    );
+    let rows = ctx.store.lock().ledger_rows().unwrap();
+    assert!(rows.iter().all(|l| l.task_id.is_some()), "{rows:?}");
+}
