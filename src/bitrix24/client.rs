@@ -89,6 +89,31 @@ pub fn portal_key(url: &Url) -> String {
         + &url.port().map(|p| format!(":{p}")).unwrap_or_default()
 }
 
+/// Batch-level error codes Bitrix24 answers before running any command (limits, auth, a batch
+/// it refuses as a whole): proof that nothing was executed.
+pub fn pre_execution(code: &str) -> bool {
+    matches!(
+        code,
+        "QUERY_LIMIT_EXCEEDED"
+            | "OPERATION_TIME_LIMIT"
+            | "ERROR_BATCH_LENGTH_EXCEEDED"
+            | "ERROR_BATCH_METHOD_NOT_ALLOWED"
+            | "expired_token"
+            | "invalid_token"
+            | "NO_AUTH_FOUND"
+            | "WRONG_AUTH_TYPE"
+            | "insufficient_scope"
+            | "invalid_scope"
+            | "ACCESS_DENIED"
+            | "PAYMENT_REQUIRED"
+            | "INVALID_CREDENTIALS"
+            | "user_access_error"
+            | "OVERLOAD_LIMIT"
+            | "PORTAL_DELETED"
+            | "ERROR_METHOD_NOT_FOUND"
+    )
+}
+
 fn transport_error(e: reqwest::Error, sent: bool) -> Bitrix24Error {
     let e = e.without_url();
     let kind = if e.is_timeout() {
@@ -463,24 +488,32 @@ impl Bitrix24Client {
             });
         }
         let bytes = resp.bytes().await.map_err(|e| transport_error(e, true))?;
+        // A write is "not executed" only with proof (a documented pre-execution refusal);
+        // anything else the portal may have run, so it must be probed, never re-sent blindly.
         match wire::decode(&bytes) {
             Decoded::Ok(env) if status < 300 => Ok(env),
             Decoded::Ok(_) => Err(Bitrix24Error::Unavailable {
                 detail: format!("HTTP {status} with a result body"),
                 outcome_unknown: true,
             }),
-            Decoded::Error(e) => Err(self.classify(method, status, e)),
-            Decoded::Unreadable(snippet) if status >= 500 || status == 429 => {
-                Err(Bitrix24Error::Unavailable {
-                    detail: format!("HTTP {status}: {snippet}"),
-                    outcome_unknown: status != 503 && status != 429,
-                })
-            }
-            Decoded::Unreadable(snippet) => Err(Bitrix24Error::Api {
-                method: method.into(),
-                status,
-                code: String::new(),
-                description: snippet,
+            Decoded::Error(e) => match self.classify(method, status, e) {
+                Bitrix24Error::Api {
+                    status,
+                    code,
+                    description,
+                    ..
+                } if method == "batch" && !pre_execution(&code) => {
+                    Err(Bitrix24Error::Unavailable {
+                        detail: format!("HTTP {status}: {code}: {description}"),
+                        outcome_unknown: true,
+                    })
+                }
+                other => Err(other),
+            },
+            Decoded::Unreadable(snippet) => Err(Bitrix24Error::Unavailable {
+                detail: format!("HTTP {status} with an unreadable body: {snippet}"),
+                // 503 and 429 are the rate limits: refused before anything ran.
+                outcome_unknown: status != 503 && status != 429,
             }),
         }
     }

@@ -654,7 +654,17 @@ async fn send_plans(
         let now = ctx.clock.now();
         let mut rows = Vec::new();
         let mut quarantine = Vec::new();
-        for (p, original) in batch.iter().zip(originals) {
+        for ((p, original), marked) in batch.iter().zip(originals).zip(marked) {
+            // The batch answered, but without this call's results: its outcome is unknown, so
+            // it stays in flight and is probed, never re-sent as if it had not run.
+            if p.commands
+                .iter()
+                .any(|c| !out.results.contains_key(&c.key) && !out.errors.contains_key(&c.key))
+            {
+                tracing::warn!(call = %p.call_id, "the batch's answer has no result for this call; it will be looked up in Bitrix24");
+                rows.push(marked);
+                continue;
+            }
             let (row, reason) = record(&p.call_id, original, &out);
             if let Some(reason) = reason {
                 s.quarantined += 1;

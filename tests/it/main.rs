@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod certainty;
 mod cli_check;
 mod cli_sync;
 mod config_validation;

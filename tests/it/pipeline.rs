@@ -936,7 +936,11 @@ async fn a_task_probe_reads_every_page_when_the_responsible_has_many_tasks() {
         FaultKind::CommitThenDrop,
     ));
     assert!(pass(&ctx).await.is_err());
-    assert_eq!(env.sims.bitrix24.tasks().len(), 61, "committed before the drop");
+    assert_eq!(
+        env.sims.bitrix24.tasks().len(),
+        61,
+        "committed before the drop"
+    );
     pass(&ctx).await.unwrap();
     assert_eq!(
         env.sims.bitrix24.tasks().len(),

@@ -107,6 +107,10 @@ pub enum FaultKind {
     Slow(std::time::Duration),
     /// Executes and commits, then drops the connection without answering.
     CommitThenDrop,
+    /// Executes and commits, then answers HTTP `status` with `body` verbatim instead of the real
+    /// answer (an HTML page, a truncated body, `{"result":[]}`, results without the command's
+    /// key, a 4xx): an answer that proves nothing about what ran.
+    CommitThenAnswer { status: u16, body: String },
     /// The OAuth access token used is expired (401 `expired_token`); nothing is executed.
     ExpiredToken,
 }
@@ -916,6 +920,12 @@ async fn rest(
             tokio::time::sleep(d).await;
             response
         }
+        Some(FaultKind::CommitThenAnswer { status, body }) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            [("content-type", "application/json; charset=utf-8")],
+            body,
+        )
+            .into_response(),
         _ => response,
     }
 }
