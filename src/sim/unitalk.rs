@@ -43,6 +43,34 @@ pub enum UnitalkFault {
     Delay(std::time::Duration),
 }
 
+/// How `/history/get` pages, for the independent-server behaviours ubsync must survive: a
+/// server that caps pages below the requested `limit`, reports a wrong, missing or non-numeric
+/// `count`, or ignores `offset`.
+#[derive(Debug, Clone, Default)]
+pub struct Paging {
+    /// Serve at most this many records per page, whatever `limit` asks.
+    pub page_cap: Option<usize>,
+    pub count: CountMode,
+    /// Answer every page as if `offset` were 0.
+    pub ignore_offset: bool,
+}
+
+/// What `/history/get` says in `count`.
+#[derive(Debug, Clone, Default)]
+pub enum CountMode {
+    /// The true total.
+    #[default]
+    True,
+    /// No `count` field.
+    Missing,
+    /// `"count": "many"`.
+    NonNumeric,
+    /// The true total minus this much.
+    Less(usize),
+    /// The true total plus 1000 per request served so far (it never stops growing).
+    Growing,
+}
+
 /// An inner line and its current status.
 #[derive(Debug, Clone)]
 pub struct InnerLine {
@@ -70,6 +98,7 @@ struct UnitalkState {
     requests: Vec<UnitalkRequest>,
     /// Calls that land right after the n-th `/history/get` request is answered.
     arrivals: Vec<(usize, SimCall)>,
+    paging: Paging,
 }
 
 /// Handle to a running (or runnable) Unitalk simulator.
@@ -102,6 +131,7 @@ impl UnitalkSim {
                 faults: VecDeque::new(),
                 requests: Vec::new(),
                 arrivals: Vec::new(),
+                paging: Paging::default(),
             })),
             clock,
         }
@@ -109,6 +139,11 @@ impl UnitalkSim {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, UnitalkState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes how `/history/get` pages (see [`Paging`]).
+    pub fn set_paging(&self, paging: Paging) {
+        self.lock().paging = paging;
     }
 
     pub fn set_api_key(&self, key: &str) {
@@ -301,12 +336,20 @@ async fn history_get(State(sim): State<UnitalkSim>, headers: HeaderMap, body: By
         .collect();
     matching.sort_by(|a, b| b.date.cmp(&a.date).then(b.id.cmp(&a.id)));
     let count = matching.len();
+    let paging = st.paging.clone();
+    let limit = paging.page_cap.map_or(limit, |cap| limit.min(cap));
+    let offset = if paging.ignore_offset { 0 } else { offset };
     let calls: Vec<Value> = matching
         .into_iter()
         .skip(offset)
         .take(limit)
         .map(|c| render_call(c, st.tz, now))
         .collect();
+    let served_before = st
+        .requests
+        .iter()
+        .filter(|r| r.path == "/history/get")
+        .count();
     drop(st);
     let mut st = sim.lock();
     let served = st
@@ -319,7 +362,15 @@ async fn history_get(State(sim): State<UnitalkSim>, headers: HeaderMap, body: By
         .partition(|(n, _)| *n <= served);
     st.arrivals = later;
     st.calls.extend(now_due.into_iter().map(|(_, c)| c));
-    Json(json!({"count": count, "calls": calls, "warning": null})).into_response()
+    let mut answer = json!({"calls": calls, "warning": null});
+    match paging.count {
+        CountMode::True => answer["count"] = json!(count),
+        CountMode::Missing => {}
+        CountMode::NonNumeric => answer["count"] = json!("many"),
+        CountMode::Less(k) => answer["count"] = json!(count.saturating_sub(k)),
+        CountMode::Growing => answer["count"] = json!(count + 1000 * served_before),
+    }
+    Json(answer).into_response()
 }
 
 fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {

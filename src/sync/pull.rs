@@ -84,52 +84,143 @@ where
     }
 }
 
-/// Pulls one window: fixed `dateTo`, paged newest first, deduped by id, and paged again (up to
-/// three times) if the total changed meanwhile.
+/// Most pages one window may take before it is split (bounds memory and a server that never
+/// stops answering).
+const MAX_PAGES_PER_WINDOW: u64 = 50;
+/// A window shorter than this is not split further: its inconsistency is reported instead.
+const MIN_SPLIT_SECONDS: i64 = 60;
+
+/// How paging one window ended.
+enum Paged {
+    /// The answers prove every record of the window was read.
+    Complete,
+    /// They do not (a repeated page, too many pages, a count never reached): split the window.
+    Inconsistent(String),
+}
+
+/// Pulls one window (fixed `dateTo`, paged newest first, deduped by id). Paging trusts neither
+/// `count` nor a short page (a server may cap pages below `limit`, or lie about the total): a
+/// window is complete only when the answers prove it, that is when a page comes back empty, or
+/// when a page repeats with nothing new (a server that ignores `offset`) and `count` says every
+/// record was read. Any other repeat, or more pages than the bound (a total that keeps
+/// growing), makes the window inconsistent: it is split in halves and each is pulled again; a
+/// window too short to split is an error, so the cursor never moves past unread records. The
+/// price of certainty is one request per window that returns nothing.
 pub(super) async fn pull_window(
     ctx: &SyncCtx,
     w: window::SyncWindow,
 ) -> Result<Vec<Value>, SyncError> {
-    let (lo, hi) = window::wall_range(w, ctx.cfg.unitalk.timezone);
-    let (from, to) = (window::unitalk_date(lo), window::unitalk_date(hi));
-    let limit = ctx.cfg.unitalk.page_size;
     let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
     let mut without_id: Vec<Value> = Vec::new();
+    let mut stack = vec![w];
+    while let Some(w) = stack.pop() {
+        if ctx.cancel.is_cancelled() {
+            return Err(SyncError::Cancelled);
+        }
+        match page_window(ctx, w, &mut by_id, &mut without_id).await? {
+            Paged::Complete => {}
+            Paged::Inconsistent(why) if (w.end - w.start).num_seconds() >= 2 * MIN_SPLIT_SECONDS => {
+                tracing::warn!(start = %w.start, end = %w.end, %why, "Unitalk's paging of this window is inconsistent; splitting it");
+                let mid = w.start + (w.end - w.start) / 2;
+                stack.push(window::SyncWindow { start: mid, end: w.end });
+                stack.push(window::SyncWindow { start: w.start, end: mid });
+            }
+            Paged::Inconsistent(why) => {
+                return Err(SyncError::Unitalk(UnitalkError::Unavailable {
+                    detail: format!(
+                        "/history/get cannot be read completely for {} .. {}: {why}; the cursor stays before it",
+                        w.start.to_rfc3339(),
+                        w.end.to_rfc3339()
+                    ),
+                }))
+            }
+        }
+    }
+    Ok(by_id.into_values().chain(without_id).collect())
+}
+
+/// Pages one window into `by_id`/`without_id` and says whether the answers prove completeness.
+/// Re-pages (up to three times) when the total moved while paging.
+async fn page_window(
+    ctx: &SyncCtx,
+    w: window::SyncWindow,
+    by_id: &mut BTreeMap<String, Value>,
+    without_id: &mut Vec<Value>,
+) -> Result<Paged, SyncError> {
+    let (lo, hi) = window::wall_range(w, ctx.cfg.unitalk.timezone);
+    let (from, to) = (window::unitalk_date(lo), window::unitalk_date(hi));
+    let limit = u64::from(ctx.cfg.unitalk.page_size);
+    let id_field = &ctx.cfg.unitalk.call_id_field;
+    let mut verdict = Paged::Complete;
     for attempt in 0..3 {
         let mut offset = 0u64;
         let mut first_count = None;
-        let mut last_count;
+        let mut last_count = None;
         let mut pages = 0u64;
-        loop {
-            let page =
-                unitalk_retry(ctx, || ctx.unitalk.history_page(&from, &to, limit, offset)).await?;
+        let mut seen_here: std::collections::HashSet<String> = Default::default();
+        verdict = loop {
+            if pages >= MAX_PAGES_PER_WINDOW {
+                break Paged::Inconsistent(format!("more than {MAX_PAGES_PER_WINDOW} pages"));
+            }
+            let page = unitalk_retry(ctx, || {
+                ctx.unitalk.history_page(&from, &to, limit as u32, offset)
+            })
+            .await?;
             if let Some(w) = &page.warning {
                 tracing::warn!(warning = %w, "Unitalk returned a warning");
             }
-            first_count.get_or_insert(page.count);
+            pages += 1;
+            if pages == 1 {
+                first_count = page.count;
+            }
             last_count = page.count;
             let n = page.calls.len() as u64;
+            let mut fresh = 0u64;
             for c in page.calls {
-                match crate::unitalk::wire::record_id(&c, &ctx.cfg.unitalk.call_id_field) {
+                match crate::unitalk::wire::record_id(&c, id_field) {
                     Some(id) => {
+                        if seen_here.insert(id.clone()) {
+                            fresh += 1;
+                        }
                         by_id.insert(id, c);
                     }
-                    None if !without_id.contains(&c) => without_id.push(c),
+                    None if !without_id.contains(&c) => {
+                        fresh += 1;
+                        without_id.push(c)
+                    }
                     None => {}
                 }
             }
-            pages += 1;
-            offset += n;
-            if n < limit as u64 || offset >= page.count || pages > page.count / limit as u64 + 2 {
-                break;
+            if n == 0 {
+                // An empty page: nothing lies beyond, whatever `count` claims.
+                if let Some(c) = page.count.filter(|c| *c > seen_here.len() as u64) {
+                    tracing::debug!(
+                        count = c,
+                        served = seen_here.len(),
+                        "Unitalk's count exceeds what it serves"
+                    );
+                }
+                break Paged::Complete;
             }
-        }
-        if first_count == Some(last_count) {
+            if fresh == 0 {
+                // The same records again: the server ignores `offset`. Complete only if its
+                // count says these are all; otherwise more hide behind them (split the window).
+                break if page.count.is_some_and(|c| seen_here.len() as u64 >= c) {
+                    Paged::Complete
+                } else {
+                    Paged::Inconsistent(format!(
+                        "page at offset {offset} repeats records already read (offset ignored?)"
+                    ))
+                };
+            }
+            offset += n;
+        };
+        if first_count == last_count {
             break;
         }
-        tracing::info!(attempt, before = ?first_count, after = last_count, "calls arrived while paging; paging the window again");
+        tracing::info!(attempt, before = ?first_count, after = ?last_count, "calls arrived while paging; paging the window again");
     }
-    Ok(by_id.into_values().chain(without_id).collect())
+    Ok(verdict)
 }
 
 /// Stores a window's records; unreadable ones go to quarantine. Returns the start of the oldest

@@ -277,7 +277,9 @@ pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, Record
 /// A `/history/get` page: the records (unparsed) and the total.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryPage {
-    pub count: u64,
+    /// The total Unitalk claims for the range, when it says one (it may lie: paging never relies
+    /// on it alone).
+    pub count: Option<u64>,
     pub calls: Vec<Value>,
     pub warning: Option<String>,
 }
@@ -289,11 +291,11 @@ pub fn parse_history(body: &Value) -> Result<HistoryPage, String> {
         Some(Value::Null) | None => Vec::new(),
         Some(other) => return Err(format!("`calls` is not a list: {other}")),
     };
+    // Missing or non-numeric counts are unknown, not "this page is all".
     let count = body
         .get("count")
         .and_then(|c| text(Some(c)))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(calls.len() as u64);
+        .and_then(|c| c.parse().ok());
     Ok(HistoryPage {
         count,
         calls,

@@ -14,3 +14,4 @@ mod properties;
 mod security;
 mod sim_bitrix24;
 mod sim_unitalk;
+mod unitalk_paging;
