@@ -214,6 +214,17 @@ impl UnitalkSim {
             .route("/history/get", post(history_get))
             .route("/users/list", post(users_list))
             .route("/phones/inner", post(phones_inner))
+            .layer(axum::middleware::map_response_with_state(
+                self.clock.clone(),
+                |axum::extract::State(clock): axum::extract::State<Clock>, mut r: Response| async move {
+                    // The server's own time, as a real server's `Date` header gives it.
+                    let at = std::time::SystemTime::from(clock.now());
+                    if let Ok(v) = httpdate::fmt_http_date(at).parse() {
+                        r.headers_mut().insert("date", v);
+                    }
+                    r
+                },
+            ))
             .with_state(self.clone())
     }
 

@@ -108,6 +108,23 @@ impl Default for PassOptions {
     }
 }
 
+/// How far the system clock may run ahead of Unitalk's before Unitalk's time is used.
+const CLOCK_TOLERANCE_MINUTES: i64 = 2;
+
+/// Now, checked against a second source: when the system clock runs ahead of Unitalk's `Date`
+/// (a clock that jumped forward), windows are planned up to Unitalk's time, so the cursor never
+/// moves past records Unitalk cannot have yet.
+fn trusted_now(ctx: &SyncCtx) -> DateTime<Utc> {
+    let local = ctx.clock.now();
+    match ctx.unitalk.server_now() {
+        Some(server) if local > server + Duration::minutes(CLOCK_TOLERANCE_MINUTES) => {
+            tracing::warn!(local = %local, unitalk = %server, "the system clock is ahead of Unitalk's; planning with Unitalk's time (check NTP)");
+            server
+        }
+        _ => local,
+    }
+}
+
 /// Parses a Unitalk record with this configuration's zone and identity field.
 pub(crate) fn parse(
     ctx: &SyncCtx,
@@ -193,8 +210,23 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     let cfg = &ctx.cfg;
     check_identity(ctx)?;
     refresh_lines(ctx, s).await?;
-    let now = ctx.clock.now();
-    let stored = ctx.store.lock().cursor(&opts.stream)?;
+    let now = trusted_now(ctx);
+    let mut stored = ctx.store.lock().cursor(&opts.stream)?;
+    if let Some(c) = stored.filter(|c| *c > now + Duration::minutes(CLOCK_TOLERANCE_MINUTES)) {
+        // A cursor in the future: an earlier pass ran with a clock ahead. Everything since then
+        // may be unread; rewind by the cursor's lead (at least a day), never before sync.start.
+        let lead = c - now;
+        let mut back = now - lead.max(Duration::days(1));
+        if let Some(start) = cfg.sync.start.filter(|_| opts.range.is_none()) {
+            back = back.max(start);
+        }
+        tracing::warn!(cursor = %c, now = %now, rewound_to = %back, "the cursor is in the future (the clock was ahead when it was set); rewinding it");
+        ctx.store
+            .lock()
+            .set_cursor(&opts.stream, back, ctx.clock.now())?;
+        stored = Some(back);
+        s.cursor_rewound = true;
+    }
     let (cursor, windows) = match opts.range {
         // A backfill resumes from its own checkpoint; history that old needs no lookback.
         Some((start, end)) => {

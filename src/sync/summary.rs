@@ -44,6 +44,8 @@ pub struct PassSummary {
     pub recordings_given_up: u64,
     /// Windows re-pulled by the long-call sweep.
     pub swept_windows: u64,
+    /// The cursor was found in the future (a clock that had jumped ahead) and rewound.
+    pub cursor_rewound: bool,
     /// Calls that reached Bitrix24 in this pass.
     pub pushed: u64,
     pub recordings: u64,

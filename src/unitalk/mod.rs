@@ -76,6 +76,9 @@ pub struct UnitalkClient {
     gate: tokio::sync::Mutex<()>,
     pub units: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
+    /// The last `Date` header Unitalk sent, and when (monotonic) it arrived: a second source of
+    /// the time, so a system clock that jumped ahead cannot move the cursor into the future.
+    server_time: std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, Instant)>>,
 }
 
 impl UnitalkClient {
@@ -117,6 +120,7 @@ impl UnitalkClient {
             gate: tokio::sync::Mutex::new(()),
             units: Arc::new(AtomicU64::new(0)),
             requests: Arc::new(AtomicU64::new(0)),
+            server_time: std::sync::Mutex::new(None),
         })
     }
 
@@ -137,6 +141,15 @@ impl UnitalkClient {
             detail: e.without_url().to_string(),
         })?;
         let status = resp.status();
+        if let Some(date) = resp
+            .headers()
+            .get("date")
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+        {
+            *self.server_time.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((chrono::DateTime::<chrono::Utc>::from(date), Instant::now()));
+        }
         if status.is_redirection() {
             let to = resp
                 .headers()
@@ -221,6 +234,12 @@ impl UnitalkClient {
         wire::parse_lines(&v).map_err(|message| UnitalkError::Unavailable {
             detail: format!("unreadable /phones/inner answer: {message}"),
         })
+    }
+
+    /// Unitalk's idea of now: its last `Date` header plus the time since it arrived.
+    pub fn server_now(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let (at, when) = (*self.server_time.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some(at + chrono::Duration::from_std(when.elapsed()).unwrap_or_default())
     }
 
     pub fn timezone(&self) -> chrono_tz::Tz {

@@ -352,3 +352,87 @@ async fn dates_outside_a_year_back_and_a_day_ahead_are_quarantined() {
         "no task with a 1970 or 2099 deadline"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_two_days_ahead_never_moves_the_cursor_past_unitalk_time() {
+    let mut s = ops();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let mut ctx = env.ctx().await;
+    // ubsync's clock jumps two days ahead; Unitalk's (the simulators') does not.
+    ctx.clock = ubsync::clock::Clock::manual(crate::harness::t0() + Duration::days(2));
+    let first = pass(&ctx).await.unwrap();
+    assert_eq!(first.pushed, 1, "{first:?}");
+    let cursor = ctx
+        .store
+        .lock()
+        .cursor(ubsync::sync::HISTORY_STREAM)
+        .unwrap()
+        .unwrap();
+    assert!(
+        cursor <= crate::harness::t0() + Duration::minutes(1),
+        "cursor {cursor} ran ahead of Unitalk's time"
+    );
+    // A call that ends after that pass is still found once the clock is right again.
+    let mut late = ops();
+    late.add_call(
+        n("2026-11-22 14:01:00"),
+        "IN",
+        "380501112244",
+        &["101"],
+        "ANSWER",
+        30,
+        None,
+    );
+    late.calls[0].id = 2001;
+    env.sims.unitalk.add_calls(late.calls.clone());
+    env.clock.advance(Duration::minutes(10));
+    ctx.clock = env.clock.clone();
+    let second = pass(&ctx).await.unwrap();
+    assert_eq!(second.pushed, 1, "{second:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_in_the_future_is_rewound_and_the_calls_behind_it_are_read() {
+    let mut s = ops();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "");
+    let ctx = env.ctx().await;
+    // An older ubsync (or a pass without Unitalk's time) left the cursor two days ahead.
+    let future = crate::harness::t0() + Duration::days(2);
+    ctx.store
+        .lock()
+        .set_cursor(ubsync::sync::HISTORY_STREAM, future, future)
+        .unwrap();
+    let summary = pass(&ctx).await.unwrap();
+    assert!(summary.cursor_rewound, "{summary:?}");
+    assert_eq!(
+        summary.pushed, 1,
+        "the call behind the rewound cursor is read: {summary:?}"
+    );
+    let cursor = ctx
+        .store
+        .lock()
+        .cursor(ubsync::sync::HISTORY_STREAM)
+        .unwrap()
+        .unwrap();
+    assert!(cursor <= crate::harness::t0(), "{cursor}");
+}
