@@ -520,6 +520,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
     };
 
     let unitalk = UnitalkClient::new(&cfg.unitalk)?;
+    let lines = unitalk.inner_lines().await;
     match unitalk.users().await {
         Ok(users) => verdict(
             "unitalk",
@@ -534,6 +535,20 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
             verdict("unitalk", "FAIL", &e.to_string());
             note(unitalk_code(&e));
         }
+    }
+
+    // `/phones/inner` is unconfirmed and optional: its state is reported, never a failure.
+    match lines {
+        Ok(l) => verdict(
+            "lines",
+            "ok",
+            &format!("inner-line statuses: {} lines", l.len()),
+        ),
+        Err(e) => verdict(
+            "lines",
+            "WARN",
+            &format!("inner-line statuses: unavailable: {e} (call sync is not affected)"),
+        ),
     }
 
     // A check gives a verdict now: a full bucket is reported, not waited out.

@@ -37,6 +37,8 @@ pub const DEFAULT_API_KEY: &str = "sim-unitalk-key";
 pub enum UnitalkFault {
     /// `{"status":"Error","message":"Internal error"}` with HTTP 200.
     InternalError,
+    /// `{"status":"Error","message":<this>}` with HTTP 200.
+    Error(String),
     /// An HTTP status with an HTML body.
     Http(u16),
     /// Answer after this delay.
@@ -258,6 +260,7 @@ async fn admit(
     };
     match fault {
         Some(UnitalkFault::InternalError) => return Err(error("Internal error")),
+        Some(UnitalkFault::Error(message)) => return Err(error(&message)),
         Some(UnitalkFault::Http(code)) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
             return Err((

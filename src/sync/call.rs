@@ -69,6 +69,16 @@ pub fn status_code(state: &CallState) -> &'static str {
     }
 }
 
+/// Whether `n` can be a company phone line: digits, optionally with `+`, spaces, dashes or
+/// brackets, at least five digits.
+pub fn is_phone_like(n: &str) -> bool {
+    let n = n.trim();
+    let digits = n.chars().filter(char::is_ascii_digit).count();
+    digits >= 5
+        && n.chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')'))
+}
+
 /// Whether `n` looks like an inner line: a known operator line, or a short all-digit number.
 pub fn is_inner(n: &str, known_lines: &HashSet<String>) -> bool {
     let n = n.trim();
@@ -195,7 +205,9 @@ fn facts(
         missed: way == Way::In && call.state != CallState::Answer,
         state: call.state.clone(),
         link: call.link.clone(),
-        line_number: call.outer_number.clone(),
+        // `outerNumber` can be a site name ("site.ua" for web callbacks): only a phone number
+        // is a line Bitrix24 knows.
+        line_number: call.outer_number.clone().filter(|n| is_phone_like(n)),
     }))
 }
 
@@ -222,6 +234,16 @@ pub fn content_hash(call: &Call) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_phone_numbers_are_lines() {
+        for n in ["380443334455", "+380 44 333-44-55", "(044) 333 4455"] {
+            assert!(is_phone_like(n), "{n}");
+        }
+        for n in ["site.ua", "https://site.ua", "1234", "", "web-callback"] {
+            assert!(!is_phone_like(n), "{n}");
+        }
+    }
     use crate::unitalk::wire::parse_call;
     use serde_json::json;
 

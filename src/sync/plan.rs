@@ -161,6 +161,21 @@ pub fn telephony_chain(
     }
 }
 
+/// Whether an `attachRecord` answer proves the recording is attached: only a `FILE_ID` does; an
+/// `uploadUrl` answer means the file is still to be uploaded.
+pub fn attached(result: &Value) -> Result<(), String> {
+    if result.get("FILE_ID").and_then(as_i64).is_some() {
+        return Ok(());
+    }
+    if result.get("uploadUrl").is_some() {
+        return Err("telephony.externalCall.attachRecord answered an uploadUrl, not a FILE_ID: the recording is not attached yet".into());
+    }
+    Err(format!(
+        "telephony.externalCall.attachRecord answered without a FILE_ID: {}",
+        crate::redact::field(&result.to_string())
+    ))
+}
+
 /// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, and the link
 /// is known when the call is finished): two commands per call instead of three.
 pub fn record_url_in_finish(cfg: &Config, f: &CallFacts) -> bool {
@@ -504,8 +519,13 @@ pub fn record_chain(
     } else if let Some(e) = out.errors.get(&fk) {
         return fail(l, classify_error("telephony.externalCall.finish", e), now);
     }
-    if out.results.contains_key(&a) {
-        l.record_url = f.link.clone();
+    if let Some(res) = out.results.get(&a) {
+        match attached(res) {
+            Ok(()) => l.record_url = f.link.clone(),
+            Err(why) => {
+                return fail(l, Failure::Retry(why), now);
+            }
+        }
     } else if let Some(e) = out.errors.get(&a) {
         let (row, reason) = fail(
             l,
@@ -612,6 +632,17 @@ pub fn record_task(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_record_counts_only_with_a_file_id() {
+        assert!(attached(&json!({"FILE_ID": 9079})).is_ok());
+        assert!(attached(&json!({"FILE_ID": "9079"})).is_ok());
+        let e =
+            attached(&json!({"uploadUrl": "https://p/upload", "fieldName": "file"})).unwrap_err();
+        assert!(e.contains("not attached yet"), "{e}");
+        assert!(attached(&json!(true)).is_err());
+        assert!(attached(&json!({})).is_err());
+    }
 
     #[test]
     fn batch_keys_are_injective() {

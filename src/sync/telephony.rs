@@ -137,13 +137,14 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
             _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
         };
         let now = ctx.clock.now();
-        let (row, reason) = match result {
-            Ok(_) => {
+        let (row, reason) = match result.map(|env| plan::attached(&env.result)) {
+            Ok(Ok(())) => {
                 let mut l = w.ledger.clone();
                 l.record_url = f.link.clone();
                 s.recordings += 1;
                 (plan::settle_stage(cfg, &f, l, &w.content_hash), None)
             }
+            Ok(Err(why)) => plan::fail(w.ledger.clone(), plan::Failure::Retry(why), now),
             Err(Bitrix24Error::Api {
                 code, description, ..
             }) => plan::fail(

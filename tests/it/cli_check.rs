@@ -167,3 +167,23 @@ async fn auth_serve_stores_the_tokens_of_the_install_callback_and_refuses_other_
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_inner_line_statuses_separately_and_does_not_fail_on_them() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    env.sims.unitalk.inject(
+        Some("/phones/inner"),
+        ubsync::sim::unitalk::UnitalkFault::Error("Authorization failed".into()),
+    );
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("inner-line statuses: unavailable"), "{t}");
+    let out = env.ubsync(&["check"]).await;
+    assert!(
+        text(&out).contains("inner-line statuses: 1 lines"),
+        "{}",
+        text(&out)
+    );
+}

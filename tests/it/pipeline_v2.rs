@@ -436,3 +436,79 @@ async fn a_cursor_in_the_future_is_rewound_and_the_calls_behind_it_are_read() {
         .unwrap();
     assert!(cursor <= crate::harness::t0(), "{cursor}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_the_portal_refuses_is_quarantined_with_its_reason() {
+    for mode in ["telephony", "activity"] {
+        refused_task(mode).await;
+    }
+}
+
+async fn refused_task(mode: &str) {
+    use ubsync::sim::scenario::CrmKind;
+    // The client's CRM responsible (user 55) does not exist in the portal: tasks.task.add is
+    // refused for good.
+    let mut s = ops().with_client(CrmKind::Contact, 900, "+380501119999", 55);
+    let id = s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501119999",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(mode, "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(
+        (summary.pushed, summary.tasks),
+        (1, 0),
+        "{mode}: {summary:?}"
+    );
+    assert_eq!(
+        summary.quarantined, 1,
+        "{mode}: the refusal is counted: {summary:?}"
+    );
+    let q = ctx.store.lock().quarantined().unwrap();
+    assert_eq!(q.len(), 1, "{mode}: {q:?}");
+    assert_eq!(q[0].call_id.as_deref(), Some(id.to_string().as_str()));
+    assert!(
+        q[0].reason.contains("tasks.task.add"),
+        "{mode}: {}",
+        q[0].reason
+    );
+    assert!(env.sims.bitrix24.tasks().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_error_from_phones_inner_leaves_call_sync_running() {
+    use ubsync::sim::unitalk::UnitalkFault;
+    let mut s = ops();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-22 12:00:00\"\n");
+    let ctx = env.ctx().await;
+    for fault in [
+        UnitalkFault::Error("Authorization failed".into()),
+        UnitalkFault::Http(404),
+        UnitalkFault::Error("Method not found".into()),
+    ] {
+        env.sims.unitalk.inject(Some("/phones/inner"), fault);
+    }
+    let first = pass(&ctx).await.unwrap();
+    assert_eq!(first.pushed, 1, "{first:?}");
+    env.clock.advance(Duration::minutes(1));
+    pass(&ctx).await.unwrap();
+    env.clock.advance(Duration::minutes(1));
+    pass(&ctx).await.unwrap();
+}
