@@ -134,4 +134,40 @@ impl Store {
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    /// Verify-first: pending calls that started before `before`, were never sent and never
+    /// looked up, are marked in flight (the call and its task) so the probe looks them up in
+    /// Bitrix24 before anything is registered. Returns how many were marked.
+    pub fn mark_unverified(&self, before: DateTime<Utc>, now: DateTime<Utc>) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE ledger SET stage = 'in_flight', in_flight_since = ?2,
+                    task_in_flight_since = (SELECT started_at FROM calls c WHERE c.call_id = ledger.call_id),
+                    updated_at = ?2
+             WHERE stage = 'pending' AND attempts = 0 AND in_flight_since IS NULL
+               AND b24_call_id IS NULL AND b24_activity_id IS NULL AND task_id IS NULL
+               AND call_id NOT IN (SELECT call_id FROM verified)
+               AND call_id IN (SELECT call_id FROM calls WHERE started_at < ?1)",
+            params![ts(before), ts(now)],
+        )?)
+    }
+
+    /// Records that calls were looked up in Bitrix24.
+    pub fn set_verified(&mut self, ids: &[String], now: DateTime<Utc>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for id in ids {
+            tx.execute(
+                "INSERT OR IGNORE INTO verified (call_id, verified_at) VALUES (?1, ?2)",
+                params![id, ts(now)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether the ledger holds no call at all (a new or lost state file).
+    pub fn ledger_is_empty(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT NOT EXISTS (SELECT 1 FROM ledger)", [], |r| r.get(0))?)
+    }
 }

@@ -154,5 +154,17 @@ CREATE TABLE recording_watch (
 CREATE INDEX recording_watch_due ON recording_watch(state, next_check_at);
 "#;
 
+/// Migration 5: verify-first after a lost state file.
+const V5: &str = r#"
+-- Calls already looked up in Bitrix24 before their first registration. A state file that starts
+-- empty (a new install, or a deleted or replaced file) cannot know what an earlier one pushed:
+-- every call that started before the fact `ledger.verify_before` is looked up first (statistics
+-- by EXTERNAL_CALL_ID, activities by ORIGIN_ID, tasks), once; its id is then recorded here.
+CREATE TABLE verified (
+    call_id      TEXT PRIMARY KEY,
+    verified_at  TEXT NOT NULL
+);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];

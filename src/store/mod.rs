@@ -44,6 +44,12 @@ pub enum StoreError {
     Busy(rusqlite::Error),
     #[error("state database error: {0}")]
     Sqlite(rusqlite::Error),
+    /// The file is not a database, or damaged.
+    #[error("state database {path} is damaged ({cause}). Restore it from a backup, or move it aside (mv {path} {path}.broken) and run again: a fresh state file looks every call up in Bitrix24 before registering it, so nothing is pushed twice")]
+    Corrupt {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -154,8 +160,23 @@ impl Store {
             conn,
             path: path.to_path_buf(),
         };
-        store.configure()?;
-        store.migrate_to(MIGRATIONS.len())?;
+        let path = path.to_path_buf();
+        let corrupt = |e: StoreError| match e {
+            StoreError::Sqlite(source)
+                if matches!(
+                    source.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+                ) =>
+            {
+                StoreError::Corrupt {
+                    path: path.clone(),
+                    cause: source,
+                }
+            }
+            other => other,
+        };
+        store.configure().map_err(corrupt)?;
+        store.migrate_to(MIGRATIONS.len()).map_err(corrupt)?;
         Ok(store)
     }
 

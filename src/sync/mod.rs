@@ -141,6 +141,26 @@ pub(crate) fn parse(
 /// and push it again, so a pass refuses a configuration that differs from the stored one.
 pub const FACT_CALL_ID_FIELD: &str = "unitalk.call_id_field";
 
+/// Fact: calls that started before this instant are looked up in Bitrix24 before their first
+/// registration. Set when a pass finds the ledger empty (a new install, or a lost state file:
+/// nothing then tells what an earlier one pushed); an older, populated store gets the epoch.
+pub const FACT_VERIFY_BEFORE: &str = "ledger.verify_before";
+
+fn verify_policy(ctx: &SyncCtx, now: DateTime<Utc>) -> Result<(), SyncError> {
+    let store = ctx.store.lock();
+    if store.fact(FACT_VERIFY_BEFORE)?.is_some() {
+        return Ok(());
+    }
+    let before = if store.ledger_is_empty()? {
+        tracing::info!(before = %now, "a fresh state file: calls that started before now are looked up in Bitrix24 before they are registered, so an earlier state's pushes are never repeated");
+        now
+    } else {
+        DateTime::<Utc>::UNIX_EPOCH
+    };
+    store.set_fact(FACT_VERIFY_BEFORE, &crate::store::ts(before), now)?;
+    Ok(())
+}
+
 fn check_identity(ctx: &SyncCtx) -> Result<(), SyncError> {
     let want = &ctx.cfg.unitalk.call_id_field;
     let store = ctx.store.lock();
@@ -211,6 +231,9 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     check_identity(ctx)?;
     refresh_lines(ctx, s).await?;
     let now = trusted_now(ctx);
+    if !opts.dry_run {
+        verify_policy(ctx, now)?;
+    }
     let mut stored = ctx.store.lock().cursor(&opts.stream)?;
     if let Some(c) = stored.filter(|c| *c > now + Duration::minutes(CLOCK_TOLERANCE_MINUTES)) {
         // A cursor in the future: an earlier pass ran with a clock ahead. Everything since then
@@ -532,6 +555,15 @@ fn operator_name(f: &CallFacts) -> Option<&str> {
 /// Pushes every call with work due: probes, main chains, then missed-call tasks.
 async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
     if !opts.dry_run {
+        // (The fact is read in its own statement: an `if let` would hold the store's lock.)
+        let verify_before = ctx.store.lock().fact(FACT_VERIFY_BEFORE)?;
+        if let Some(before) = verify_before.as_deref().and_then(crate::store::parse_ts) {
+            let marked = ctx.store.lock().mark_unverified(before, ctx.clock.now())?;
+            if marked > 0 {
+                tracing::info!(calls = marked, "looking up calls in Bitrix24 before registering them (the state file started empty)");
+                s.verified += marked as u64;
+            }
+        }
         probe_in_flight(ctx, s).await?;
     }
     settle_finished(ctx)?;

@@ -21,6 +21,13 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         calls = rows.len(),
         "probing Bitrix24 for calls whose last batch had an unknown outcome"
     );
+    let known = known_lines(ctx)?;
+    // Verify-first rows carry no responsible: only a missed call can have a task to find.
+    let wants_task = |w: &WorkItem| {
+        w.ledger.task_in_flight_since.is_some()
+            && (w.ledger.responsible_id.is_some()
+                || stored_facts(ctx, &known, &w.raw).is_some_and(|f| f.missed))
+    };
     let mut commands = Vec::new();
     for w in &rows {
         let ext = format!("unitalk-{}", w.ledger.call_id);
@@ -34,12 +41,11 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
                 ),
             });
         }
-        if let (Some(since), Some(resp)) = (w.ledger.task_in_flight_since, w.ledger.responsible_id)
-        {
+        if let Some(since) = w.ledger.task_in_flight_since.filter(|_| wants_task(w)) {
             commands.push(Command::new(
                 key("q", &w.ledger.call_id),
                 "tasks.task.list",
-                task_probe_params(ctx, resp, since),
+                task_probe_params(ctx, w.ledger.responsible_id, since),
             ));
         }
     }
@@ -47,8 +53,8 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
     // A task probe is complete only when every page was read: a task past the first 50 would
     // otherwise be created again.
     for w in &rows {
-        if let (Some(since), Some(resp)) = (w.ledger.task_in_flight_since, w.ledger.responsible_id)
-        {
+        if let Some(since) = w.ledger.task_in_flight_since.filter(|_| wants_task(w)) {
+            let resp = w.ledger.responsible_id;
             let k = key("q", &w.ledger.call_id);
             if !found.results.contains_key(&k) {
                 continue;
@@ -66,7 +72,9 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         }
     }
     let mut updated = Vec::new();
+    let mut verified = Vec::new();
     for w in rows {
+        let wants_task = wants_task(&w);
         let mut l = w.ledger.clone();
         let ext = format!("unitalk-{}", l.call_id);
         if l.stage == Stage::InFlight {
@@ -108,8 +116,11 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
                 }
             }
             s.probed += 1;
+            verified.push(l.call_id.clone());
         }
-        if l.task_in_flight_since.is_some() {
+        if l.task_in_flight_since.is_some() && !wants_task {
+            l.task_in_flight_since = None;
+        } else if l.task_in_flight_since.is_some() {
             if let Some(Value::Object(res)) = found.results.get(&key("q", &l.call_id)) {
                 let tasks = res
                     .get("tasks")
@@ -130,17 +141,19 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         updated.push(l);
     }
     ctx.store.lock().apply(&updated, &[], None, now)?;
+    ctx.store.lock().set_verified(&verified, now)?;
     // Rows settled as finished may have nothing left to do; the planner re-reads them.
     Ok(())
 }
 
 /// The task probe's request: the responsible user's tasks created since shortly before the
 /// send, in a stable order so pages do not shift.
-fn task_probe_params(ctx: &SyncCtx, responsible: i64, since: DateTime<Utc>) -> Value {
-    json!({"filter": {"RESPONSIBLE_ID": responsible,
-                      ">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)},
-           "order": {"ID": "asc"},
-           "select": ["ID", "XML_ID", "DESCRIPTION"]})
+fn task_probe_params(ctx: &SyncCtx, responsible: Option<i64>, since: DateTime<Utc>) -> Value {
+    let mut filter = json!({">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)});
+    if let Some(r) = responsible {
+        filter["RESPONSIBLE_ID"] = json!(r);
+    }
+    json!({"filter": filter, "order": {"ID": "asc"}, "select": ["ID", "XML_ID", "DESCRIPTION"]})
 }
 
 /// Most pages a task probe reads (50 tasks each) before it gives up for this pass.
@@ -153,7 +166,7 @@ async fn more_task_pages(
     ctx: &SyncCtx,
     found: &BatchOutcome,
     k: &str,
-    responsible: i64,
+    responsible: Option<i64>,
     since: DateTime<Utc>,
 ) -> Result<Option<Vec<Value>>, SyncError> {
     let page_tasks = |v: &Value| -> Vec<Value> {

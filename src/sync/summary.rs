@@ -46,6 +46,8 @@ pub struct PassSummary {
     pub swept_windows: u64,
     /// The cursor was found in the future (a clock that had jumped ahead) and rewound.
     pub cursor_rewound: bool,
+    /// Calls looked up in Bitrix24 before their first registration (verify-first).
+    pub verified: u64,
     /// Calls that reached Bitrix24 in this pass.
     pub pushed: u64,
     pub recordings: u64,

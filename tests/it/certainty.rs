@@ -122,3 +122,73 @@ async fn answers_without_per_command_results_after_a_commit_never_cause_a_second
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_empty_state_file_over_a_synced_portal_duplicates_nothing() {
+    for (mode, how) in [
+        ("telephony", "deleted"),
+        ("telephony", "emptied"),
+        ("activity", "deleted"),
+    ] {
+        let cfg = Bitrix24SimConfig {
+            burst: 1000.0,
+            ..Default::default()
+        };
+        let env = TestEnv::with(scenario(), cfg, ubsync::clock::Clock::manual(t0())).await;
+        env.write_config(mode, "[sync]\nstart = \"2026-11-21\"\n");
+        {
+            let ctx = env.ctx().await;
+            settle(&env, &ctx).await;
+        }
+        let label = format!("{mode}, state file {how}");
+        let (calls, stats, acts, tasks) = (
+            env.sims.bitrix24.calls().len(),
+            env.sims.bitrix24.stats().len(),
+            env.sims.bitrix24.activities().len(),
+            env.sims.bitrix24.tasks().len(),
+        );
+        assert!(
+            stats + acts > 0 && tasks > 0,
+            "{label}: the first store pushed"
+        );
+        let db = env.dir.path().join("state/ubsync.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        if how == "emptied" {
+            std::fs::write(&db, b"").unwrap();
+        }
+        // Well past Bitrix24's 30-minute registration dedupe.
+        env.clock.advance(Duration::hours(3));
+        let ctx = env.ctx().await;
+        settle(&env, &ctx).await;
+        assert_no_duplicates(&env, &label);
+        assert_eq!(
+            (
+                env.sims.bitrix24.calls().len(),
+                env.sims.bitrix24.stats().len(),
+                env.sims.bitrix24.activities().len(),
+                env.sims.bitrix24.tasks().len()
+            ),
+            (calls, stats, acts, tasks),
+            "{label}: nothing written twice"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_stops_with_what_to_do() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    let db = env.dir.path().join("state/ubsync.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    std::fs::write(&db, vec![0x42u8; 8192]).unwrap();
+    let out = env.ubsync(&["sync"]).await;
+    let t = crate::harness::text(&out);
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("Restore it from a backup") && t.contains("move it aside"),
+        "{t}"
+    );
+    assert!(env.sims.bitrix24.activities().is_empty());
+}

@@ -15,7 +15,7 @@ async fn check_offline_validates_config_and_store_without_network() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("config    ok"), "{t}");
-    assert!(t.contains("schema v4"), "{t}");
+    assert!(t.contains("schema v5"), "{t}");
     assert!(t.contains("skipped"), "{t}");
     assert!(env.dir.path().join("state/ubsync.db").exists());
     assert!(
