@@ -1281,6 +1281,10 @@ async fn reconcile(
         "{}",
         match (report.consistent(), dry_run) {
             (true, _) => "Bitrix24 holds every call of the range exactly once".to_string(),
+            (false, _) if !report.unknown.is_empty() => format!(
+                "{} calls are unknown: Bitrix24 did not answer completely, so they were not repaired; run reconcile again later",
+                report.unknown.len()
+            ),
             (false, true) => "differences found; run without --dry-run to repair them".to_string(),
             (false, false) if report.duplicated_in_bitrix24.is_empty() =>
                 "differences repaired".to_string(),
@@ -1289,8 +1293,13 @@ async fn reconcile(
                     .to_string(),
         }
     );
-    Ok(0)
+    // 0 only when the range is proven exact; 3 when differences remain for a human or a
+    // later run (a dry run, duplicates, unknown ranges, calls that cannot be repaired).
+    Ok(if report.proven() { 0 } else { EXIT_DIFFERENCES })
 }
+
+/// `reconcile` found differences it did not repair (see the README's exit codes).
+pub const EXIT_DIFFERENCES: u8 = 3;
 
 async fn run_daemon(
     path: &std::path::Path,

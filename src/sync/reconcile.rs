@@ -45,6 +45,11 @@ pub struct ReconcileReport {
     pub tasks_missing: Vec<String>,
     /// Missing calls that cannot be repaired automatically (quarantined or skipped): why.
     pub not_repairable: Vec<(String, String)>,
+    /// Calls whose state in Bitrix24 could not be established (the listing or a task lookup
+    /// failed or was incomplete). Never repaired: a repair on partial knowledge duplicates.
+    pub unknown: Vec<String>,
+    /// Whether Bitrix24's listing of the range was read completely.
+    pub listing_complete: bool,
     /// What was repaired (empty on a dry run).
     pub repaired_calls: Vec<String>,
     pub repaired_tasks: Vec<String>,
@@ -57,6 +62,17 @@ impl ReconcileReport {
             && self.duplicated_in_bitrix24.is_empty()
             && self.ledger_only.is_empty()
             && self.tasks_missing.is_empty()
+            && self.unknown.is_empty()
+    }
+
+    /// Whether the range is proven exact after this run: consistent before, or everything found
+    /// repaired (no unknowns, no duplicates, nothing unrepairable, not a dry run).
+    pub fn proven(&self) -> bool {
+        self.consistent()
+            || (!self.dry_run
+                && self.unknown.is_empty()
+                && self.duplicated_in_bitrix24.is_empty()
+                && self.not_repairable.is_empty())
     }
 
     /// The readable table `ubsync reconcile` prints.
@@ -101,6 +117,10 @@ impl ReconcileReport {
         t += &row("duplicated in Bitrix24", &dups);
         t += &row("ledger only (lost in B24)", &self.ledger_only);
         t += &row("missed-call tasks missing", &self.tasks_missing);
+        t += &row(
+            "unknown (Bitrix24 did not answer completely)",
+            &self.unknown,
+        );
         t += &row("not repairable", &stuck);
         if !self.dry_run {
             t += &row("repaired calls", &self.repaired_calls);
@@ -190,12 +210,13 @@ pub fn compare(
     r
 }
 
-/// Everything Bitrix24 holds for `[from, to)`: call id → number of records.
+/// Everything Bitrix24 holds for `[from, to)`: call id → number of records, and whether the
+/// listing was read completely (every page answered, the total reached, the last page short).
 async fn held_in_bitrix24(
     ctx: &SyncCtx,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<BTreeMap<String, usize>, SyncError> {
+) -> Result<(BTreeMap<String, usize>, bool), SyncError> {
     let tz = ctx.cfg.bitrix24.timezone;
     let (method, filter, id_field) = match ctx.cfg.bitrix24.mode {
         Mode::Telephony => (
@@ -214,15 +235,71 @@ async fn held_in_bitrix24(
         p["start"] = json!(start);
         p
     };
-    let first = ctx.b24.call(method, page(0)).await?;
-    let total = first.total.unwrap_or(0);
+    let first = match ctx.b24.call(method, page(0)).await {
+        Ok(f) => f,
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(error = %e, "Bitrix24's listing of the range failed; the range is unknown");
+            return Ok((BTreeMap::new(), false));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut rows: Vec<Value> = first.result.as_array().cloned().unwrap_or_default();
-    let commands: Vec<Command> = (1..total.div_ceil(50))
-        .map(|i| Command::new(format!("page{i}"), method, page(i * 50)))
-        .collect();
-    let rest = lookup(ctx, commands).await?;
-    for v in rest.results.values() {
-        rows.extend(v.as_array().cloned().unwrap_or_default());
+    let mut complete = first.result.is_array();
+    // Page by the total, then keep going while pages come back full (a total may lie).
+    let mut start = rows.len() as u64;
+    let mut last_full = rows.len() >= 50;
+    let total = first.total.unwrap_or(0);
+    while complete && (start < total || last_full) {
+        let commands: Vec<Command> = (0..10u64)
+            .map(|i| {
+                Command::new(
+                    format!("page{}", start / 50 + i),
+                    method,
+                    page(start + i * 50),
+                )
+            })
+            .collect();
+        let out = match lookup(ctx, commands.clone()).await {
+            Ok(o) => o,
+            Err(SyncError::Bitrix24(e)) if e.is_retryable() => {
+                tracing::warn!(error = %e, "Bitrix24's listing of the range failed; the range is unknown");
+                complete = false;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut got_any = false;
+        for c in &commands {
+            match out.results.get(&c.key).and_then(Value::as_array) {
+                Some(page_rows) => {
+                    last_full = page_rows.len() >= 50;
+                    got_any |= !page_rows.is_empty();
+                    rows.extend(page_rows.iter().cloned());
+                    if !last_full {
+                        break;
+                    }
+                }
+                None => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if !got_any || !last_full {
+            last_full = false;
+        }
+        start += 500;
+        if !got_any && start >= total {
+            break;
+        }
+    }
+    if complete && (rows.len() as u64) < total {
+        tracing::warn!(
+            total,
+            read = rows.len(),
+            "Bitrix24's listing ended before its total"
+        );
+        complete = false;
     }
     let mut held = BTreeMap::new();
     for r in rows {
@@ -234,7 +311,7 @@ async fn held_in_bitrix24(
             *held.entry(id).or_insert(0) += 1;
         }
     }
-    Ok(held)
+    Ok((held, complete))
 }
 
 /// Reconciles `[from, to)`; repairs unless `dry_run`.
@@ -274,7 +351,7 @@ pub async fn reconcile(
     }
 
     // Bitrix24's view.
-    let held = held_in_bitrix24(ctx, from, to).await?;
+    let (held, listing_complete) = held_in_bitrix24(ctx, from, to).await?;
     let ledger: HashMap<String, LedgerRow> = {
         let store = ctx.store.lock();
         let mut m = HashMap::new();
@@ -294,7 +371,27 @@ pub async fn reconcile(
         .iter()
         .map(|t| Command::new(format!("t{t}"), "tasks.task.get", json!({"taskId": t})))
         .collect();
-    let found = lookup(ctx, commands).await?;
+    let found = match lookup(ctx, commands).await {
+        Ok(f) => f,
+        Err(SyncError::Bitrix24(e)) if e.is_retryable() => {
+            tracing::warn!(error = %e, "task lookups failed; their tasks are unknown");
+            Default::default()
+        }
+        Err(e) => return Err(e),
+    };
+    // A task is missing only when Bitrix24 says so ("not found"); no answer is "unknown".
+    let tasks_unknown: HashSet<i64> = task_ids
+        .iter()
+        .copied()
+        .filter(|t| {
+            let k = format!("t{t}");
+            !found.results.contains_key(&k)
+                && !found.errors.get(&k).is_some_and(|e| {
+                    let d = e.description.to_lowercase();
+                    d.contains("not found") || e.effective_code().contains("NOT_FOUND")
+                })
+        })
+        .collect();
     let tasks_found: HashSet<i64> = task_ids
         .iter()
         .copied()
@@ -317,6 +414,31 @@ pub async fn reconcile(
         })
         .collect();
     let mut report = compare(&views, &held, &tasks_found, cfg.tasks.enabled);
+    report.listing_complete = listing_complete;
+    if !listing_complete {
+        // What the listing did not show is unknown, not missing.
+        report.unknown = std::mem::take(&mut report.missing_from_bitrix24);
+        report.ledger_only.clear();
+        report.not_repairable.clear();
+    }
+    let unknown_tasks: Vec<String> = views
+        .iter()
+        .filter(|v| {
+            v.ledger
+                .as_ref()
+                .and_then(|l| l.task_id)
+                .is_some_and(|t| tasks_unknown.contains(&t))
+        })
+        .map(|v| v.id.clone())
+        .collect();
+    report
+        .tasks_missing
+        .retain(|id| !unknown_tasks.contains(id));
+    for id in unknown_tasks {
+        if !report.unknown.contains(&id) {
+            report.unknown.push(id);
+        }
+    }
     report.from = from.to_rfc3339();
     report.to = to.to_rfc3339();
     report.dry_run = dry_run;

@@ -340,7 +340,7 @@ async fn reconcile_finds_missing_duplicated_and_ledger_only_calls_and_lost_tasks
         .ubsync(&["reconcile", "--from", &day, "--dry-run"])
         .await;
     let t = text(&dry);
-    assert_eq!(dry.status.code(), Some(0), "{t}");
+    assert_eq!(dry.status.code(), Some(3), "differences not repaired: {t}");
     assert!(
         t.contains("missing from Bitrix24           2  1001 5000"),
         "{t}"
@@ -364,7 +364,11 @@ async fn reconcile_finds_missing_duplicated_and_ledger_only_calls_and_lost_tasks
 
     let fix = env.ubsync(&["reconcile", "--from", &day]).await;
     let t = text(&fix);
-    assert_eq!(fix.status.code(), Some(0), "{t}");
+    assert_eq!(
+        fix.status.code(),
+        Some(3),
+        "duplicates remain for a human: {t}"
+    );
     assert!(t.contains("duplicates need a human"), "{t}");
     let stats = env.sims.bitrix24.stats();
     for id in ["1001", "1002", "5000"] {
@@ -587,4 +591,30 @@ async fn changing_the_identity_field_of_a_used_state_file_is_refused() {
         before,
         "nothing pushed again"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_never_repairs_on_an_incomplete_listing() {
+    use ubsync::sim::{Fault, FaultKind};
+    let env = env(scenario()).await;
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let day = yesterday().to_string();
+    let before = env.sims.bitrix24.stats().len();
+    // Every listing request fails with a 429: Bitrix24's side of the range is unknown.
+    env.sims.bitrix24.inject(Fault::times(
+        Some("voximplant.statistic.get"),
+        FaultKind::OperationLimit,
+        50,
+    ));
+    let out = env.ubsync(&["reconcile", "--from", &day]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(t.contains("unknown"), "{t}");
+    assert_eq!(
+        env.sims.bitrix24.stats().len(),
+        before,
+        "nothing registered again: {t}"
+    );
+    assert_eq!(env.sims.bitrix24.calls().len(), before);
 }
