@@ -160,6 +160,9 @@ pub struct SyncConfig {
     pub stage_limit: u32,
     /// At most this many narrow re-pulls for awaited recordings per pass.
     pub recording_repulls: u32,
+    /// Failed batch requests in a row a pass survives (it probes what may have run and goes
+    /// on) before it stops with exit 75. 0: stop at the first failure.
+    pub max_consecutive_failures: u32,
     /// Telephony mode: a link known when the call is finished goes in `finish`'s `RECORD_URL`
     /// (two commands per call instead of three). Off by default: Bitrix24 documents the
     /// parameter as deprecated and reports no error when its download fails.
@@ -400,6 +403,7 @@ struct RawSync {
     sweep_every: Option<String>,
     stage_limit: Option<i64>,
     recording_repulls: Option<i64>,
+    max_consecutive_failures: Option<i64>,
     record_url_on_finish: Option<bool>,
 }
 
@@ -935,6 +939,17 @@ impl Validator {
         let recording_repulls = self
             .positive("sync.recording_repulls", s.recording_repulls, 6, 1000)
             .get();
+        let max_consecutive_failures = match s.max_consecutive_failures.unwrap_or(5) {
+            v @ 0..=100 => v as u32,
+            v => {
+                self.fail(
+                    "sync.max_consecutive_failures",
+                    format!("{v} is out of range"),
+                    "use a whole number from 0 to 100 (default 5)",
+                );
+                5
+            }
+        };
         if max_window < Duration::from_secs(60) {
             self.fail(
                 "sync.max_window",
@@ -1059,6 +1074,7 @@ impl Validator {
                 sweep_every,
                 stage_limit,
                 recording_repulls,
+                max_consecutive_failures,
                 record_url_on_finish: s.record_url_on_finish.unwrap_or(false),
             },
             activity,

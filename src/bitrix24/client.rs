@@ -39,6 +39,8 @@ pub struct ClientStats {
     pub rate_limited: AtomicU64,
     pub operation_limited: AtomicU64,
     pub refreshes: AtomicU64,
+    /// Failed requests asked again (refused before sending, or a read whose answer was lost).
+    pub retried: AtomicU64,
 }
 
 enum Auth {

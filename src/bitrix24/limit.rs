@@ -182,7 +182,7 @@ impl OperatingTracker {
     }
 
     /// After a 429: no more calls of `method` until the budget resets (the last
-    /// `operating_reset_at` seen, else a minute from now).
+    /// `operating_reset_at` seen, else the documented window: ten minutes from now).
     pub fn pause(&self, method: &str, now: DateTime<Utc>) -> DateTime<Utc> {
         let mut m = self.lock();
         let b = m.entry(method.to_lowercase()).or_default();
@@ -190,7 +190,7 @@ impl OperatingTracker {
             .reset_at
             .and_then(|t| DateTime::from_timestamp(t, 0))
             .filter(|t| *t > now)
-            .unwrap_or(now + chrono::Duration::seconds(60))
+            .unwrap_or(now + chrono::Duration::minutes(10))
             .min(now + chrono::Duration::minutes(10));
         b.paused_until = Some(until);
         tracing::warn!(%method, until = %until, "Bitrix24 paused this method (429 OPERATION_TIME_LIMIT); other work continues");
@@ -299,5 +299,16 @@ mod tests {
             "other methods keep working"
         );
         assert!(t.paused_until("crm.lead.list", until).is_none());
+    }
+
+    #[test]
+    fn a_429_without_a_reset_time_pauses_for_the_documented_ten_minutes() {
+        let now = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let t = OperatingTracker::new(480.0);
+        let until = t.pause("batch", now);
+        assert_eq!(until - now, chrono::Duration::minutes(10));
+        // A reset time further than ten minutes away is capped at the window.
+        t.observe("batch", Some(500.0), Some(1_000_000 + 3600));
+        assert_eq!(t.pause("batch", now) - now, chrono::Duration::minutes(10));
     }
 }

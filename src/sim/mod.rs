@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use bitrix24::{Bitrix24Sim, Bitrix24SimConfig, Fault, FaultKind};
+pub use bitrix24::{BatchBilling, Bitrix24Sim, Bitrix24SimConfig, Fault, FaultKind};
 pub use scenario::Scenario;
 pub use unitalk::{UnitalkFault, UnitalkSim};
 

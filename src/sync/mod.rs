@@ -208,6 +208,7 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
             ctx.b24.budget.waited_ms.load(Relaxed),
             ctx.unitalk.requests.load(Relaxed),
             ctx.unitalk.units.load(Relaxed),
+            b.retried.load(Relaxed),
         ]
     };
     let before = counters();
@@ -222,6 +223,7 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
     s.limiter_wait_ms = d[4];
     s.unitalk_requests = d[5];
     s.unitalk_units = d[6];
+    s.faults_survived += d[7];
     s.elapsed_ms = started.elapsed().as_millis() as u64;
     result.map(|_| s)
 }
@@ -403,6 +405,10 @@ async fn send(ctx: &SyncCtx, commands: &[Command]) -> Result<BatchOutcome, SyncE
             ) if attempt < 5 => {
                 let delay = ctx.b24.backoff(attempt);
                 tracing::warn!(error = %e, attempt, "batch not delivered; retrying");
+                ctx.b24
+                    .stats
+                    .retried
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 attempt += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -418,7 +424,26 @@ async fn send(ctx: &SyncCtx, commands: &[Command]) -> Result<BatchOutcome, SyncE
 async fn lookup(ctx: &SyncCtx, commands: Vec<Command>) -> Result<BatchOutcome, SyncError> {
     let mut all = BatchOutcome::default();
     for chunk in commands.chunks(crate::bitrix24::batch::MAX_COMMANDS) {
-        let out = send(ctx, chunk).await?;
+        // Lookups only read: one whose answer was lost is simply asked again.
+        let mut lost = 0;
+        let out = loop {
+            match send(ctx, chunk).await {
+                Err(SyncError::Bitrix24(e)) if e.outcome_unknown() && lost < 3 => {
+                    tracing::warn!(error = %e, "a lookup's answer was lost; asking again");
+                    ctx.b24
+                        .stats
+                        .retried
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let delay = ctx.b24.backoff(lost);
+                    lost += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+                    }
+                }
+                r => break r?,
+            }
+        };
         all.results.extend(out.results);
         all.errors.extend(out.errors);
     }
@@ -552,8 +577,55 @@ fn operator_name(f: &CallFacts) -> Option<&str> {
     f.operator_line.as_deref()
 }
 
-/// Pushes every call with work due: probes, main chains, then missed-call tasks.
+/// Push rounds a pass makes while batches fail (each round probes what the last one left in
+/// flight, then sends what is due).
+const PUSH_ROUNDS: usize = 4;
+
+/// Pushes every call with work due, in rounds while batches fail and the pass survives them.
 async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
+    for _ in 0..PUSH_ROUNDS {
+        let faults = s.faults_survived;
+        match push_round(ctx, opts, s).await {
+            // 429: certainly not executed. A portal that bills whole batches to `batch` takes
+            // nothing more until the reset; the calls wait, in flight ones are probed later.
+            Err(SyncError::Bitrix24(Bitrix24Error::OperationLimit { method, reset_at })) => {
+                let until = reset_at
+                    .and_then(|t| DateTime::from_timestamp(t, 0))
+                    .unwrap_or(ctx.clock.now());
+                note_paused(s, &method, until);
+                break;
+            }
+            r => r?,
+        }
+        if s.faults_survived == faults || opts.dry_run {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Notes in the summary that Bitrix24 paused `method` (429) until `until`.
+fn note_paused(s: &mut PassSummary, method: &str, until: DateTime<Utc>) {
+    let note = format!("{method} until {}", until.format("%H:%M:%S UTC"));
+    if !s.paused.contains(&note) {
+        s.paused.push(note);
+    }
+}
+
+/// Whether a failed request is one a pass can go on after: the portal may be back a moment later.
+fn survivable(e: &SyncError) -> bool {
+    matches!(
+        e,
+        SyncError::Bitrix24(Bitrix24Error::Unavailable { .. } | Bitrix24Error::RateLimited)
+    )
+}
+
+/// One push round: probes, main chains, then missed-call tasks.
+async fn push_round(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+) -> Result<(), SyncError> {
     if !opts.dry_run {
         // (The fact is read in its own statement: an `if let` would hold the store's lock.)
         let verify_before = ctx.store.lock().fact(FACT_VERIFY_BEFORE)?;
@@ -672,15 +744,17 @@ async fn send_plans(
         for p in &held {
             for c in &p.commands {
                 if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
-                    let note = format!("{} until {}", c.method, until.format("%H:%M:%S UTC"));
-                    if !s.paused.contains(&note) {
-                        s.paused.push(note);
-                    }
+                    note_paused(s, &c.method, until);
                 }
             }
         }
         if batch.is_empty() {
             continue;
+        }
+        if let Some(until) = ctx.b24.operating.paused_until("batch", now) {
+            // The portal bills whole batches to `batch`: nothing can be sent until it resets.
+            note_paused(s, "batch", until);
+            return Ok(());
         }
         let originals: Vec<LedgerRow> = batch.iter().map(|p| by_id[&p.call_id].0.clone()).collect();
         let marked: Vec<LedgerRow> = batch
@@ -702,7 +776,10 @@ async fn send_plans(
             .flat_map(|p| p.commands.iter().cloned())
             .collect();
         let out = match send(ctx, &commands).await {
-            Ok(out) => out,
+            Ok(out) => {
+                s.failure_streak = 0;
+                out
+            }
             Err(e) => {
                 let unknown = matches!(&e, SyncError::Bitrix24(b) if b.outcome_unknown())
                     || matches!(e, SyncError::Cancelled);
@@ -711,6 +788,14 @@ async fn send_plans(
                     ctx.store
                         .lock()
                         .apply(&originals, &[], None, ctx.clock.now())?;
+                }
+                if survivable(&e) && s.failure_streak < ctx.cfg.sync.max_consecutive_failures {
+                    // The calls stay in flight (probed before anything is sent again) or
+                    // pending; the next push round of this pass takes them up.
+                    s.failure_streak += 1;
+                    s.faults_survived += 1;
+                    tracing::warn!(error = %e, streak = s.failure_streak, outcome_unknown = unknown, "a batch failed; what may have run is looked up before it is sent again");
+                    continue;
                 }
                 return Err(e);
             }
@@ -750,10 +835,7 @@ async fn send_plans(
         // Methods the portal paused (429) in this batch: their calls wait for a later pass.
         for c in &commands {
             if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
-                let note = format!("{} until {}", c.method, until.format("%H:%M:%S UTC"));
-                if !s.paused.contains(&note) {
-                    s.paused.push(note);
-                }
+                note_paused(s, &c.method, until);
             }
         }
         if let Some(e) = out

@@ -57,6 +57,11 @@ pub struct PassSummary {
     pub quarantined: u64,
     /// Calls whose unknown outcome was settled by asking Bitrix24.
     pub probed: u64,
+    /// Failed Bitrix24 requests the pass survived (probing what may have run, then going on).
+    pub faults_survived: u64,
+    /// Failed batch requests since the last one that answered (not stored).
+    #[serde(skip)]
+    pub failure_streak: u32,
     pub bitrix24_requests: u64,
     pub unitalk_requests: u64,
     pub unitalk_units: u64,
@@ -117,6 +122,13 @@ impl fmt::Display for PassSummary {
                 f,
                 "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
+        if self.faults_survived > 0 {
+            write!(
+                f,
+                "; survived {} failed Bitrix24 requests ({} calls probed)",
+                self.faults_survived, self.probed
             )?;
         }
         if !self.paused.is_empty() {

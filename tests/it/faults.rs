@@ -8,7 +8,7 @@ use chrono::{Duration, NaiveDate};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ubsync::sim::scenario::Scenario;
-use ubsync::sim::{Bitrix24SimConfig, Fault, FaultKind};
+use ubsync::sim::{BatchBilling, Bitrix24SimConfig, Fault, FaultKind};
 use ubsync::sync::{PassSummary, SyncCtx};
 
 use crate::harness::{pass, TestEnv};
@@ -70,6 +70,7 @@ async fn converge(
                 total.tasks += s.tasks;
                 total.quarantined += s.quarantined;
                 total.probed += s.probed;
+                total.faults_survived += s.faults_survived;
                 total.windows += s.windows.max(1);
                 total.refreshes += s.refreshes;
                 total.rate_limited += s.rate_limited;
@@ -106,8 +107,10 @@ async fn a_503_storm_is_waited_out_and_slows_the_client_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_on_one_method_pauses_it_while_the_rest_goes_on() {
+    // Portals that bill nested commands to their own methods.
     let cfg = Bitrix24SimConfig {
         method_costs: HashMap::from([("tasks.task.add".to_string(), 200.0)]),
+        batch_billing: BatchBilling::PerMethod,
         ..roomy()
     };
     let (env, s) = setup(cfg).await;
@@ -134,6 +137,44 @@ async fn a_429_on_one_method_pauses_it_while_the_rest_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_its_operating_budget_pauses_every_push_until_the_reset_without_duplicates() {
+    // Real portals bill a whole batch to `batch`: 5 s a command, so the third full batch
+    // crosses the 480 s budget and the next one is refused with 429.
+    let cfg = Bitrix24SimConfig {
+        default_cost: 5.0,
+        ..roomy()
+    };
+    let (env, s) = setup(cfg).await;
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert!(
+        first.paused.iter().any(|p| p.starts_with("batch until")),
+        "{first:?}"
+    );
+    let refused = |env: &TestEnv| {
+        env.sims
+            .bitrix24
+            .requests()
+            .iter()
+            .filter(|r| r.status == 429)
+            .count()
+    };
+    assert_eq!(
+        refused(&env),
+        1,
+        "one 429, then nothing is sent until the reset"
+    );
+    let batches = env.sims.bitrix24.requests().len();
+    env.clock.advance(Duration::minutes(11));
+    let (mut total, last, errors) = converge(&env, &ctx, 12).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(env.sims.bitrix24.requests().len() > batches);
+    total.pushed += first.pushed;
+    total.tasks += first.tasks;
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn html_5xx_pages_are_probed_and_retried() {
     let (env, s) = setup(roomy()).await;
     let ctx = env.ctx().await;
@@ -141,7 +182,39 @@ async fn html_5xx_pages_are_probed_and_retried() {
         .bitrix24
         .inject(Fault::times(Some("batch"), FaultKind::Html(502), 3));
     let (total, last, errors) = converge(&env, &ctx, 8).await;
-    assert!(errors.iter().any(|e| e.contains("HTTP 502")), "{errors:?}");
+    assert!(
+        errors.is_empty(),
+        "the pass survives three failed batches: {errors:?}"
+    );
+    assert_eq!(total.faults_survived, 3, "{total:?}");
+    assert_exactly_once(&s, &env, &total, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_that_stays_down_ends_the_pass_after_the_configured_failures_in_a_row() {
+    let (env, s) = setup(roomy()).await;
+    env.edit_config(|t| t.replace("[sync]\n", "[sync]\nmax_consecutive_failures = 2\n"));
+    let ctx = env.ctx().await;
+    env.sims
+        .bitrix24
+        .inject(Fault::times(Some("batch"), FaultKind::Html(500), 1000));
+    let err = pass(&ctx).await.unwrap_err();
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    let batches = env
+        .sims
+        .bitrix24
+        .requests()
+        .iter()
+        .filter(|r| r.method == "batch")
+        .count();
+    assert!(
+        (3..=6).contains(&batches),
+        "2 failures survived, the third ends the pass (each probe is asked at most 4 times): {batches}"
+    );
+    env.sims.bitrix24.clear_faults();
+    env.clock.advance(Duration::minutes(40));
+    let (total, last, errors) = converge(&env, &ctx, 8).await;
+    assert!(errors.is_empty(), "{errors:?}");
     assert_exactly_once(&s, &env, &total, &last);
 }
 
@@ -158,7 +231,11 @@ async fn commits_followed_by_dropped_connections_never_duplicate() {
         FaultKind::CommitThenDrop,
     ));
     let (total, last, errors) = converge(&env, &ctx, 8).await;
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.is_empty(),
+        "lost answers are probed inside the pass: {errors:?}"
+    );
+    assert_eq!(total.faults_survived, 2, "{total:?}");
     assert!(total.probed > 0);
     assert_exactly_once(&s, &env, &total, &last);
 }
@@ -172,7 +249,11 @@ async fn answers_slower_than_the_client_timeout_are_probed_not_resent() {
         FaultKind::Slow(std::time::Duration::from_millis(900)),
     ));
     let (total, last, errors) = converge(&env, &ctx, 8).await;
-    assert!(errors.iter().any(|e| e.contains("timed out")), "{errors:?}");
+    assert!(
+        errors.is_empty(),
+        "a timed-out batch is probed inside the pass: {errors:?}"
+    );
+    assert_eq!(total.faults_survived, 1, "{total:?}");
     assert!(total.probed > 0);
     assert_exactly_once(&s, &env, &total, &last);
 }

@@ -165,7 +165,11 @@ async fn a_pass_killed_after_the_send_and_before_the_record_is_finished_by_the_n
 ) {
     let scenario = Scenario::call_centre_day(KYIV, day(), 4, 30, 5);
     let env = TestEnv::start(scenario.clone()).await;
-    env.write_config("telephony", &start("2026-11-21"));
+    // A pass that stops at the first failure stands for one killed there.
+    env.write_config(
+        "telephony",
+        &format!("{}max_consecutive_failures = 0\n", start("2026-11-21")),
+    );
     let ctx = env.ctx().await;
     // The portal commits the first register batch, then the connection dies.
     env.sims.bitrix24.inject(Fault::once(
@@ -208,7 +212,11 @@ async fn a_task_batch_lost_in_flight_is_found_again_not_added_twice() {
         );
     }
     let env = TestEnv::start(s).await;
-    env.write_config("telephony", &start("2026-11-21"));
+    // A pass that stops at the first failure stands for one killed there.
+    env.write_config(
+        "telephony",
+        &format!("{}max_consecutive_failures = 0\n", start("2026-11-21")),
+    );
     let ctx = env.ctx().await;
     env.sims.bitrix24.inject(Fault::once(
         Some("tasks.task.add"),
@@ -918,7 +926,11 @@ async fn a_task_probe_reads_every_page_when_the_responsible_has_many_tasks() {
         ..Default::default()
     };
     let env = TestEnv::with(s, roomy, Clock::manual(t0())).await;
-    env.write_config("telephony", &start("2026-11-21"));
+    // A pass that stops at the first failure stands for one killed there.
+    env.write_config(
+        "telephony",
+        &format!("{}max_consecutive_failures = 0\n", start("2026-11-21")),
+    );
     let ctx = env.ctx().await;
     // The contact's responsible (user 11) already has 60 tasks created just now, so the one
     // ubsync adds is the 61st: past the first page of 50.

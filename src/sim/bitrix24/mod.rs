@@ -11,7 +11,8 @@
 //!   full, requests get HTTP 503 `QUERY_LIMIT_EXCEEDED` "Too many requests". A batch counts once.
 //! - §2.2 the per-method operating budget over ten one-minute buckets: `time.operating` and
 //!   `time.operating_reset_at` in every response; the call after the one that crosses the limit
-//!   gets HTTP 429 `OPERATION_TIME_LIMIT`. Nested batch commands are billed to their own methods.
+//!   gets HTTP 429 `OPERATION_TIME_LIMIT`. A batch is billed as a whole to the method `batch`
+//!   (as measured on real portals); `BatchBilling::PerMethod` bills nested commands to their own.
 //! - §3 `batch`: at most 50 commands, `halt`, `$result[key][FIELD]` references, per-command
 //!   `result_error`, PHP's JSON quirks (empty maps as `[]`, sequential numeric keys as a list).
 //! - §4–§7 the methods themselves live in [`methods`].
@@ -73,6 +74,19 @@ pub struct Bitrix24SimConfig {
     pub attach_record_in_batch: bool,
     /// Whether a new `register` for an unknown number creates a lead when `CRM_CREATE=1`.
     pub lead_creation: bool,
+    /// How a batch's execution time is billed (§2.2).
+    pub batch_billing: BatchBilling,
+}
+
+/// How a batch's execution time is billed against the operating budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchBilling {
+    /// As measured on real portals: the whole batch is billed to the method `batch`, whose
+    /// `time` carries `operating`; nested commands carry no budget of their own.
+    #[default]
+    Batch,
+    /// Each nested command billed to its own method (`result_time[key].operating`).
+    PerMethod,
 }
 
 impl Default for Bitrix24SimConfig {
@@ -90,6 +104,7 @@ impl Default for Bitrix24SimConfig {
             timezone: chrono_tz::Europe::Kyiv,
             attach_record_in_batch: true,
             lead_creation: true,
+            batch_billing: BatchBilling::Batch,
         }
     }
 }
@@ -379,6 +394,11 @@ impl Bitrix24Sim {
         self.lock().faults.push(fault);
     }
 
+    /// Drops every fault not yet used up.
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     /// Fills the leaky bucket to `level` (e.g. another app on the same IP used it).
     pub fn set_bucket_level(&self, level: f64) {
         let now = self.clock.now();
@@ -560,14 +580,28 @@ impl PortalState {
         used > limit
     }
 
-    /// Bills one execution of `method`; returns (operating, operating_reset_at).
-    fn bill(&mut self, caller: &Caller, method: &str, now: DateTime<Utc>) -> (f64, i64) {
-        let cost = self
-            .cfg
+    /// The simulated execution time of one call of `method`.
+    fn cost(&self, method: &str) -> f64 {
+        self.cfg
             .method_costs
             .get(method)
             .copied()
-            .unwrap_or(self.cfg.default_cost);
+            .unwrap_or(self.cfg.default_cost)
+    }
+
+    /// Bills one execution of `method`; returns (operating, operating_reset_at).
+    fn bill(&mut self, caller: &Caller, method: &str, now: DateTime<Utc>) -> (f64, i64) {
+        let cost = self.cost(method);
+        self.bill_cost(caller, method, cost, now)
+    }
+
+    fn bill_cost(
+        &mut self,
+        caller: &Caller,
+        method: &str,
+        cost: f64,
+        now: DateTime<Utc>,
+    ) -> (f64, i64) {
         let key = (caller.budget_key(), method.to_string());
         let buckets = self.live_buckets(&key, now);
         match buckets.last_mut() {
@@ -631,7 +665,9 @@ impl PortalState {
                 None,
             );
         }
-        if self.operating_blocked(caller, method, now) {
+        // Billed to the batch instead: no per-method budget inside it.
+        let own_budget = !in_batch || self.cfg.batch_billing == BatchBilling::PerMethod;
+        if own_budget && self.operating_blocked(caller, method, now) {
             return (
                 Err(ApiError::new(
                     429,
@@ -644,6 +680,7 @@ impl PortalState {
         let r = methods::dispatch(self, caller, method, params, now);
         let billed = match &r {
             Err(e) if e.code == "ERROR_METHOD_NOT_FOUND" => None,
+            _ if !own_budget => None,
             _ => Some(self.bill(caller, method, now)),
         };
         (r, billed)
@@ -654,7 +691,7 @@ impl PortalState {
         caller: &Caller,
         params: &Map<String, Value>,
         now: DateTime<Utc>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<(Value, f64), ApiError> {
         let cmd = get_ci(params, "cmd").cloned().unwrap_or(Value::Null);
         let commands: Vec<(String, String)> = match cmd {
             Value::Object(m) => m.into_iter().map(|(k, v)| (k, scalar(&v))).collect(),
@@ -673,6 +710,7 @@ impl PortalState {
             ));
         }
         let halt = get_ci(params, "halt").map(truthy).unwrap_or(false);
+        let mut cost = 0.0;
         let mut results = Map::new();
         let mut errors = Map::new();
         let mut totals = Map::new();
@@ -683,6 +721,7 @@ impl PortalState {
             let method = normalize_method(method);
             let mut sub = phpquery::parse(query);
             substitute_refs(&mut sub, &results);
+            cost += self.cost(&method);
             let (r, billed) = self.execute(caller, &method, &sub, now, true);
             match r {
                 Ok(ok) => {
@@ -710,13 +749,16 @@ impl PortalState {
                 phpquery::php_arrays_to_lists_shallow(Value::Object(m))
             }
         };
-        Ok(json!({
-            "result": php(results),
-            "result_error": php(errors),
-            "result_total": php(totals),
-            "result_next": php(nexts),
-            "result_time": php(times),
-        }))
+        Ok((
+            json!({
+                "result": php(results),
+                "result_error": php(errors),
+                "result_total": php(totals),
+                "result_next": php(nexts),
+                "result_time": php(times),
+            }),
+            cost,
+        ))
     }
 }
 
@@ -1019,8 +1061,19 @@ fn handle(
     };
     params.retain(|k, _| !k.eq_ignore_ascii_case("auth"));
     if method == "batch" {
-        let result = st.batch(&caller, params, now).map_err(Handled::Api)?;
-        return Ok(json!({"result": result, "time": st.time_obj(now, None)}));
+        if st.cfg.batch_billing == BatchBilling::Batch
+            && st.operating_blocked(&caller, "batch", now)
+        {
+            return Err(Handled::Api(ApiError::new(
+                429,
+                "OPERATION_TIME_LIMIT",
+                "Method is blocked due to operation time limit.",
+            )));
+        }
+        let (result, cost) = st.batch(&caller, params, now).map_err(Handled::Api)?;
+        let billed = (st.cfg.batch_billing == BatchBilling::Batch)
+            .then(|| st.bill_cost(&caller, "batch", cost, now));
+        return Ok(json!({"result": result, "time": st.time_obj(now, billed)}));
     }
     let (r, billed) = st.execute(&caller, method, params, now, false);
     let ok = r.map_err(Handled::Api)?;
