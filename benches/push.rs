@@ -175,7 +175,17 @@ async fn main() {
         sustained_all / 100.0,
         sustained_writes / 100.0
     );
+    // The cap every request must respect, measured with the portal's arrival times.
+    let mut most_in_10s = 0;
+    let mut lo = 0;
+    for hi in 0..reqs.len() {
+        while reqs[hi].at - reqs[lo].at >= Duration::seconds(10) {
+            lo += 1;
+        }
+        most_in_10s = most_in_10s.max(hi - lo + 1);
+    }
     println!("  503s received                {refused}");
+    println!("  most requests in any 10 s    {most_in_10s} (the cap is 50)");
     println!("  peak RSS of ubsync           {peak_rss:.1} MiB");
     println!("  summary: {}", String::from_utf8_lossy(&out.stdout).trim());
 }

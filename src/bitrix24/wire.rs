@@ -168,6 +168,11 @@ pub struct BatchOutcome {
 }
 
 impl BatchOutcome {
+    /// Whether every one of `keys` got an answer: a result or an error of its own.
+    pub fn answers_all(&self, mut keys: impl Iterator<Item = String>) -> bool {
+        keys.all(|k| self.results.contains_key(&k) || self.errors.contains_key(&k))
+    }
+
     /// Decodes a batch's `result` block (§3 Response), tolerating `[]` and list shapes.
     pub fn from_result(result: &Value) -> BatchOutcome {
         let field = |name: &str| result.get(name).map(map_or_list).unwrap_or_default();

@@ -65,7 +65,7 @@ pub(super) async fn push_activity(
     let mut unassigned = Vec::new();
     for d in due {
         match d.item.ledger.stage {
-            Stage::Pending | Stage::InFlight => match user_for(ctx, &d.facts, users) {
+            Stage::Pending => match user_for(ctx, &d.facts, users) {
                 Some(_) => fresh.push(d),
                 None => unassigned.push(d),
             },
@@ -255,12 +255,15 @@ pub(super) async fn push_activity(
     Ok(())
 }
 
-/// Responsible users of CRM entities, by (kind, id).
+/// Responsible users of CRM entities: by (kind, id), by number, and whether every lookup got
+/// an answer (a result or an error for its command); without one, a missing responsible is not
+/// proof that there is none.
 pub(super) async fn entity_responsibles(
     ctx: &SyncCtx,
     entities: &[Entity],
     numbers: &[String],
-) -> Result<(HashMap<(String, i64), i64>, HashMap<String, (Entity, i64)>), SyncError> {
+) -> Result<Responsibles, SyncError> {
+    let mut complete = true;
     let mut by_entity = HashMap::new();
     let mut by_number = HashMap::new();
     match ctx.cfg.bitrix24.mode {
@@ -277,6 +280,7 @@ pub(super) async fn entity_responsibles(
                 })
                 .collect();
             let found = lookup(ctx, commands).await?;
+            complete &= found.answers_all((0..numbers.len()).map(|i| format!("s{i}")));
             for (i, n) in numbers.iter().enumerate() {
                 let Some(Value::Array(list)) = found.results.get(&format!("s{i}")) else {
                     continue;
@@ -318,6 +322,7 @@ pub(super) async fn entity_responsibles(
                 .map(|c| (c.key.clone(), c.method.clone()))
                 .collect();
             let found = lookup(ctx, commands).await?;
+            complete &= found.answers_all(keys.iter().map(|(k, _)| k.clone()));
             for (k, method) in keys {
                 let kind = method
                     .trim_start_matches("crm.")
@@ -337,5 +342,12 @@ pub(super) async fn entity_responsibles(
             }
         }
     }
-    Ok((by_entity, by_number))
+    Ok((by_entity, by_number, complete))
 }
+
+/// Responsibles by (kind, id), by number, and whether every lookup was answered.
+pub(super) type Responsibles = (
+    HashMap<(String, i64), i64>,
+    HashMap<String, (Entity, i64)>,
+    bool,
+);

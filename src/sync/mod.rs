@@ -507,11 +507,12 @@ fn understand(
     Ok(due)
 }
 
-/// Resolves the Bitrix24 user of each operator line (cached for a day) and returns line → user.
+/// Resolves the Bitrix24 user of each operator line (cached for a day): line → user, and the
+/// lines whose lookup got no answer (their calls wait: never the default user by mistake).
 async fn resolve_operators(
     ctx: &SyncCtx,
     lines: &HashSet<String>,
-) -> Result<HashMap<String, i64>, SyncError> {
+) -> Result<(HashMap<String, i64>, HashSet<String>), SyncError> {
     let now = ctx.clock.now();
     let cached = ctx
         .store
@@ -526,7 +527,7 @@ async fn resolve_operators(
         .filter(|l| !matches!(cached.get(*l), Some(Some(_))))
         .collect();
     if missing.is_empty() {
-        return Ok(out);
+        return Ok((out, HashSet::new()));
     }
     let commands: Vec<Command> = missing
         .iter()
@@ -541,8 +542,10 @@ async fn resolve_operators(
         .collect();
     let found = lookup(ctx, commands).await?;
     let store = ctx.store.lock();
+    let mut unresolved = HashSet::new();
     for (i, line) in missing.iter().enumerate() {
         let Some(res) = found.results.get(&format!("u{i}")) else {
+            unresolved.insert((*line).clone());
             continue;
         };
         let user = res
@@ -555,7 +558,7 @@ async fn resolve_operators(
             out.insert((*line).clone(), u);
         }
     }
-    Ok(out)
+    Ok((out, unresolved))
 }
 
 /// The Bitrix24 user a call belongs to: its operator's, else the configured default.
@@ -639,7 +642,15 @@ async fn push_round(
         probe_in_flight(ctx, s).await?;
     }
     settle_finished(ctx)?;
-    let items = ctx.store.lock().work_due(ctx.clock.now())?;
+    // A call still in flight (its probe got no answer) is never planned again: it waits for a
+    // probe that proves what Bitrix24 holds.
+    let items: Vec<WorkItem> = ctx
+        .store
+        .lock()
+        .work_due(ctx.clock.now())?
+        .into_iter()
+        .filter(|w| w.ledger.stage != Stage::InFlight)
+        .collect();
     if items.is_empty() {
         return Ok(());
     }
@@ -648,7 +659,20 @@ async fn push_round(
         .iter()
         .filter_map(|d| d.facts.operator_line.clone())
         .collect();
-    let users = resolve_operators(ctx, &lines).await?;
+    let (users, unresolved) = resolve_operators(ctx, &lines).await?;
+    let mut due = due;
+    if !unresolved.is_empty() {
+        // Pushed now, these calls would go to the default user; they wait for an answer.
+        let before = due.len();
+        due.retain(|d| {
+            d.facts
+                .operator_line
+                .as_ref()
+                .is_none_or(|l| !unresolved.contains(l))
+        });
+        tracing::warn!(lines = ?unresolved, calls = before - due.len(), "Bitrix24 did not answer the user lookup for these inner lines; their calls wait");
+        s.faults_survived += 1;
+    }
     match ctx.cfg.bitrix24.mode {
         Mode::Telephony => {
             // Until the portal has shown whether it takes attachRecord inside a batch, send one

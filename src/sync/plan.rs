@@ -126,7 +126,7 @@ pub fn telephony_chain(
         }
     };
     match l.stage {
-        Stage::Pending | Stage::InFlight => {
+        Stage::Pending => {
             let mut register = json!({
                 "USER_ID": user_id, "PHONE_NUMBER": f.client_number,
                 "TYPE": if f.way == Way::In { 2 } else { 1 },

@@ -44,7 +44,16 @@ pub(super) async fn push_tasks(
     let mut numbers: Vec<String> = due.iter().map(|d| d.facts.client_number.clone()).collect();
     numbers.sort();
     numbers.dedup();
-    let (by_entity, by_number) = entity_responsibles(ctx, &entities, &numbers).await?;
+    let (by_entity, by_number, complete) = entity_responsibles(ctx, &entities, &numbers).await?;
+    if !complete {
+        // A task given to the operator or the default user because the CRM lookup went
+        // unanswered would be a task for the wrong manager: the tasks wait for the next round.
+        tracing::warn!(
+            "Bitrix24 did not answer every CRM responsible lookup; missed-call tasks wait"
+        );
+        s.faults_survived += 1;
+        return Ok(());
+    }
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();

@@ -15,7 +15,7 @@ use crate::harness::{pass, TestEnv};
 
 const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
 
-fn scenario() -> Scenario {
+pub(crate) fn scenario() -> Scenario {
     Scenario::call_centre_day(
         KYIV,
         NaiveDate::from_ymd_opt(2026, 11, 21).unwrap(),
@@ -26,7 +26,7 @@ fn scenario() -> Scenario {
 }
 
 /// A portal with room for every request of a pass under the frozen clock; faults do the rest.
-fn roomy() -> Bitrix24SimConfig {
+pub(crate) fn roomy() -> Bitrix24SimConfig {
     Bitrix24SimConfig {
         burst: 1000.0,
         ..Default::default()
@@ -35,7 +35,7 @@ fn roomy() -> Bitrix24SimConfig {
 
 const FAST_RETRIES: &str = "[sync]\nstart = \"2026-11-21\"\n";
 
-async fn setup(cfg: Bitrix24SimConfig) -> (TestEnv, Scenario) {
+pub(crate) async fn setup(cfg: Bitrix24SimConfig) -> (TestEnv, Scenario) {
     let s = scenario();
     let env = TestEnv::with(
         s.clone(),
@@ -53,7 +53,7 @@ async fn setup(cfg: Bitrix24SimConfig) -> (TestEnv, Scenario) {
 
 /// Runs passes, moving the clock on between them (so backoffs and 429 pauses expire), until a
 /// pass succeeds without sending anything. Returns the sum of the working passes and the last.
-async fn converge(
+pub(crate) async fn converge(
     env: &TestEnv,
     ctx: &SyncCtx,
     max_passes: usize,
@@ -84,7 +84,12 @@ async fn converge(
     panic!("did not converge in {max_passes} passes; errors: {errors:#?}");
 }
 
-fn assert_exactly_once(s: &Scenario, env: &TestEnv, total: &PassSummary, last: &PassSummary) {
+pub(crate) fn assert_exactly_once(
+    s: &Scenario,
+    env: &TestEnv,
+    total: &PassSummary,
+    last: &PassSummary,
+) {
     let (lines, ok) = ubsync::demo::check(s, &env.sims, total, last);
     assert!(ok, "{}", lines.join("\n"));
 }

@@ -157,11 +157,16 @@ impl TestEnv {
     /// The pipeline's context over the written config, the env's clock and its state file; in
     /// telephony mode the local application is installed and its tokens stored first.
     pub async fn ctx(&self) -> ubsync::sync::SyncCtx {
+        self.ctx_with_clock(self.clock.clone()).await
+    }
+
+    /// The pipeline's context with its own clock (e.g. one that jumped while the world's did not).
+    pub async fn ctx_with_clock(&self, clock: Clock) -> ubsync::sync::SyncCtx {
         let cfg = self.config();
         let store =
             ubsync::store::SharedStore::new(ubsync::store::Store::open(&cfg.state.path).unwrap());
         let b24 =
-            ubsync::bitrix24::Bitrix24Client::new(&cfg.bitrix24, store.clone(), self.clock.clone())
+            ubsync::bitrix24::Bitrix24Client::new(&cfg.bitrix24, store.clone(), clock.clone())
                 .unwrap();
         if cfg.bitrix24.mode == ubsync::config::Mode::Telephony
             && store.lock().tokens(&self.portal_key()).unwrap().is_none()
@@ -174,7 +179,7 @@ impl TestEnv {
             b24,
             cfg,
             store,
-            clock: self.clock.clone(),
+            clock,
             cancel: tokio_util::sync::CancellationToken::new(),
         }
     }

@@ -3,6 +3,7 @@
 mod harness;
 
 mod certainty;
+mod chaos;
 mod cli_check;
 mod cli_sync;
 mod config_validation;

@@ -1,0 +1,287 @@
+//! The chaos layer: seeded random combinations of every fault class ubsync must survive, over
+//! one scenario, then the invariants. Faults: Bitrix24 answers that prove nothing after a commit
+//! (HTML 200, truncated bodies, `{"result":[]}`, `{"result":{}}`, a 4xx), 5xx pages, dropped
+//! connections, slow answers, 503 and 429, expired tokens; Unitalk errors, capped pages, lying,
+//! missing or non-numeric `count`, ignored `offset` and growing totals (for a few passes);
+//! ubsync's own clock two days ahead for a pass; the state file deleted between passes; a pass
+//! dropped at a random moment (what a kill -9 leaves: committed transactions and requests the
+//! portal may have run). Invariants: every eligible call in Bitrix24 exactly once with its
+//! recording, one task per missed call, nothing lost (so no cursor moved past unread records).
+//!
+//! `UBSYNC_CHAOS_SEEDS=200 cargo test --release --test it chaos` runs a longer seeded campaign
+//! (default: 3 seeds, about half a minute).
+
+use chrono::Duration;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ubsync::clock::Clock;
+use ubsync::sim::unitalk::{CountMode, Paging};
+use ubsync::sim::{Fault, FaultKind, UnitalkFault};
+use ubsync::sync::PassSummary;
+
+use crate::faults::{assert_exactly_once, converge, roomy, setup};
+use crate::harness::pass;
+
+fn bitrix24_fault(rng: &mut StdRng) -> FaultKind {
+    let lost = |status: u16, body: &str| FaultKind::CommitThenAnswer {
+        status,
+        body: body.to_string(),
+    };
+    match rng.random_range(0..12) {
+        0 => FaultKind::Html([500, 502, 504][rng.random_range(0..3)]),
+        1 => FaultKind::QueryLimit,
+        2 => FaultKind::CommitThenDrop,
+        3 => FaultKind::ExpiredToken,
+        4 => FaultKind::Slow(std::time::Duration::from_millis(700)),
+        5 => FaultKind::OperationLimit,
+        6 => lost(200, "<html><body>Bad gateway</body></html>"),
+        7 => lost(200, r#"{"result":{"result":{"a0":"#),
+        8 => lost(200, r#"{"result":[]}"#),
+        9 => lost(200, r#"{"result":{}}"#),
+        10 => lost(400, r#"{"error":"ERROR_CORE","error_description":"oops"}"#),
+        _ => lost(200, r#"{"result":{"result":{},"result_error":[]}}"#),
+    }
+}
+
+fn paging(rng: &mut StdRng) -> Paging {
+    Paging {
+        page_cap: rng.random_bool(0.5).then(|| rng.random_range(3..12)),
+        count: match rng.random_range(0..5) {
+            0 => CountMode::Missing,
+            1 => CountMode::NonNumeric,
+            2 => CountMode::Less(rng.random_range(1..20)),
+            _ => CountMode::True,
+        },
+        ignore_offset: false,
+    }
+}
+
+async fn campaign(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (env, s) = setup(roomy()).await;
+    let state = env.config().state.path;
+    let mut ctx = env.ctx().await;
+    let methods = [
+        None,
+        Some("batch"),
+        Some("telephony.externalCall.register"),
+        Some("telephony.externalCall.finish"),
+        Some("telephony.externalCall.attachRecord"),
+        Some("tasks.task.add"),
+        Some("tasks.task.list"),
+        Some("voximplant.statistic.get"),
+        Some("user.get"),
+    ];
+    let mut total = PassSummary::default();
+    let mut deleted = false;
+    let mut log = Vec::new();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info,it=warn")
+        .try_init();
+    for round in 0..12 {
+        tracing::warn!("CHAOS ROUND {round}");
+        for _ in 0..rng.random_range(0..3) {
+            let method = methods[rng.random_range(0..methods.len())];
+            let kind = bitrix24_fault(&mut rng);
+            log.push(format!("{round}: bitrix24 {method:?} {kind:?}"));
+            env.sims.bitrix24.inject(Fault::once(method, kind));
+        }
+        if rng.random_bool(0.3) {
+            let f = [
+                UnitalkFault::InternalError,
+                UnitalkFault::Http(502),
+                UnitalkFault::Error("Too many requests".into()),
+            ][rng.random_range(0..3)]
+            .clone();
+            log.push(format!("{round}: unitalk {f:?}"));
+            env.sims.unitalk.inject(None, f);
+        }
+        let mut p = paging(&mut rng);
+        // Now and then a server that cannot be paged at all, for one pass.
+        match rng.random_range(0..10) {
+            0 => p.ignore_offset = true,
+            1 => p.count = CountMode::Growing,
+            _ => {}
+        }
+        log.push(format!("{round}: paging {p:?}"));
+        env.sims.unitalk.set_paging(p);
+        match rng.random_range(0..10) {
+            0 if !deleted && round >= 2 => {
+                log.push(format!("{round}: state file deleted"));
+                drop(ctx);
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", state.display()));
+                }
+                deleted = true;
+                ctx = env.ctx().await;
+            }
+            1 => {
+                log.push(format!("{round}: ubsync's clock two days ahead"));
+                let ahead = env
+                    .ctx_with_clock(Clock::manual(env.clock.now() + Duration::days(2)))
+                    .await;
+                let r = pass(&ahead).await;
+                log.push(format!("{round}: ahead pass: {r:?}"));
+            }
+            2 => {
+                let after = std::time::Duration::from_millis(rng.random_range(0..150));
+                log.push(format!("{round}: killed after {after:?}"));
+                if tokio::time::timeout(after, pass(&ctx)).await.is_err() {
+                    // A new process: nothing of the killed one survives but the state file.
+                    drop(ctx);
+                    ctx = env.ctx().await;
+                }
+            }
+            _ => {}
+        }
+        match pass(&ctx).await {
+            Ok(p) => {
+                total.pushed += p.pushed;
+                total.tasks += p.tasks;
+                log.push(format!("{round}: pass ok: {p}"));
+            }
+            Err(e) => log.push(format!("{round}: pass failed: {e}")),
+        }
+        log.push(format!(
+            "{round}: the portal holds {} registered calls; ledger {:?}",
+            env.sims.bitrix24.calls().len(),
+            ctx.store.lock().stage_counts().unwrap()
+        ));
+        env.clock
+            .advance(Duration::minutes(rng.random_range(1..30)));
+    }
+    env.sims.bitrix24.clear_faults();
+    env.sims.unitalk.set_paging(Paging::default());
+    // What a calm day after the storm must bring: everything, exactly once.
+    env.clock.advance(Duration::minutes(40));
+    let (rest, last, _) = converge(&env, &ctx, 30).await;
+    total.pushed += rest.pushed;
+    total.tasks += rest.tasks;
+    let (lines, ok) = ubsync::demo::check(&s, &env.sims, &rest, &last);
+    assert!(
+        ok,
+        "seed {seed}:\n{}\n--- what happened ---\n{}",
+        lines.join("\n"),
+        log.join("\n")
+    );
+    assert_exactly_once(&s, &env, &rest, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_fault_combinations_never_lose_or_duplicate_a_call() {
+    let seeds: u64 = std::env::var("UBSYNC_CHAOS_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for seed in 0..seeds {
+        campaign(seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_lost_after_a_429_and_a_lost_probe_answer_re_pushes_nothing() {
+    let (env, s) = setup(roomy()).await;
+    let state = env.config().state.path;
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    drop(ctx);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", state.display()));
+    }
+    env.clock.advance(Duration::minutes(10));
+    env.sims
+        .bitrix24
+        .inject(Fault::once(Some("batch"), FaultKind::OperationLimit));
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert!(!first.paused.is_empty(), "{first:?}");
+    env.clock.advance(Duration::minutes(11));
+    env.sims.bitrix24.inject(Fault::once(
+        Some("voximplant.statistic.get"),
+        FaultKind::CommitThenAnswer {
+            status: 200,
+            body: r#"{"result":{"result":{"a0":"#.into(),
+        },
+    ));
+    let (rest, last, _) = converge(&env, &ctx, 10).await;
+    assert_exactly_once(&s, &env, &rest, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_lost_then_a_pass_with_the_clock_ahead_re_pushes_nothing() {
+    let (env, s) = setup(roomy()).await;
+    let state = env.config().state.path;
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    drop(ctx);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", state.display()));
+    }
+    env.clock.advance(Duration::minutes(10));
+    env.sims
+        .bitrix24
+        .inject(Fault::once(Some("batch"), FaultKind::OperationLimit));
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert!(!first.paused.is_empty(), "{first:?}");
+    env.clock.advance(Duration::minutes(3));
+    let ahead = env
+        .ctx_with_clock(Clock::manual(env.clock.now() + Duration::days(2)))
+        .await;
+    let p = pass(&ahead).await;
+    assert_eq!(env.sims.bitrix24.calls().len(), 38, "{p:?}");
+    drop(ahead);
+    let (rest, last, _) = converge(&env, &ctx, 10).await;
+    assert_exactly_once(&s, &env, &rest, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_answered_without_results_leaves_the_call_in_flight_never_registered_again() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("telephony.externalCall.register"),
+        FaultKind::CommitThenDrop,
+    ));
+    // Every probe of this pass gets an answer that proves nothing.
+    env.sims.bitrix24.inject(Fault::times(
+        Some("voximplant.statistic.get"),
+        FaultKind::CommitThenAnswer {
+            status: 200,
+            body: r#"{"result":{"result":{},"result_error":[]}}"#.into(),
+        },
+        4,
+    ));
+    let first = pass(&ctx).await.unwrap();
+    let registered = env.sims.bitrix24.calls().len();
+    assert!(
+        registered <= 38,
+        "{registered} registrations for 38 calls: {first:?}"
+    );
+    env.clock.advance(Duration::minutes(40));
+    let (rest, last, _) = converge(&env, &ctx, 10).await;
+    assert_exactly_once(&s, &env, &rest, &last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_user_or_crm_lookup_never_gives_calls_or_tasks_to_the_wrong_manager() {
+    let (env, s) = setup(roomy()).await;
+    let ctx = env.ctx().await;
+    let nothing = || FaultKind::CommitThenAnswer {
+        status: 200,
+        body: r#"{"result":{"result":{},"result_error":[]}}"#.into(),
+    };
+    env.sims
+        .bitrix24
+        .inject(Fault::times(Some("user.get"), nothing(), 2));
+    env.sims.bitrix24.inject(Fault::times(
+        Some("telephony.externalCall.searchCrmEntities"),
+        nothing(),
+        2,
+    ));
+    let (rest, last, errors) = converge(&env, &ctx, 10).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(rest.faults_survived >= 2, "{rest:?}");
+    assert_exactly_once(&s, &env, &rest, &last);
+}
