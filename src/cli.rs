@@ -222,7 +222,9 @@ pub fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ubsync: error: cannot start the async runtime: {e}");
+            crate::redact::complain(&format!(
+                "ubsync: error: cannot start the async runtime: {e}"
+            ));
             return ExitCode::from(1);
         }
     };
@@ -230,10 +232,7 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let text = format!("{e:#}");
-            eprintln!(
-                "ubsync: error: {}",
-                crate::redact::printable(&crate::redact::redact(&text))
-            );
+            crate::redact::complain(&format!("ubsync: error: {text}"));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -290,7 +289,9 @@ fn bitrix24_code(e: &Bitrix24Error) -> u8 {
 
 fn unitalk_code(e: &UnitalkError) -> u8 {
     match e {
-        UnitalkError::Auth { .. } | UnitalkError::Redirect { .. } => EXIT_CONFIG,
+        UnitalkError::Auth { .. }
+        | UnitalkError::Redirect { .. }
+        | UnitalkError::Misconfigured { .. } => EXIT_CONFIG,
         e if e.is_retryable() => EXIT_TEMPFAIL,
         _ => 1,
     }
@@ -325,7 +326,10 @@ pub fn load_config(path: &std::path::Path) -> Result<Config, ConfigError> {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Check { offline } => check(&cli.config, offline).await,
-        Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
+        Command::Sync { dry_run } => match sync(&cli.config, dry_run).await {
+            Err(e) if !dry_run && exit_code(&e) == EXIT_TEMPFAIL => stale_or(&cli.config, e),
+            r => r,
+        },
         Command::Status { json } => status(&cli.config, json),
         Command::Run {
             listen,
@@ -336,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
         Command::Demo => {
             let report = crate::demo::run(Clock::system()).await?;
-            print!("{}", report.text);
+            crate::redact::say(report.text.trim_end_matches('\n'));
             Ok(if report.ok { 0 } else { 1 })
         }
         Command::Sim(args) => sim(args).await,
@@ -376,7 +380,7 @@ fn read_refresh_token(arg: Option<String>, file: Option<PathBuf>) -> anyhow::Res
     } else {
         use std::io::{IsTerminal, Read};
         if std::io::stdin().is_terminal() {
-            eprintln!("Paste the refresh token and press Enter, then Ctrl-D:");
+            crate::redact::complain("Paste the refresh token and press Enter, then Ctrl-D:");
         }
         let mut t = String::new();
         std::io::stdin()
@@ -1258,7 +1262,7 @@ async fn reconcile(
         Some(&serde_json::to_value(&report)?),
         None,
     )?;
-    print!("{}", report.table());
+    crate::redact::say(report.table().trim_end_matches('\n'));
     crate::store::files::create_private_dir(&reports)
         .with_context(|| format!("cannot create {}", reports.display()))?;
     let file = reports.join(format!(
@@ -1300,6 +1304,45 @@ async fn reconcile(
 
 /// `reconcile` found differences it did not repair (see the README's exit codes).
 pub const EXIT_DIFFERENCES: u8 = 3;
+
+/// Exit code of a oneshot `sync` that failed for a transient reason after no pass succeeded for
+/// longer than `health.max_age`: an outage that `systemctl --failed` and `OnFailure=` must see
+/// (75 counts as success in the shipped timer unit).
+pub const EXIT_STALE: u8 = 4;
+
+/// A transient failure stays `Err` (exit 75) while the outage is short; past `health.max_age`
+/// without a successful sync it is reported and exits [`EXIT_STALE`].
+fn stale_or(path: &std::path::Path, e: anyhow::Error) -> anyhow::Result<u8> {
+    let Ok(cfg) = load_config(path) else {
+        return Err(e);
+    };
+    let Ok(store) = Store::open(&cfg.state.path) else {
+        return Err(e);
+    };
+    let since = match store.last_ok_run("sync") {
+        Ok(Some(t)) => Some((t, "the last successful sync")),
+        _ => store
+            .first_run_at("sync")
+            .ok()
+            .flatten()
+            .map(|t| (t, "the first sync attempt (none has succeeded)")),
+    };
+    let now = Clock::system().now();
+    let max_age = chrono::Duration::from_std(cfg.health_max_age).unwrap_or(chrono::Duration::MAX);
+    match since {
+        Some((t, what)) if now - t > max_age => {
+            crate::redact::complain(&format!("ubsync: error: {e:#}"));
+            crate::redact::complain(&format!(
+                "ubsync: error: {what} was at {} ({} min ago), longer ago than health.max_age ({} min): this is an outage, not a passing hiccup; exit code {EXIT_STALE}",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                (now - t).num_minutes(),
+                max_age.num_minutes()
+            ));
+            Ok(EXIT_STALE)
+        }
+        _ => Err(e),
+    }
+}
 
 async fn run_daemon(
     path: &std::path::Path,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod lock;
+pub mod netdiag;
 pub mod phpquery;
 pub mod redact;
 pub mod schedule;

@@ -84,6 +84,14 @@ pub fn say(text: &str) {
     let _ = out.write_all(b"\n");
 }
 
+/// Writes one line to stderr, redacted and printable; a closed stderr is not an error.
+pub fn complain(text: &str) {
+    let safe = printable(&redact(text)).into_owned();
+    let mut err = io::stderr().lock();
+    let _ = err.write_all(safe.as_bytes());
+    let _ = err.write_all(b"\n");
+}
+
 /// [`say`] with `format!` arguments.
 #[macro_export]
 macro_rules! say {

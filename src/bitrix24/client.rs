@@ -63,6 +63,8 @@ pub struct Bitrix24Client {
     pub operating: OperatingTracker,
     store: SharedStore,
     clock: Clock,
+    /// `bitrix24.request_timeout`, in seconds (for messages).
+    timeout_secs: u64,
     /// Held while refreshing so concurrent 401s refresh once.
     refresh_lock: tokio::sync::Mutex<()>,
     /// The portal's new origin when it moved (a permanent redirect answered earlier to a
@@ -116,18 +118,21 @@ pub fn pre_execution(code: &str) -> bool {
     )
 }
 
-fn transport_error(e: reqwest::Error, sent: bool) -> Bitrix24Error {
+/// A transport error, classified: DNS and TLS failures are configuration mistakes (nothing was
+/// sent); a refused connection certainly did not execute; anything else may have.
+fn transport_error(e: reqwest::Error, url: &Url, key: &str, timeout: u64) -> Bitrix24Error {
     let e = e.without_url();
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "transport error"
-    };
+    let failure = crate::netdiag::classify(&e);
+    let what = crate::netdiag::explain(failure, &crate::netdiag::host_of(url), key, timeout);
+    if failure.is_configuration() {
+        return Bitrix24Error::Misconfigured {
+            detail: what,
+            outcome_unknown: false,
+        };
+    }
     Bitrix24Error::Unavailable {
-        detail: format!("{kind}: {e}"),
-        outcome_unknown: sent && !e.is_connect(),
+        detail: format!("{what}: {e}"),
+        outcome_unknown: failure != crate::netdiag::Failure::Refused && !e.is_connect(),
     }
 }
 
@@ -174,6 +179,7 @@ impl Bitrix24Client {
             operating: OperatingTracker::new(cfg.operating_limit),
             store,
             clock,
+            timeout_secs: cfg.request_timeout.as_secs(),
             refresh_lock: tokio::sync::Mutex::new(()),
             moved: Mutex::new(moved),
             allow_http: cfg.allow_insecure_http,
@@ -461,6 +467,14 @@ impl Bitrix24Client {
         Ok(origin)
     }
 
+    /// The configuration key of the portal's address.
+    fn url_key(&self) -> &'static str {
+        match self.auth {
+            Auth::Webhook(_) => "bitrix24.webhook_url",
+            Auth::OAuth { .. } => "bitrix24.portal_url",
+        }
+    }
+
     async fn send(
         &self,
         method: &str,
@@ -469,13 +483,11 @@ impl Bitrix24Client {
     ) -> Result<Envelope, Bitrix24Error> {
         self.budget.acquire().await;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = self
-            .http
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(e, true))?;
+        let url_for_errors = url.clone();
+        let resp =
+            self.http.post(url).json(body).send().await.map_err(|e| {
+                transport_error(e, &url_for_errors, self.url_key(), self.timeout_secs)
+            })?;
         let status = resp.status().as_u16();
         if (300..400).contains(&status) {
             let location = resp
@@ -489,7 +501,10 @@ impl Bitrix24Client {
                 location: super::Hidden(location),
             });
         }
-        let bytes = resp.bytes().await.map_err(|e| transport_error(e, true))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(e, &url_for_errors, self.url_key(), self.timeout_secs))?;
         // A write is "not executed" only with proof (a documented pre-execution refusal);
         // anything else the portal may have run, so it must be probed, never re-sent blindly.
         match wire::decode(&bytes) {
@@ -512,6 +527,15 @@ impl Bitrix24Client {
                 }
                 other => Err(other),
             },
+            // Bitrix24 answers an unknown method with a JSON error; an HTML 404 is another server.
+            Decoded::Unreadable(_) if status == 404 => Err(Bitrix24Error::Misconfigured {
+                detail: format!(
+                    "{} answered HTTP 404 with a page that is not a Bitrix24 REST answer; check the host and path in {}",
+                    crate::netdiag::host_of(&url_for_errors),
+                    self.url_key()
+                ),
+                outcome_unknown: true,
+            }),
             Decoded::Unreadable(snippet) => Err(Bitrix24Error::Unavailable {
                 detail: format!("HTTP {status} with an unreadable body: {snippet}"),
                 // 503 and 429 are the rate limits: refused before anything ran.
@@ -601,6 +625,7 @@ impl Bitrix24Client {
             });
         };
         let url = oauth_url.join("/oauth/token/").expect("valid OAuth URL");
+        let url_for_errors = url.clone();
         // The OAuth server takes its parameters in the query string (§1.3); reqwest errors are
         // stripped of the URL below, so the secret and token never reach a log.
         let resp = self
@@ -614,9 +639,13 @@ impl Bitrix24Client {
             ])
             .send()
             .await
-            .map_err(|e| transport_error(e, true))?;
+            .map_err(|e| {
+                transport_error(e, &url_for_errors, "bitrix24.oauth_url", self.timeout_secs)
+            })?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| transport_error(e, true))?;
+        let bytes = resp.bytes().await.map_err(|e| {
+            transport_error(e, &url_for_errors, "bitrix24.oauth_url", self.timeout_secs)
+        })?;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if let Some(code) = v.get("error").and_then(Value::as_str) {
             let description = v

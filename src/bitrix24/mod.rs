@@ -63,6 +63,13 @@ pub enum Bitrix24Error {
         detail: String,
         outcome_unknown: bool,
     },
+    /// The configured address does not lead to a Bitrix24 portal (the name does not resolve, TLS
+    /// fails, another server answers): an admin must fix the configuration.
+    #[error("bitrix24 cannot be reached as configured: {detail}")]
+    Misconfigured {
+        detail: String,
+        outcome_unknown: bool,
+    },
     /// The portal answered a redirect; followed inside the client when the policy allows it.
     #[error("bitrix24 answered HTTP {status} ({})", redirect::status_words(*status))]
     Moved { status: u16, location: Hidden },
@@ -96,6 +103,7 @@ impl Bitrix24Error {
             Bitrix24Error::Auth { .. }
                 | Bitrix24Error::NoTokens { .. }
                 | Bitrix24Error::Redirect { .. }
+                | Bitrix24Error::Misconfigured { .. }
         )
     }
 
@@ -104,6 +112,9 @@ impl Bitrix24Error {
         matches!(
             self,
             Bitrix24Error::Unavailable {
+                outcome_unknown: true,
+                ..
+            } | Bitrix24Error::Misconfigured {
                 outcome_unknown: true,
                 ..
             }

@@ -487,6 +487,20 @@ impl Store {
         Ok(v.as_deref().and_then(parse_ts))
     }
 
+    /// When the oldest recorded run of `job` started.
+    pub fn first_run_at(&self, job: &str) -> Result<Option<DateTime<Utc>>> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT MIN(started_at) FROM runs WHERE job = ?1",
+                [job],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        Ok(v.as_deref().and_then(parse_ts))
+    }
+
     /// Forgets runs that started before `before` (the log would otherwise grow by a row a minute).
     pub fn prune_runs(&self, before: DateTime<Utc>) -> Result<usize> {
         Ok(self

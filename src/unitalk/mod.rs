@@ -34,6 +34,10 @@ pub enum UnitalkError {
     /// Transport error, timeout, 5xx or an unreadable body: retry later.
     #[error("unitalk temporarily unavailable: {detail}")]
     Unavailable { detail: String },
+    /// The configured address does not lead to Unitalk's API (the name does not resolve, TLS
+    /// fails, another server answers 404): an admin must fix `unitalk.base_url`.
+    #[error("unitalk cannot be reached as configured: {detail}")]
+    Misconfigured { detail: String },
     /// A redirect ubsync will not follow (another domain, a downgrade to http, a loop): the key
     /// would go elsewhere; an admin must check `unitalk.base_url`.
     #[error("unitalk answered HTTP {status} ({}) from {from} to {to}, which ubsync will not follow: the API key would go elsewhere; check unitalk.base_url", crate::bitrix24::redirect::status_words(*status))]
@@ -51,7 +55,9 @@ impl UnitalkError {
             // "Internal error" is documented as something to report, but it is transient often
             // enough that a later pass should try again.
             UnitalkError::Api { message, .. } => message.eq_ignore_ascii_case("Internal error"),
-            UnitalkError::Auth { .. } | UnitalkError::Redirect { .. } => false,
+            UnitalkError::Auth { .. }
+            | UnitalkError::Redirect { .. }
+            | UnitalkError::Misconfigured { .. } => false,
         }
     }
 }
@@ -124,6 +130,24 @@ impl UnitalkClient {
         })
     }
 
+    fn transport_error(&self, e: reqwest::Error) -> UnitalkError {
+        let e = e.without_url();
+        let failure = crate::netdiag::classify(&e);
+        let what = crate::netdiag::explain(
+            failure,
+            &crate::netdiag::host_of(&self.base),
+            "unitalk.base_url",
+            self.cfg.request_timeout.as_secs(),
+        );
+        if failure.is_configuration() {
+            UnitalkError::Misconfigured { detail: what }
+        } else {
+            UnitalkError::Unavailable {
+                detail: format!("{what}: {e}"),
+            }
+        }
+    }
+
     /// POSTs `body` to `path` and returns the JSON answer, errors classified.
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, UnitalkError> {
         let _one_at_a_time = self.gate.lock().await;
@@ -137,9 +161,7 @@ impl UnitalkClient {
             .send()
             .await;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = sent.map_err(|e| UnitalkError::Unavailable {
-            detail: e.without_url().to_string(),
-        })?;
+        let resp = sent.map_err(|e| self.transport_error(e))?;
         let status = resp.status();
         if let Some(date) = resp
             .headers()
@@ -164,9 +186,7 @@ impl UnitalkClient {
                 to,
             });
         }
-        let bytes = resp.bytes().await.map_err(|e| UnitalkError::Unavailable {
-            detail: e.without_url().to_string(),
-        })?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(e))?;
         self.units
             .fetch_add(request_units(started.elapsed()), Ordering::Relaxed);
         let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
@@ -191,6 +211,13 @@ impl UnitalkClient {
         }
         match parsed {
             Some(v) if status.is_success() => Ok(v),
+            // Unitalk answers its errors as JSON; a 404 page comes from another server or path.
+            None if status.as_u16() == 404 => Err(UnitalkError::Misconfigured {
+                detail: format!(
+                    "{} answered HTTP 404 for /{path} with a page that is not a Unitalk API answer; check unitalk.base_url (default https://api.unitalk.cloud/api/)",
+                    crate::netdiag::host_of(&self.base)
+                ),
+            }),
             _ => {
                 let snippet: String = String::from_utf8_lossy(&bytes).chars().take(120).collect();
                 Err(UnitalkError::Unavailable {

@@ -5,6 +5,7 @@ mod harness;
 mod certainty;
 mod chaos;
 mod cli_check;
+mod cli_errors;
 mod cli_sync;
 mod config_validation;
 mod faults;
