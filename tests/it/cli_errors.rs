@@ -105,7 +105,7 @@ async fn a_refused_port_is_temporary_at_first_and_an_outage_past_health_max_age_
     // The first attempt was an hour ago and nothing has succeeded since.
     let cfg = env.config();
     let store = ubsync::store::Store::open(&cfg.state.path).unwrap();
-    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let hour_ago = ubsync::clock::Clock::system().now() - chrono::Duration::hours(1);
     let id = store.begin_run("sync", hour_ago).unwrap();
     store
         .finish_run(id, hour_ago, "failed", None, Some("down"))
