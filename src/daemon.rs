@@ -130,8 +130,32 @@ impl Default for Metrics {
             "How far the sync cursor is behind now",
             m.cursor_lag.clone(),
         );
+        // Every series from the start, at zero: a dashboard or alert sees "none yet", not nothing.
+        for job in [JobKind::Sync, JobKind::Lines, JobKind::Reconcile] {
+            let label = JobLabel {
+                job: job.as_str().into(),
+            };
+            let _ = m.passes.get_or_create(&label);
+            let _ = m.failures.get_or_create(&label);
+        }
+        let build: Family<BuildLabel, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running ubsync's version (always 1)",
+            build,
+        );
         Metrics { registry, ..m }
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: String,
 }
 
 impl Metrics {
@@ -232,6 +256,22 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// `GET /status`: the JSON of `ubsync status --json`.
+async fn status(State(sh): State<Arc<Shared>>) -> Response {
+    let v = {
+        let store = sh.ctx.store.lock();
+        crate::cli::inspect::status_json(&store, sh.ctx.clock.now())
+    };
+    match v {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the state store: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
 /// A channel of one: a tick sent while one is already waiting is dropped (coalesced).
 pub fn tick_channel() -> (mpsc::Sender<()>, mpsc::Receiver<()>) {
     mpsc::channel(1)
@@ -256,6 +296,7 @@ pub async fn run(
         let mut app = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
+            .route("/status", get(status))
             .with_state(shared.clone());
         if shared.ctx.cfg.http.install {
             app = app.merge(crate::bitrix24::install::router(install_state(&shared)?));
@@ -376,7 +417,12 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
                 };
             }
             r.map(|s| {
-                tracing::info!("sync: {s}");
+                // A pass that found nothing to do is not news.
+                if s.new + s.changed + s.pushed + s.tasks + s.quarantined + s.faults_survived == 0 {
+                    tracing::debug!("sync: {s}");
+                } else {
+                    tracing::info!("sync: {s}");
+                }
                 Some(s)
             })
             .map_err(|e| e.to_string())
@@ -399,7 +445,28 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
                     .expect("midnight"),
                 tz,
             );
-            match reconcile(ctx, from, to, false).await {
+            let run_id = ctx.store.lock().begin_run("reconcile", started).ok();
+            let result = reconcile(ctx, from, to, false).await;
+            if let Some(id) = run_id {
+                let now = ctx.clock.now();
+                let _ = match &result {
+                    Ok((_, summary)) => ctx.store.lock().finish_run(
+                        id,
+                        now,
+                        "ok",
+                        serde_json::to_value(summary).ok().as_ref(),
+                        None,
+                    ),
+                    Err(e) => ctx.store.lock().finish_run(
+                        id,
+                        now,
+                        "failed",
+                        None,
+                        Some(&e.to_string()),
+                    ),
+                };
+            }
+            match result {
                 Ok((report, summary)) => {
                     tracing::info!(
                         missing = report.missing_from_bitrix24.len(),

@@ -151,7 +151,7 @@ const LEDGER_COLUMNS: &str = "call_id, stage, reason, b24_call_id, b24_stat_id, 
     crm_entity_id, responsible_id, record_url, task_id, task_in_flight_since, lead_id, pushed_hash, attempts,
     last_error, next_attempt_at, in_flight_since";
 
-fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
+pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
     let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
         Ok(r.get::<_, Option<String>>(i)?.as_deref().and_then(parse_ts))
     };

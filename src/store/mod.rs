@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod followups;
+pub mod history;
 pub mod ledger;
 mod migrations;
 

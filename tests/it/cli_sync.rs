@@ -158,6 +158,67 @@ async fn sync_pushes_prints_a_summary_and_status_reports_the_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_tells_one_calls_story_and_runs_lists_the_run_log() {
+    let env = env(scenario()).await;
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+
+    // By Unitalk id: the missed call, its task and the times in Kyiv's zone.
+    let out = env.ubsync(&["show", "1002"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("EXTERNAL_CALL_ID unitalk-1002"), "{t}");
+    assert!(t.contains("stage") && t.contains("done"), "{t}");
+    assert!(t.contains("task "), "the missed call's task id: {t}");
+    assert!(
+        t.contains("+02:00") || t.contains("+03:00"),
+        "local times with the offset: {t}"
+    );
+    // By EXTERNAL_CALL_ID, as JSON.
+    let out = env.ubsync(&["show", "unitalk-1001", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["call_id"], "1001", "{v}");
+    assert!(v[0]["bitrix24"]["call_id"].is_string(), "{v}");
+    assert_eq!(v[0]["stage"], "done");
+    assert!(
+        v[0]["started_at"].as_str().unwrap().ends_with('Z'),
+        "UTC in JSON: {v}"
+    );
+    // By phone number, in any of its forms: both calls with 0501112233.
+    let out = env.ubsync(&["show", "+380 50 111 22 33", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["call_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["1003", "1001"], "newest first: {v}");
+    // Nothing matches: a message that says what to give, exit 1.
+    let out = env.ubsync(&["show", "999999"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("EXTERNAL_CALL_ID"), "{}", text(&out));
+
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    let out = env.ubsync(&["runs", "--kind", "sync", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v}");
+    assert!(
+        runs[0]["id"].as_i64() > runs[1]["id"].as_i64(),
+        "newest first"
+    );
+    assert_eq!(runs[1]["summary"]["pushed"], 3, "{v}");
+    let human = env.ubsync(&["runs"]).await;
+    let t = text(&human);
+    assert!(
+        t.contains("sync") && t.contains("pushed 3") && t.contains("ok"),
+        "{t}"
+    );
+    let none = env.ubsync(&["runs", "--kind", "reconcile"]).await;
+    assert!(text(&none).contains("no runs"), "{}", text(&none));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
     let mut s = scenario();
     let stuck = s.add_call(
@@ -482,9 +543,17 @@ async fn the_daemon_runs_its_schedule_serves_health_and_metrics_holds_the_lock_a
         "ubsync_bitrix24_requests_total",
         "ubsync_unitalk_request_units_total",
         "ubsync_passes_total{job=\"lines\"}",
+        "ubsync_failures_total{job=\"reconcile\"} 0",
+        "ubsync_build_info{version=",
     ] {
         assert!(m.contains(needle), "{needle} missing from:\n{m}");
     }
+    // GET /status: what `status --json` prints.
+    let (code, body) = get(&env, &format!("{base}/status")).await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["last_runs"]["sync"]["outcome"], "ok", "{v}");
+    assert_eq!(v["stages"]["done"], 3, "{v}");
     // A timer-started sync meanwhile is refused: one writer at a time.
     let out = env.ubsync(&["sync"]).await;
     assert_eq!(out.status.code(), Some(75), "{}", text(&out));

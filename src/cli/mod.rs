@@ -20,6 +20,8 @@ use crate::store::{SharedStore, Store, StoreError};
 use crate::sync::{run_pass, PassOptions, SyncCtx, SyncError};
 use crate::unitalk::{UnitalkClient, UnitalkError};
 
+pub mod inspect;
+
 /// Exit code for configuration and usage errors.
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code when an upstream is temporarily unavailable (EX_TEMPFAIL).
@@ -34,7 +36,8 @@ pub const EXIT_TEMPFAIL: u8 = 75;
 SQLite state store, and pushes calls, recordings and missed-call tasks to Bitrix24 in rate-limited batches.\n\n\
 Start with `ubsync sim --write-config sim.toml` to try it against the built-in simulators, or copy \
 ubsync.example.toml to ubsync.toml, fill it in and run `ubsync check`.\n\n\
-Exit codes: 0 success, 2 usage or configuration error, 75 upstream temporarily unavailable (retry later), 1 other errors."
+Exit codes: 0 success, 1 other errors, 2 usage or configuration error, 3 reconcile found differences it did not \
+repair, 4 sync failing for longer than health.max_age, 75 upstream temporarily unavailable (retry later)."
 )]
 pub struct Cli {
     /// Configuration file.
@@ -89,8 +92,33 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         install_listen: Option<SocketAddr>,
     },
-    /// Show the cursor, the last pass, calls by stage, quarantined calls and inner-line statuses.
+    /// Show the cursor, the last run of each kind, calls by stage, follow-ups, quarantined calls
+    /// and inner-line statuses. Times in the account's zone (`--json`: UTC). The daemon serves
+    /// the same JSON at GET /status.
     Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One call's story: the Unitalk record, its ledger stage, Bitrix24 ids (call, activity,
+    /// task, CRM entity), attempts, errors, quarantine and recording state.
+    Show {
+        /// A Unitalk call id, an EXTERNAL_CALL_ID (unitalk-<id>) or a phone number (every call
+        /// of that number, newest first).
+        call: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The run log, newest first: every sync, backfill, reconcile and retry, with what it did
+    /// (the daemon's jobs included; a run killed mid-way shows as "running (or killed)").
+    Runs {
+        /// Only runs of this kind.
+        #[arg(long, value_parser = ["sync", "backfill", "reconcile", "retry"])]
+        kind: Option<String>,
+        /// How many runs to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -330,7 +358,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Err(e) if !dry_run && exit_code(&e) == EXIT_TEMPFAIL => stale_or(&cli.config, e),
             r => r,
         },
-        Command::Status { json } => status(&cli.config, json),
+        Command::Status { json } => inspect::status(&load_config(&cli.config)?, json),
+        Command::Show { call, json } => inspect::show(&load_config(&cli.config)?, &call, json),
+        Command::Runs { kind, limit, json } => {
+            inspect::runs(&load_config(&cli.config)?, kind.as_deref(), limit, json)
+        }
         Command::Run {
             listen,
             install_listen,
@@ -814,133 +846,6 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
     cancel_on_signals(ctx.cancel.clone());
     let summary = run_logged(&ctx, "sync", &PassOptions::default()).await?;
     crate::say!("sync: {summary}");
-    Ok(0)
-}
-
-fn status(path: &std::path::Path, json: bool) -> anyhow::Result<u8> {
-    let cfg = load_config(path)?;
-    let store = Store::open(&cfg.state.path)?;
-    let now = Clock::system().now();
-    let cursor = store.cursor(crate::sync::HISTORY_STREAM)?;
-    let last = store.last_run(Some("sync"))?;
-    let stages = store.stage_counts()?;
-    let quarantined = store.quarantined()?;
-    let lines = store.line_statuses()?;
-    let kinds = ["sync", "backfill", "reconcile", "retry"];
-    let mut last_runs = serde_json::Map::new();
-    for k in kinds {
-        if let Some(r) = store.last_run(Some(k))? {
-            last_runs.insert(
-                k.into(),
-                serde_json::json!({
-                    "started_at": r.started_at.to_rfc3339(),
-                    "finished_at": r.finished_at.map(|t| t.to_rfc3339()),
-                    "outcome": r.outcome, "error": r.error,
-                }),
-            );
-        }
-    }
-    let watch = store.recording_watch_counts()?;
-    let awaiting = watch
-        .iter()
-        .find(|(k, _)| k == "awaiting")
-        .map_or(0, |(_, n)| *n);
-    let given_up = watch
-        .iter()
-        .find(|(k, _)| k == "given_up")
-        .map_or(0, |(_, n)| *n);
-    let last_sweep = store.cursor(crate::sync::SWEEP_STREAM)?;
-    if json {
-        let v = serde_json::json!({
-            "last_runs": last_runs,
-            "follow_ups": {
-                "recordings_awaiting": awaiting,
-                "recordings_given_up": given_up,
-                "recording_watch": watch.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-                "last_long_call_sweep": last_sweep.map(|t| t.to_rfc3339()),
-            },
-            "cursor": cursor.map(|c| c.to_rfc3339()),
-            "cursor_lag_seconds": cursor.map(|c| (now - c).num_seconds()),
-            "last_pass": last.as_ref().map(|r| serde_json::json!({
-                "started_at": r.started_at.to_rfc3339(), "finished_at": r.finished_at.map(|t| t.to_rfc3339()),
-                "outcome": r.outcome, "summary": r.summary, "error": r.error})),
-            "stages": stages.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "quarantined": quarantined.iter().map(|q| serde_json::json!({
-                "entry": q.id, "source": q.source, "call_id": q.call_id, "reason": q.reason, "since": q.created_at.to_rfc3339()})).collect::<Vec<_>>(),
-            "inner_lines": lines.iter().map(|(l, s, t)| serde_json::json!({"line": l, "status": s, "observed_at": t.to_rfc3339()})).collect::<Vec<_>>(),
-        });
-        crate::say!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(0);
-    }
-    match cursor {
-        Some(c) => crate::say!(
-            "cursor      {} ({} behind now)",
-            c.to_rfc3339(),
-            humantime::format_duration(std::time::Duration::from_secs(
-                (now - c).num_seconds().max(0) as u64
-            ))
-        ),
-        None => crate::say!("cursor      none yet (no pass has completed a window)"),
-    }
-    match &last {
-        Some(r) => {
-            let summary = r
-                .summary
-                .as_ref()
-                .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok());
-            crate::say!(
-                "last pass   {} {}: {}",
-                r.started_at.to_rfc3339(),
-                r.outcome.as_deref().unwrap_or("running"),
-                summary
-                    .map(|s| s.to_string())
-                    .or(r.error.clone())
-                    .unwrap_or_default()
-            );
-        }
-        None => crate::say!("last pass   none"),
-    }
-    let stage_text: Vec<String> = stages.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    crate::say!(
-        "calls       {}",
-        if stage_text.is_empty() {
-            "none".into()
-        } else {
-            stage_text.join(", ")
-        }
-    );
-    for k in &kinds[1..] {
-        if let Some(r) = store.last_run(Some(k))? {
-            crate::say!(
-                "last {k:<9} {} {}{}",
-                r.started_at.to_rfc3339(),
-                r.outcome.as_deref().unwrap_or("running"),
-                r.error.map(|e| format!(": {e}")).unwrap_or_default()
-            );
-        }
-    }
-    crate::say!(
-        "follow-ups  {awaiting} calls awaiting a recording, {given_up} given up; last long-call sweep {}",
-        last_sweep
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "never".into())
-    );
-    crate::say!("quarantine  {} open", quarantined.len());
-    for q in &quarantined {
-        crate::say!(
-            "  call {:<12} {:<8} {}  {}",
-            q.call_id.as_deref().unwrap_or("(no id)"),
-            q.source,
-            q.created_at.format("%Y-%m-%d %H:%M"),
-            q.reason
-        );
-    }
-    if !lines.is_empty() {
-        crate::say!("inner lines");
-        for (l, s, t) in &lines {
-            crate::say!("  {l:<8} {s:<10} since {}", t.to_rfc3339());
-        }
-    }
     Ok(0)
 }
 
