@@ -457,13 +457,11 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
                         serde_json::to_value(summary).ok().as_ref(),
                         None,
                     ),
-                    Err(e) => ctx.store.lock().finish_run(
-                        id,
-                        now,
-                        "failed",
-                        None,
-                        Some(&e.to_string()),
-                    ),
+                    Err(e) => {
+                        ctx.store
+                            .lock()
+                            .finish_run(id, now, "failed", None, Some(&e.to_string()))
+                    }
                 };
             }
             match result {

@@ -86,7 +86,11 @@ pub fn say(text: &str) {
 
 /// Writes one line to stderr, redacted and printable; a closed stderr is not an error.
 pub fn complain(text: &str) {
-    let safe = printable(&redact(text)).into_owned();
+    let mut safe = printable(&redact(text)).into_owned();
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // journald: an error, whatever the unit's default priority.
+        safe.insert_str(0, "<3>");
+    }
     let mut err = io::stderr().lock();
     let _ = err.write_all(safe.as_bytes());
     let _ = err.write_all(b"\n");
@@ -98,15 +102,22 @@ macro_rules! say {
     ($($arg:tt)*) => { $crate::redact::say(&format!($($arg)*)) };
 }
 
-/// A `tracing_subscriber` writer for stderr that masks secrets in every log line.
+/// A `tracing_subscriber` writer for stderr that masks secrets in every log line. Under journald
+/// (`syslog_priorities`), each line starts with its syslog priority (`<3>` error, `<4>` warning,
+/// `<6>` info, `<7>` debug), which journald reads, so `journalctl -p warning` works.
 #[derive(Clone, Copy, Default)]
-pub struct RedactingStderr;
+pub struct RedactingStderr {
+    pub syslog_priorities: bool,
+}
 
-pub struct LineWriter(Vec<u8>);
+pub struct LineWriter {
+    buf: Vec<u8>,
+    prefix: Option<&'static str>,
+}
 
 impl Write for LineWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.extend_from_slice(buf);
+        self.buf.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -116,15 +127,41 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        let text = String::from_utf8_lossy(&self.0);
-        let _ = io::stderr().lock().write_all(redact(&text).as_bytes());
+        let text = redact(&String::from_utf8_lossy(&self.buf)).into_owned();
+        let out = match self.prefix {
+            None => text,
+            Some(p) => text
+                .split_inclusive('\n')
+                .map(|line| format!("{p}{line}"))
+                .collect(),
+        };
+        let _ = io::stderr().lock().write_all(out.as_bytes());
+    }
+}
+
+/// The syslog priority prefix of a tracing level.
+pub fn syslog_prefix(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "<3>",
+        tracing::Level::WARN => "<4>",
+        tracing::Level::INFO => "<6>",
+        _ => "<7>",
     }
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactingStderr {
     type Writer = LineWriter;
     fn make_writer(&'a self) -> Self::Writer {
-        LineWriter(Vec::with_capacity(256))
+        LineWriter {
+            buf: Vec::with_capacity(256),
+            prefix: None,
+        }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineWriter {
+            buf: Vec::with_capacity(256),
+            prefix: self.syslog_priorities.then(|| syslog_prefix(meta.level())),
+        }
     }
 }
 

@@ -59,6 +59,11 @@ pub struct Cli {
     #[arg(long, short = 'q', global = true, conflicts_with = "verbose")]
     pub quiet: bool,
 
+    /// Coloured log lines: auto (on a terminal, unless NO_COLOR is set), always or never. Under
+    /// journald, lines carry syslog priorities instead (`journalctl -p warning` works).
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -243,7 +248,7 @@ pub fn main() -> ExitCode {
         libc::umask(0o077);
     }
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    init_logging(cli.verbose, cli.quiet, cli.color);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -325,22 +330,45 @@ fn unitalk_code(e: &UnitalkError) -> u8 {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
+/// When log lines are coloured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, unless NO_COLOR is set.
+    Auto,
+    Always,
+    Never,
+}
+
+fn init_logging(verbose: u8, quiet: bool, color: ColorChoice) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    // The scheduler crate announces every job it adds at info: not news for an admin.
     let default = match (quiet, verbose) {
         (true, _) => "warn",
-        (_, 0) => "info",
-        (_, 1) => "ubsync=debug,info",
+        (_, 0) => "info,tokio_cron_scheduler=warn",
+        (_, 1) => "ubsync=debug,tokio_cron_scheduler=warn,info",
         _ => "ubsync=trace,debug",
     };
     let filter = EnvFilter::try_from_env("UBSYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Under systemd, journald adds its own timestamps, reads syslog priority prefixes and does
+    // not render colours.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = match color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            !journald && std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(crate::redact::RedactingStderr)
+        .with_writer(crate::redact::RedactingStderr {
+            syslog_priorities: journald,
+        })
+        .with_ansi(ansi)
         .with_target(false);
-    // Under systemd, journald adds its own timestamps and does not render colours.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+    if journald {
+        builder.without_time().with_level(false).init();
     } else {
         builder.init();
     }

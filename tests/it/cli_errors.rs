@@ -150,3 +150,62 @@ async fn output_into_a_closed_pipe_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_every_line_carries_its_syslog_priority_and_no_colour() {
+    let env = TestEnv::start(scenario()).await;
+    let path = env.write_config("activity", "");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unitalk = env.sims.unitalk_url();
+    env.edit_config(|t| {
+        t.replace(
+            &format!("base_url = \"{unitalk}\""),
+            &format!("base_url = \"http://127.0.0.1:{port}/api/\"\nretry_base_delay = \"5ms\""),
+        )
+    });
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .arg("--config")
+        .arg(&path)
+        .args(["sync", "--color", "auto"])
+        .env("JOURNAL_STREAM", "8:12345")
+        .env_remove("NO_COLOR")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let p = line.get(..3).unwrap_or("");
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"].contains(&p),
+            "no syslog priority: {line:?} in\n{err}"
+        );
+        assert!(!line.contains('\x1b'), "colour under journald: {line:?}");
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("<4>")),
+        "warnings at 4: {err}"
+    );
+    assert!(
+        lines.last().unwrap().starts_with("<3>ubsync: error:"),
+        "the final error at 3: {err}"
+    );
+
+    // Off journald, --color=always colours and --color=never does not.
+    for (choice, coloured) in [("always", true), ("never", false)] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+            .arg("--config")
+            .arg(&path)
+            .args(["sync", "--color", choice])
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.contains('\x1b'), coloured, "--color={choice}: {err}");
+    }
+}
