@@ -259,11 +259,8 @@ impl fmt::Debug for WebhookUrl {
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}; pass --config PATH or set UBSYNC_CONFIG (see ubsync.example.toml)")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {path}: {reason}; pass --config PATH or set UBSYNC_CONFIG (see ubsync.example.toml)")]
+    Read { path: PathBuf, reason: String },
     #[error("config file {path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config file {path} has {} problem(s):\n{}", .problems.len(), render(.problems))]
@@ -305,7 +302,6 @@ impl ConfigError {
 // ---- raw, as written in the file ------------------------------------------------------------
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     unitalk: RawUnitalk,
@@ -328,25 +324,21 @@ struct RawConfig {
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawHttp {
     install: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawSchedule {
     file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawHealth {
     max_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawUnitalk {
     base_url: Option<String>,
     api_key: Option<String>,
@@ -360,7 +352,6 @@ struct RawUnitalk {
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawBitrix24 {
     mode: Option<String>,
     portal_url: Option<String>,
@@ -382,13 +373,11 @@ struct RawBitrix24 {
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawState {
     path: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawSync {
     start: Option<String>,
     lookback: Option<String>,
@@ -408,14 +397,12 @@ struct RawSync {
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawActivity {
     create_leads: Option<bool>,
     lead_title: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawTasks {
     enabled: Option<bool>,
     title: Option<String>,
@@ -501,16 +488,20 @@ impl Config {
 
     /// Reads, overlays the environment, and validates.
     pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            reason: e.to_string(),
         })?;
         Self::parse(&text, path, env)
     }
 
     /// Validates `text` as if read from `path` (relative paths resolve against its directory).
     pub fn parse(text: &str, path: &Path, env: &Env) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, path, &e))?;
+        // Unknown keys are collected, not fatal one at a time: every problem is reported at once.
+        let mut unknown = Vec::new();
+        let raw: RawConfig = toml::Deserializer::parse(text)
+            .and_then(|de| serde_ignored::deserialize(de, |key| unknown.push(key.to_string())))
+            .map_err(|e| syntax_error(text, path, &e))?;
         let base_dir = path
             .parent()
             .map(Path::to_path_buf)
@@ -518,6 +509,13 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("."));
         let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
         let mut v = Validator::default();
+        for key in &unknown {
+            v.fail(
+                key,
+                "unknown key",
+                "remove it or fix its spelling (ubsync.example.toml lists every key)",
+            );
+        }
         let cfg = v.config(raw, env, &base_dir, path);
         if v.problems.is_empty() {
             let cfg = cfg.expect("no problems means a config");

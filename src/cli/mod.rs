@@ -1025,15 +1025,9 @@ fn range_bound(
         ));
     }
     crate::config::parse_start(raw, tz).ok_or_else(|| {
-        anyhow::Error::new(ConfigError::Invalid {
-            path: cfg.source.clone(),
-            problems: vec![crate::config::KeyProblem {
-                key: key.into(),
-                problem: format!("`{raw}` is not a date"),
-                fix: "write it as 2026-11-01, \"2026-11-01 08:00:00\" (Unitalk's zone) or RFC 3339"
-                    .into(),
-            }],
-        })
+        anyhow::Error::new(UsageError(format!(
+            "{key}: `{raw}` is not a date; write it as 2026-11-01, \"2026-11-01 08:00:00\" (Unitalk's zone) or RFC 3339"
+        )))
     })
 }
 
@@ -1043,14 +1037,9 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     let start = range_bound(&cfg, "--from", from, false)?;
     let end = range_bound(&cfg, "--to", to, true)?;
     if end <= start {
-        anyhow::bail!(ConfigError::Invalid {
-            path: cfg.source.clone(),
-            problems: vec![crate::config::KeyProblem {
-                key: "--to".into(),
-                problem: "is not after --from".into(),
-                fix: "give a later --to".into()
-            }],
-        });
+        anyhow::bail!(UsageError(
+            "--to: is not after --from; give a later --to".into()
+        ));
     }
     let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
     let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());

@@ -209,3 +209,38 @@ async fn under_journald_every_line_carries_its_syslog_priority_and_no_colour() {
         assert_eq!(err.contains('\x1b'), coloured, "--color={choice}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_argument_is_a_usage_error_named_once_not_a_config_file_problem() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    for (args, flag) in [
+        (
+            &["backfill", "--from", "garbage", "--to", "2026-11-02"][..],
+            "--from",
+        ),
+        (
+            &["backfill", "--from", "2026-11-05", "--to", "2026-11-02"][..],
+            "--to",
+        ),
+        (&["reconcile", "--from", "2026-13-01"][..], "--from"),
+    ] {
+        let out = env.ubsync(args).await;
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{t}");
+        assert!(!t.contains("config file"), "{args:?}: {t}");
+        assert_eq!(
+            t.matches(flag).count(),
+            if flag == "--to" { 2 } else { 1 },
+            "{t}"
+        );
+    }
+    let missing = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .args(["--config", "/nonexistent/ubsync.toml", "status"])
+        .output()
+        .await
+        .unwrap();
+    let t = text(&missing);
+    assert_eq!(missing.status.code(), Some(2), "{t}");
+    assert_eq!(t.matches("No such file").count(), 1, "the cause once: {t}");
+}

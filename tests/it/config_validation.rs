@@ -185,9 +185,36 @@ fn a_missing_api_key_points_to_the_environment_variable() {
 #[test]
 fn unknown_keys_are_errors_that_name_the_full_key() {
     let (keys, msg) = problems(&format!("{BASE}\n[sync]\nlookbak = \"5m\"\n"));
-    assert!(keys[0].contains("`sync.lookbak`"), "{msg}");
+    assert_eq!(keys, ["sync.lookbak"], "{msg}");
+    assert!(msg.contains("`sync.lookbak`: unknown key"), "{msg}");
     let (keys, _) = problems(&format!("{BASE}\n[bogus]\nx = 1\n"));
     assert!(keys[0].contains("bogus"), "{keys:?}");
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run_unknown_keys_included() {
+    let text = format!(
+        "{}\n[sync]\nlookbak = \"5m\"\nsettle = \"soon\"\n[tasks]\ntitel = \"x\"\n",
+        BASE.replace(
+            "api_key = \"k\"",
+            "api_key = \"k\"\ntimezon = \"Europe/Kyiv\""
+        )
+    );
+    let (keys, msg) = problems(&text);
+    for key in [
+        "unitalk.timezon",
+        "sync.lookbak",
+        "tasks.titel",
+        "sync.settle",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing: {msg}");
+        assert_eq!(
+            msg.matches(&format!("`{key}`")).count(),
+            1,
+            "named once: {msg}"
+        );
+    }
+    assert_eq!(keys.len(), 4, "{msg}");
 }
 
 #[test]
