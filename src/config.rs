@@ -41,6 +41,8 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// The daemon's schedule file (absolute).
     pub schedule_file: PathBuf,
+    /// Whether `[schedule] file` was set; without it a missing file means the built-in schedule.
+    pub schedule_explicit: bool,
     /// `/healthz` answers 503 when the last successful sync pass is older than this.
     pub health_max_age: Duration,
     /// The daemon's inbound routes.
@@ -1003,6 +1005,7 @@ impl Validator {
             }
         };
 
+        let schedule_explicit = raw.schedule.file.is_some();
         let schedule_file = PathBuf::from(
             raw.schedule
                 .file
@@ -1025,6 +1028,7 @@ impl Validator {
         }
         Some(Config {
             schedule_file,
+            schedule_explicit,
             health_max_age,
             http: HttpConfig {
                 install: raw.http.install.unwrap_or(false),

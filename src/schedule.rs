@@ -147,6 +147,21 @@ impl Schedule {
         Ok(Schedule { timezone, jobs })
     }
 
+    /// The schedule built into the binary (`schedules/default.toml` of the source tree).
+    pub const BUILT_IN: &'static str = include_str!("../schedules/default.toml");
+
+    /// The schedule the daemon runs, and where it came from: the configured file; else
+    /// `schedules/default.toml` beside the config when it exists; else the built-in one.
+    pub fn for_config(cfg: &crate::config::Config) -> Result<(Schedule, String), String> {
+        if cfg.schedule_explicit || cfg.schedule_file.exists() {
+            let s = Self::load(&cfg.schedule_file)?;
+            Ok((s, cfg.schedule_file.display().to_string()))
+        } else {
+            let s = Self::parse(Self::BUILT_IN).map_err(|e| format!("built-in schedule: {e}"))?;
+            Ok((s, "built in".into()))
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Schedule, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -514,6 +514,17 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
             cfg.bitrix24.portal_display()
         ),
     );
+    match daemon_schedule(&cfg) {
+        Ok((schedule, from)) => verdict(
+            "schedule",
+            "ok",
+            &format!("{from}: {} jobs for `ubsync run`", schedule.jobs.len()),
+        ),
+        Err(e) => {
+            verdict("schedule", "FAIL", &e.to_string());
+            return Ok(EXIT_CONFIG);
+        }
+    }
     let store = match Store::open(&cfg.state.path) {
         Ok(s) => s,
         Err(e) => {
@@ -1266,6 +1277,18 @@ fn stale_or(path: &std::path::Path, e: anyhow::Error) -> anyhow::Result<u8> {
     }
 }
 
+/// The schedule `run` would use, as a configuration problem when it cannot be read.
+fn daemon_schedule(cfg: &Config) -> Result<(crate::schedule::Schedule, String), ConfigError> {
+    crate::schedule::Schedule::for_config(cfg).map_err(|problem| ConfigError::Invalid {
+        path: cfg.source.clone(),
+        problems: vec![crate::config::KeyProblem {
+            key: "schedule.file".into(),
+            problem,
+            fix: "see schedules/default.toml for the format, or remove [schedule] file to use the built-in schedule".into(),
+        }],
+    })
+}
+
 async fn run_daemon(
     path: &std::path::Path,
     listen: Option<SocketAddr>,
@@ -1273,16 +1296,8 @@ async fn run_daemon(
 ) -> anyhow::Result<u8> {
     use std::io::Write as _;
     let cfg = load_config(path)?;
-    let schedule = crate::schedule::Schedule::load(&cfg.schedule_file).map_err(|problem| {
-        ConfigError::Invalid {
-            path: cfg.source.clone(),
-            problems: vec![crate::config::KeyProblem {
-                key: "schedule.file".into(),
-                problem,
-                fix: "see schedules/default.toml for the format".into(),
-            }],
-        }
-    })?;
+    let (schedule, from) = daemon_schedule(&cfg)?;
+    tracing::info!(schedule = %from, "schedule loaded");
     let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
     let listener = match listen {
         Some(addr) => {
@@ -1290,7 +1305,7 @@ async fn run_daemon(
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
             crate::say!(
-                "listening on http://{} (/healthz, /metrics{})",
+                "listening on http://{} (/healthz, /metrics, /status{})",
                 l.local_addr()?,
                 if cfg.http.install { ", /install" } else { "" }
             );

@@ -16,6 +16,11 @@ async fn check_offline_validates_config_and_store_without_network() {
     let t = text(&out);
     assert!(t.contains("config    ok"), "{t}");
     assert!(t.contains("schema v5"), "{t}");
+    // No schedule file beside the config: the daemon would run the built-in schedule.
+    assert!(
+        t.contains("schedule  ok") && t.contains("built in: 3 jobs"),
+        "{t}"
+    );
     assert!(t.contains("skipped"), "{t}");
     assert!(env.dir.path().join("state/ubsync.db").exists());
     assert!(
@@ -186,4 +191,25 @@ async fn check_reports_inner_line_statuses_separately_and_does_not_fail_on_them(
         "{}",
         text(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_validates_the_schedule_the_daemon_would_use() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "[schedule]\nfile = \"missing.toml\"\n");
+    let out = env.ubsync(&["check", "--offline"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("schedule  FAIL") && t.contains("schedule.file"),
+        "{t}"
+    );
+    std::fs::write(
+        env.dir.path().join("missing.toml"),
+        "timezone = \"Europe/Kyiv\"\n[[job]]\nname = \"sync\"\ncron = \"not a cron\"\n",
+    )
+    .unwrap();
+    let out = env.ubsync(&["check", "--offline"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("schedule  FAIL"), "{}", text(&out));
 }
