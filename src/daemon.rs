@@ -196,6 +196,8 @@ struct Shared {
     metrics: Metrics,
     started: DateTime<Utc>,
     last_error: Mutex<Option<String>>,
+    /// Whether the first sync pass has been logged (at info, whatever it did).
+    logged_first_pass: std::sync::atomic::AtomicBool,
 }
 
 async fn healthz(State(sh): State<Arc<Shared>>) -> Response {
@@ -290,6 +292,7 @@ pub async fn run(
         ctx,
         metrics: Metrics::default(),
         last_error: Mutex::new(None),
+        logged_first_pass: Default::default(),
     });
 
     if let Some(listener) = listener {
@@ -417,8 +420,15 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
                 };
             }
             r.map(|s| {
-                // A pass that found nothing to do is not news.
-                if s.new + s.changed + s.pushed + s.tasks + s.quarantined + s.faults_survived == 0 {
+                // A pass that found nothing to do is not news (the daemon's first pass is: it
+                // says the daemon works).
+                let first = !sh
+                    .logged_first_pass
+                    .swap(true, std::sync::atomic::Ordering::Relaxed);
+                if !first
+                    && s.new + s.changed + s.pushed + s.tasks + s.quarantined + s.faults_survived
+                        == 0
+                {
                     tracing::debug!("sync: {s}");
                 } else {
                     tracing::info!("sync: {s}");

@@ -109,9 +109,15 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
         None => crate::say!("cursor      none yet (no pass has completed a window)"),
     }
     for k in JOBS {
+        // The sync job is "the last pass" (scripts and the systemd live test read that line).
+        let label = if k == "sync" {
+            "last pass  ".to_string()
+        } else {
+            format!("last {k:<6}")
+        };
         match store.last_run(Some(k))? {
-            Some(r) => crate::say!("last {k:<9}  {}", run_line(&r, tz)),
-            None if k == "sync" => crate::say!("last sync       none"),
+            Some(r) => crate::say!("{label} {}", run_line(&r, tz)),
+            None if k == "sync" => crate::say!("{label} none"),
             None => {}
         }
     }

@@ -368,7 +368,7 @@ fn init_logging(verbose: u8, quiet: bool, color: ColorChoice) {
         .with_ansi(ansi)
         .with_target(false);
     if journald {
-        builder.without_time().with_level(false).init();
+        builder.without_time().init();
     } else {
         builder.init();
     }
@@ -1055,36 +1055,63 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
     let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());
     let store = Store::open(&cfg.state.path)?;
-    if let Some(c) = store.cursor(&stream)? {
-        crate::say!(
-            "backfill: resuming from {} (a previous run stopped there)",
-            c.to_rfc3339()
-        );
+    let resumed = store.cursor(&stream)?;
+    // On resume, the calls of the range read before count as done.
+    let done_before = match resumed {
+        Some(c) => {
+            crate::say!(
+                "backfill: resuming from {} (a previous run stopped there)",
+                c.to_rfc3339()
+            );
+            store.calls_between(start, c)?
+        }
+        None => 0,
+    };
+    let ctx = context(cfg, SharedStore::new(store))?;
+    cancel_on_signals(ctx.cancel.clone());
+    // A cheap count of what is left (one request; Unitalk's `count` is only an estimate).
+    let left = crate::sync::estimate_calls(&ctx, resumed.unwrap_or(start).max(start), end).await;
+    let total = left.map(|n| n + done_before);
+    if let Some(t) = total {
+        crate::say!("backfill: about {t} calls in the range ({done_before} already done)");
     }
     // ETA from the rate limit: about three commands per call, 50 commands per request.
-    let per_second = cfg.bitrix24.per_second.get() as f64;
+    let per_second = ctx.cfg.bitrix24.per_second.get() as f64;
     let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(0);
+        let b = indicatif::ProgressBar::new(total.unwrap_or(0));
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:30}] {pos}/{len} windows  {msg}",
+                "{spinner} [{bar:30}] {pos}/{len} calls  {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
         );
+        b.set_position(done_before);
+        // The bar keeps moving while a window is read or a batch waits for the rate limit.
+        b.enable_steady_tick(std::time::Duration::from_millis(250));
         b
     });
     let started = std::time::Instant::now();
+    let latest: std::sync::Arc<std::sync::Mutex<Option<crate::sync::Progress>>> =
+        Default::default();
     let printer = {
         let bar = bar.clone();
+        let latest = latest.clone();
         let last_line =
             std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(3600));
         move |p: &crate::sync::Progress| {
+            *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
             let elapsed = started.elapsed().as_secs_f64().max(0.001);
-            let rate = p.pushed as f64 / elapsed;
-            let left_windows = p.windows_total.saturating_sub(p.windows_done) as f64;
-            let calls_per_window = p.pulled as f64 / p.windows_done.max(1) as f64;
-            let left_calls = left_windows * calls_per_window;
+            let done = done_before + p.pulled;
+            let rate = p.pulled as f64 / elapsed;
+            // Without a count, estimate what is left from the windows still to read.
+            let left_calls = match total {
+                Some(t) => t.saturating_sub(done) as f64,
+                None => {
+                    let per_window = p.pulled as f64 / p.windows_done.max(1) as f64;
+                    p.windows_total.saturating_sub(p.windows_done) as f64 * per_window
+                }
+            };
             let by_limit = left_calls * 3.0 / (per_second * 50.0);
             let by_pace = if rate > 0.0 {
                 left_calls / rate
@@ -1093,14 +1120,15 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
             };
             let eta = std::time::Duration::from_secs(by_limit.max(by_pace).round() as u64);
             let msg = format!(
-                "{} calls done, {rate:.1} calls/s, ETA {}",
+                "{} pushed, {rate:.1} calls/s, ETA {}",
                 p.pushed,
                 humantime::format_duration(eta)
             );
             match &bar {
                 Some(b) => {
-                    b.set_length(p.windows_total);
-                    b.set_position(p.windows_done);
+                    let len = total.unwrap_or(0).max(done + left_calls as u64);
+                    b.set_length(len);
+                    b.set_position(done);
                     b.set_message(msg);
                 }
                 None => {
@@ -1110,18 +1138,13 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
                         || p.windows_done == p.windows_total
                     {
                         *last = std::time::Instant::now();
-                        crate::say!(
-                            "backfill: window {}/{}: {msg}",
-                            p.windows_done,
-                            p.windows_total
-                        );
+                        let of = total.map(|t| format!("/{t}")).unwrap_or_default();
+                        crate::say!("backfill: {done}{of} calls read: {msg}");
                     }
                 }
             }
         }
     };
-    let ctx = context(cfg, SharedStore::new(store))?;
-    cancel_on_signals(ctx.cancel.clone());
     let opts = PassOptions {
         stream: stream.clone(),
         range: Some((start, end)),
@@ -1131,6 +1154,19 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     let result = run_logged(&ctx, "backfill", &opts).await;
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    if result.is_err() {
+        // Ctrl-C or a failure: what was done so far, and how to go on.
+        let p = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(p) = p {
+            crate::say!(
+                "backfill: stopped after {} calls read, {} pushed, {} tasks; run the same command again to continue from {}",
+                done_before + p.pulled,
+                p.pushed,
+                p.tasks,
+                p.position.map(|c| c.to_rfc3339()).unwrap_or_else(|| start.to_rfc3339())
+            );
+        }
     }
     let summary = result?;
     let at = ctx.store.lock().cursor(&stream)?;

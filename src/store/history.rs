@@ -47,6 +47,15 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// How many calls the store holds that started in `[from, to)`.
+    pub fn calls_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM calls WHERE started_at >= ?1 AND started_at < ?2",
+            params![super::ts(from), super::ts(to)],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
     /// Ids of the calls `what` names: a Unitalk id, an `EXTERNAL_CALL_ID` (`unitalk-<id>`), or
     /// a phone number (the digits match the end of the record's `from` or `to`), newest first.
     pub fn find_calls(&self, what: &str, limit: usize) -> Result<Vec<String>> {

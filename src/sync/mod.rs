@@ -26,6 +26,7 @@ pub mod window;
 use activity::{entity_responsibles, push_activity};
 pub use followup::SWEEP_STREAM;
 use probe::probe_in_flight;
+pub use pull::estimate_calls;
 pub use pull::refresh_lines;
 use pull::{observe, pull_window};
 pub use summary::{PassSummary, Progress, ProgressFn};

@@ -290,3 +290,15 @@ pub(super) fn observe(
     s.quarantined += (store.quarantined()?.len() - before) as u64;
     Ok(hold)
 }
+
+/// Unitalk's own count of the calls in `[from, to)`: one request (`limit` 1). Only for progress
+/// (`count` may be wrong or missing; paging never trusts it).
+pub async fn estimate_calls(ctx: &SyncCtx, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<u64> {
+    let w = window::SyncWindow {
+        start: from,
+        end: to,
+    };
+    let (lo, hi) = window::wall_range(w, ctx.cfg.unitalk.timezone);
+    let (from, to) = (window::unitalk_date(lo), window::unitalk_date(hi));
+    ctx.unitalk.history_page(&from, &to, 1, 0).await.ok()?.count
+}

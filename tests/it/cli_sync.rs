@@ -354,7 +354,10 @@ async fn backfill_prints_plain_progress_when_not_on_a_terminal_and_completes() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
-        t.contains("backfill: window 24/24") && t.contains("calls done") && t.contains("ETA"),
+        t.contains("backfill: about 3 calls in the range (0 already done)")
+            && t.contains("backfill: 3/3 calls read")
+            && t.contains("calls/s")
+            && t.contains("ETA"),
         "{t}"
     );
     assert!(t.contains("backfill: complete"), "{t}");
