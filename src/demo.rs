@@ -64,7 +64,8 @@ fn expected_code(state: &str) -> &'static str {
 pub fn scenario(tz: Tz, today: NaiveDate) -> (Scenario, Vec<NaiveDate>) {
     let yesterday = today - Duration::days(1);
     let edge = last_dst_change(tz, yesterday).unwrap_or(yesterday - Duration::days(7));
-    let mut s = Scenario::call_centre_day(tz, yesterday, 20, 300, 8);
+    // Enough calls for more requests than the bucket holds, so the rate limit is exercised.
+    let mut s = Scenario::call_centre_day(tz, yesterday, 20, 700, 8);
     let edge_day = Scenario::call_centre_day(tz, edge, 20, 150, 7);
     s.calls.extend(edge_day.calls);
     // Calls inside the hour that repeats (autumn) or early on the change day.
@@ -158,9 +159,20 @@ pub async fn run(clock: Clock) -> anyhow::Result<DemoReport> {
         .iter()
         .filter(|r| r.status == 503)
         .count();
+    let waited = ctx
+        .b24
+        .budget
+        .waited_requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let waited_s = ctx
+        .b24
+        .budget
+        .waited_ms
+        .load(std::sync::atomic::Ordering::Relaxed) as f64
+        / 1000.0;
     let _ = writeln!(
         text,
-        "  portal: {} requests, {refused} rate-limit refusals (limits: burst 50, 2 requests/s)",
+        "  portal: {} requests, {refused} rate-limit refusals (limits: burst 50, 2 requests/s); {waited} requests waited for the rate limit ({waited_s:.1} s in all)",
         sims.bitrix24.requests().len()
     );
     let _ = writeln!(text, "{}", if ok { "demo passed" } else { "demo FAILED" });

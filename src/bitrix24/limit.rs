@@ -34,6 +34,8 @@ pub struct RequestBudget {
     state: Mutex<BudgetState>,
     /// Total time requests waited at the gate, in milliseconds.
     pub waited_ms: AtomicU64,
+    /// Requests that had to wait (50 ms or more) before they were sent.
+    pub waited_requests: AtomicU64,
 }
 
 struct BudgetState {
@@ -67,6 +69,7 @@ impl RequestBudget {
                 last: None,
             }),
             waited_ms: AtomicU64::new(0),
+            waited_requests: AtomicU64::new(0),
         }
     }
 
@@ -109,8 +112,12 @@ impl RequestBudget {
             }
             tokio::time::sleep(wait).await;
         }
+        let waited = started.elapsed();
         self.waited_ms
-            .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+        if waited >= Duration::from_millis(50) {
+            self.waited_requests.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The portal refused a request with 503: space requests further apart.

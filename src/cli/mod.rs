@@ -66,6 +66,10 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+
+    /// Whether `--config` was given on the command line (`demo` and `sim` use none).
+    #[arg(skip)]
+    pub config_given: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,8 +251,17 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet, cli.color);
+    let cli = {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.config_given =
+            matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+        cli
+    };
+    // The demo's report is its output; its progress logs only with -v.
+    let quiet = cli.quiet || (matches!(cli.command, Command::Demo) && cli.verbose == 0);
+    init_logging(cli.verbose, quiet, cli.color);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -398,6 +411,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
+        Command::Demo | Command::Sim(_) if cli.config_given => Err(UsageError(format!(
+            "--config: `{}` runs against its own simulators and reads no configuration file; drop --config (`sim --write-config PATH` writes one for the other commands)",
+            if matches!(cli.command, Command::Demo) { "demo" } else { "sim" }
+        ))
+        .into()),
         Command::Demo => {
             let report = crate::demo::run(Clock::system()).await?;
             crate::redact::say(report.text.trim_end_matches('\n'));
@@ -668,10 +686,22 @@ async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Resul
     telephony_only(&cfg)?;
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
     let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
-    let tokens = client
-        .exchange(token.trim())
-        .await
-        .context("cannot exchange the refresh token")?;
+    let tokens = match client.exchange(token.trim()).await {
+        Ok(t) => t,
+        // The same bootstrap command run twice: the token was used the first time. When the
+        // stored pair works, there is nothing to do.
+        Err(Bitrix24Error::Auth { code, .. })
+            if code == "invalid_grant"
+                && client.call("app.info", serde_json::json!({})).await.is_ok() =>
+        {
+            crate::say!(
+                "this refresh token was already used; the stored OAuth tokens for {} work, nothing to change",
+                cfg.bitrix24.portal_display()
+            );
+            return Ok(0);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot exchange the refresh token")),
+    };
     crate::say!(
         "stored a new OAuth token pair for {} (access token valid until {})",
         cfg.bitrix24.portal_display(),

@@ -117,8 +117,22 @@ impl Simulators {
         let unitalk = UnitalkSim::new(scenario, clock.clone());
         let bitrix24 = Bitrix24Sim::new(b24, clock);
         bitrix24.seed(scenario);
-        let unitalk_served = serve(unitalk_addr, unitalk.router()).await?;
-        let bitrix24_served = serve(bitrix24_addr, bitrix24.router()).await?;
+        let named = |what: &'static str, flag: &'static str, addr: SocketAddr| {
+            move |e: std::io::Error| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the {what} simulator cannot listen on {addr}: {e}; pick another address with {flag}"),
+                )
+            }
+        };
+        let unitalk_served = serve(unitalk_addr, unitalk.router()).await.map_err(named(
+            "Unitalk",
+            "--unitalk",
+            unitalk_addr,
+        ))?;
+        let bitrix24_served = serve(bitrix24_addr, bitrix24.router())
+            .await
+            .map_err(named("Bitrix24", "--bitrix24", bitrix24_addr))?;
         bitrix24.set_base_url(&bitrix24_served.base_url());
         Ok(Self {
             unitalk,

@@ -59,6 +59,10 @@ async fn check_in_telephony_mode_needs_tokens_then_works_after_set_refresh_token
         "the used refresh token must be rotated away"
     );
     assert!(!text(&out).contains(&refresh), "token leaked");
+    // The README's bootstrap run again with the same (now used) token: nothing to do, exit 0.
+    let again = env.ubsync(&["auth", "set-refresh-token", &refresh]).await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(text(&again).contains("already used"), "{}", text(&again));
 
     let out = env.ubsync(&["check"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

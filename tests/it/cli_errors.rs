@@ -244,3 +244,34 @@ async fn a_bad_argument_is_a_usage_error_named_once_not_a_config_file_problem() 
     assert_eq!(missing.status.code(), Some(2), "{t}");
     assert_eq!(t.matches("No such file").count(), 1, "the cause once: {t}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_and_sim_refuse_a_config_they_would_ignore_and_sim_names_a_busy_port() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("activity", "");
+    for cmd in ["demo", "sim"] {
+        let out = env.ubsync(&[cmd]).await;
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{t}");
+        assert!(t.contains("--config") && t.contains("drop --config"), "{t}");
+    }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
+        .args(["sim", "--unitalk", &addr, "--bitrix24", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("Unitalk simulator cannot listen on {addr}"))
+            && t.contains("--unitalk"),
+        "{t}"
+    );
+    drop(busy);
+}
