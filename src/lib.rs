@@ -16,5 +16,6 @@ pub mod schedule;
 pub mod sim;
 pub mod store;
 pub mod sync;
+pub mod table;
 pub mod timezone;
 pub mod unitalk;

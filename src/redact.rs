@@ -135,7 +135,27 @@ impl Drop for LineWriter {
                 .map(|line| format!("{p}{line}"))
                 .collect(),
         };
-        let _ = io::stderr().lock().write_all(out.as_bytes());
+        write_stderr(out.as_bytes());
+    }
+}
+
+/// The progress bar on the terminal, if one is shown: log lines are printed above it.
+static BAR: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+
+/// Shows log lines above `bar` until it is cleared with `None`.
+pub fn set_progress_bar(bar: Option<indicatif::ProgressBar>) {
+    *BAR.lock().unwrap_or_else(|e| e.into_inner()) = bar;
+}
+
+fn write_stderr(bytes: &[u8]) {
+    let bar = BAR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bar {
+        Some(b) => b.suspend(|| {
+            let _ = io::stderr().lock().write_all(bytes);
+        }),
+        None => {
+            let _ = io::stderr().lock().write_all(bytes);
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use comfy_table::{presets::NOTHING, Table};
 use serde_json::{json, Map, Value};
 
 use crate::clock::Clock;
@@ -150,8 +149,7 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
     let quarantined = store.quarantined()?;
     crate::say!("quarantine  {} open", quarantined.len());
     if !quarantined.is_empty() {
-        let mut t = Table::new();
-        t.load_style(NOTHING);
+        let mut t = crate::table::plain();
         for q in &quarantined {
             t.add_row(vec![
                 format!("  call {}", q.call_id.as_deref().unwrap_or("(no id)")),
@@ -160,13 +158,12 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
                 q.reason.clone(),
             ]);
         }
-        crate::say!("{t}");
+        crate::say!("{}", crate::table::render(&t));
     }
     let lines = store.line_statuses()?;
     if !lines.is_empty() {
         crate::say!("inner lines");
-        let mut t = Table::new();
-        t.load_style(NOTHING);
+        let mut t = crate::table::plain();
         for (l, s, at) in &lines {
             t.add_row(vec![
                 format!("  {l}"),
@@ -174,7 +171,7 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
                 format!("since {}", local(*at, tz)),
             ]);
         }
-        crate::say!("{t}");
+        crate::say!("{}", crate::table::render(&t));
     }
     Ok(0)
 }
@@ -193,8 +190,7 @@ pub fn runs(cfg: &Config, job: Option<&str>, limit: usize, json: bool) -> anyhow
         return Ok(0);
     }
     let tz = cfg.unitalk.timezone;
-    let mut t = Table::new();
-    t.load_style(NOTHING);
+    let mut t = crate::table::plain();
     t.set_header(vec![
         "id",
         "job",
@@ -232,7 +228,7 @@ pub fn runs(cfg: &Config, job: Option<&str>, limit: usize, json: bool) -> anyhow
             what,
         ]);
     }
-    crate::say!("{t}");
+    crate::say!("{}", crate::table::render(&t));
     Ok(0)
 }
 
@@ -299,8 +295,7 @@ pub fn show(cfg: &Config, what: &str, json: bool) -> anyhow::Result<u8> {
             Some(Value::String(v)) => v.clone(),
             Some(v) => v.to_string(),
         };
-        let mut t = Table::new();
-        t.load_style(NOTHING);
+        let mut t = crate::table::plain();
         let mut row = |k: &str, v: String| {
             t.add_row(vec![k.to_string(), v]);
         };
@@ -426,7 +421,7 @@ pub fn show(cfg: &Config, what: &str, json: bool) -> anyhow::Result<u8> {
                 format!("looked up in Bitrix24 at {}", local(v, tz)),
             );
         }
-        crate::say!("{t}");
+        crate::say!("{}", crate::table::render(&t));
     }
     Ok(0)
 }

@@ -1119,6 +1119,7 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
         b.set_position(done_before);
         // The bar keeps moving while a window is read or a batch waits for the rate limit.
         b.enable_steady_tick(std::time::Duration::from_millis(250));
+        crate::redact::set_progress_bar(Some(b.clone()));
         b
     });
     let started = std::time::Instant::now();
@@ -1183,6 +1184,7 @@ async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Resul
     };
     let result = run_logged(&ctx, "backfill", &opts).await;
     if let Some(b) = &bar {
+        crate::redact::set_progress_bar(None);
         b.finish_and_clear();
     }
     if result.is_err() {

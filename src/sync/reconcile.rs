@@ -77,18 +77,19 @@ impl ReconcileReport {
 
     /// The readable table `ubsync reconcile` prints.
     pub fn table(&self) -> String {
-        let row = |name: &str, ids: &[String]| {
+        let mut table = crate::table::plain();
+        let mut row = |name: &str, ids: &[String]| {
             let sample: Vec<&str> = ids.iter().take(8).map(String::as_str).collect();
             let more = if ids.len() > 8 {
                 format!(" … +{}", ids.len() - 8)
             } else {
                 String::new()
             };
-            format!(
-                "  {name:<26} {:>6}  {}{more}\n",
-                ids.len(),
-                sample.join(" ")
-            )
+            table.add_row(vec![
+                comfy_table::Cell::new(format!(" {name}")),
+                comfy_table::Cell::new(ids.len()).set_alignment(comfy_table::CellAlignment::Right),
+                comfy_table::Cell::new(format!("{}{more}", sample.join(" "))),
+            ]);
         };
         let dups: Vec<String> = self
             .duplicated_in_bitrix24
@@ -100,8 +101,25 @@ impl ReconcileReport {
             .iter()
             .map(|(id, why)| format!("{id} ({why})"))
             .collect();
-        let mut t = format!(
-            "reconcile {} .. {}{}\n",
+        row("in Unitalk", &self.in_unitalk);
+        row("in the ledger", &self.in_ledger);
+        row("in Bitrix24", &self.in_bitrix24);
+        row("missing from Bitrix24", &self.missing_from_bitrix24);
+        row("duplicated in Bitrix24", &dups);
+        row("ledger only (lost in B24)", &self.ledger_only);
+        row("missed-call tasks missing", &self.tasks_missing);
+        row(
+            "unknown (Bitrix24 did not answer completely)",
+            &self.unknown,
+        );
+        row("not repairable", &stuck);
+        if !self.dry_run {
+            row("repaired calls", &self.repaired_calls);
+            row("repaired tasks", &self.repaired_tasks);
+        }
+        let table = crate::table::render(&table);
+        format!(
+            "reconcile {} .. {}{}\n{table}\n",
             self.from,
             self.to,
             if self.dry_run {
@@ -109,24 +127,7 @@ impl ReconcileReport {
             } else {
                 ""
             }
-        );
-        t += &row("in Unitalk", &self.in_unitalk);
-        t += &row("in the ledger", &self.in_ledger);
-        t += &row("in Bitrix24", &self.in_bitrix24);
-        t += &row("missing from Bitrix24", &self.missing_from_bitrix24);
-        t += &row("duplicated in Bitrix24", &dups);
-        t += &row("ledger only (lost in B24)", &self.ledger_only);
-        t += &row("missed-call tasks missing", &self.tasks_missing);
-        t += &row(
-            "unknown (Bitrix24 did not answer completely)",
-            &self.unknown,
-        );
-        t += &row("not repairable", &stuck);
-        if !self.dry_run {
-            t += &row("repaired calls", &self.repaired_calls);
-            t += &row("repaired tasks", &self.repaired_tasks);
-        }
-        t
+        )
     }
 }
 
