@@ -21,6 +21,14 @@ use crate::sync::{run_pass, PassOptions, SyncCtx, SyncError};
 use crate::unitalk::{UnitalkClient, UnitalkError};
 
 pub mod inspect;
+mod progress;
+mod ranges;
+mod setup;
+mod simulate;
+
+use ranges::{backfill, reconcile};
+use setup::{check, set_refresh_token};
+use simulate::sim;
 
 /// Exit code for configuration and usage errors.
 pub const EXIT_CONFIG: u8 = 2;
@@ -514,292 +522,6 @@ fn forget_install(path: &std::path::Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
-    let cfg = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => {
-            verdict("config", "FAIL", &e.to_string());
-            return Ok(EXIT_CONFIG);
-        }
-    };
-    verdict(
-        "config",
-        "ok",
-        &format!(
-            "{} (mode {}, portal {})",
-            cfg.source.display(),
-            cfg.bitrix24.mode,
-            cfg.bitrix24.portal_display()
-        ),
-    );
-    match daemon_schedule(&cfg) {
-        Ok((schedule, from)) => verdict(
-            "schedule",
-            "ok",
-            &format!("{from}: {} jobs for `ubsync run`", schedule.jobs.len()),
-        ),
-        Err(e) => {
-            verdict("schedule", "FAIL", &e.to_string());
-            return Ok(EXIT_CONFIG);
-        }
-    }
-    let store = match Store::open(&cfg.state.path) {
-        Ok(s) => s,
-        Err(e) => {
-            verdict("store", "FAIL", &e.to_string());
-            return Ok(if matches!(e, StoreError::Busy(_)) {
-                EXIT_TEMPFAIL
-            } else {
-                1
-            });
-        }
-    };
-    verdict(
-        "store",
-        "ok",
-        &format!(
-            "{} (schema v{})",
-            cfg.state.path.display(),
-            store.schema_version()?
-        ),
-    );
-    let loose = crate::store::files::too_open(&cfg.state.path);
-    for (file, mode) in &loose {
-        verdict(
-            "files",
-            "WARN",
-            &format!(
-                "{} is readable by others (mode {mode:o}); it holds tokens: chmod {} it",
-                file.display(),
-                if file.is_dir() { "700" } else { "600" }
-            ),
-        );
-    }
-    {
-        let b24 = Bitrix24Client::new(
-            &cfg.bitrix24,
-            SharedStore::new(Store::open(&cfg.state.path)?),
-            Clock::system(),
-        )?;
-        if let Some(to) = b24.remembered_move() {
-            verdict(
-                "portal",
-                "WARN",
-                &format!(
-                    "configured {} but the portal answered a redirect to {to}, which requests now use; update the config and run `ubsync auth forget-redirect`",
-                    b24.configured_origin()
-                ),
-            );
-        }
-    }
-    if offline {
-        verdict("unitalk", "skipped", "--offline");
-        verdict("bitrix24", "skipped", "--offline");
-        return Ok(0);
-    }
-    let store = SharedStore::new(store);
-    let mut worst = 0u8;
-    let mut note = |code: u8| {
-        // 2 (an admin must act) outranks 75 (retry later), which outranks 1.
-        let rank = |c: u8| match c {
-            0 => 0,
-            1 => 1,
-            EXIT_TEMPFAIL => 2,
-            _ => 3,
-        };
-        if rank(code) > rank(worst) {
-            worst = code;
-        }
-    };
-
-    let unitalk = UnitalkClient::new(&cfg.unitalk)?;
-    let lines = unitalk.inner_lines().await;
-    match unitalk.users().await {
-        Ok(users) => verdict(
-            "unitalk",
-            "ok",
-            &format!(
-                "{}: key accepted, {} operators with inner lines",
-                cfg.unitalk.base_url,
-                users.len()
-            ),
-        ),
-        Err(e) => {
-            verdict("unitalk", "FAIL", &e.to_string());
-            note(unitalk_code(&e));
-        }
-    }
-
-    // `/phones/inner` is unconfirmed and optional: its state is reported, never a failure.
-    match lines {
-        Ok(l) => verdict(
-            "lines",
-            "ok",
-            &format!("inner-line statuses: {} lines", l.len()),
-        ),
-        Err(e) => verdict(
-            "lines",
-            "WARN",
-            &format!("inner-line statuses: unavailable: {e} (call sync is not affected)"),
-        ),
-    }
-
-    // A check gives a verdict now: a full bucket is reported, not waited out.
-    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?
-        .with_rate_limit_patience(std::time::Duration::ZERO);
-    match b24.call("user.current", serde_json::Value::Null).await {
-        Ok(env) => {
-            let r = &env.result;
-            let name = format!(
-                "{} {}",
-                r.get("NAME").and_then(|v| v.as_str()).unwrap_or(""),
-                r.get("LAST_NAME").and_then(|v| v.as_str()).unwrap_or("")
-            );
-            let id = r
-                .get("ID")
-                .and_then(crate::bitrix24::wire::as_text)
-                .unwrap_or_default();
-            let how = match cfg.bitrix24.mode {
-                Mode::Telephony => "OAuth application",
-                Mode::Activity => "incoming webhook",
-            };
-            verdict(
-                "bitrix24",
-                "ok",
-                &format!(
-                    "{}: {how} authenticated as user {id} ({})",
-                    cfg.bitrix24.portal_display(),
-                    name.trim()
-                ),
-            );
-        }
-        Err(e) => {
-            verdict("bitrix24", "FAIL", &e.to_string());
-            note(bitrix24_code(&e));
-        }
-    }
-    Ok(worst)
-}
-
-async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {
-    let cfg = load_config(path)?;
-    telephony_only(&cfg)?;
-    let store = SharedStore::new(Store::open(&cfg.state.path)?);
-    let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
-    let tokens = match client.exchange(token.trim()).await {
-        Ok(t) => t,
-        // The same bootstrap command run twice: the token was used the first time. When the
-        // stored pair works, there is nothing to do.
-        Err(Bitrix24Error::Auth { code, .. })
-            if code == "invalid_grant"
-                && client.call("app.info", serde_json::json!({})).await.is_ok() =>
-        {
-            crate::say!(
-                "this refresh token was already used; the stored OAuth tokens for {} work, nothing to change",
-                cfg.bitrix24.portal_display()
-            );
-            return Ok(0);
-        }
-        Err(e) => return Err(anyhow::Error::new(e).context("cannot exchange the refresh token")),
-    };
-    crate::say!(
-        "stored a new OAuth token pair for {} (access token valid until {})",
-        cfg.bitrix24.portal_display(),
-        tokens
-            .expires_at
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "unknown".into())
-    );
-    Ok(0)
-}
-
-async fn sim(args: SimArgs) -> anyhow::Result<u8> {
-    use crate::sim::{Bitrix24SimConfig, Scenario, Simulators};
-    let tz = chrono_tz::Europe::Kyiv;
-    let clock = Clock::system();
-    let date = args.date.unwrap_or_else(|| {
-        (clock.now().with_timezone(&tz) - chrono::Duration::days(1)).date_naive()
-    });
-    let scenario = Scenario::call_centre_day(tz, date, args.operators, args.calls, args.seed);
-    let sims = Simulators::start(
-        &scenario,
-        Bitrix24SimConfig::default(),
-        clock,
-        args.unitalk,
-        args.bitrix24,
-    )
-    .await
-    .context("cannot start the simulators")?;
-    sims.unitalk.set_api_key(&args.unitalk_key);
-    let (_access, refresh) = sims.bitrix24.install_app(scenario.admin_user_id);
-    let b24 = sims.bitrix24_url();
-    let webhook = format!(
-        "{b24}/rest/1/{}/",
-        crate::sim::bitrix24::DEFAULT_WEBHOOK_CODE
-    );
-    crate::say!(
-        "Unitalk simulator   {}   (API key {})",
-        sims.unitalk_url(),
-        args.unitalk_key
-    );
-    crate::say!("Bitrix24 simulator  {b24}");
-    crate::say!("  incoming webhook  {webhook}");
-    crate::say!(
-        "  client_id         {}",
-        crate::sim::bitrix24::DEFAULT_CLIENT_ID
-    );
-    crate::say!(
-        "  client_secret     {}",
-        crate::sim::bitrix24::DEFAULT_CLIENT_SECRET
-    );
-    crate::say!("  refresh token     {refresh}");
-    crate::say!(
-        "Seeded {} operators, {} CRM clients and {} calls on {date} ({tz}).",
-        scenario.operators.len(),
-        scenario.crm.len(),
-        scenario.calls.len()
-    );
-    if let Some(path) = &args.write_config {
-        let mode = if args.activity {
-            "activity"
-        } else {
-            "telephony"
-        };
-        let start = format!("{date} 00:00:00");
-        let text = format!(
-            "# Written by `ubsync sim`: points ubsync at the local simulators.\n\
-             [unitalk]\nbase_url = \"{}\"\napi_key = \"{}\"\ntimezone = \"{tz}\"\n\n\
-             [bitrix24]\nmode = \"{mode}\"\nportal_url = \"{b24}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
-             oauth_url = \"{b24}\"\nwebhook_url = \"{webhook}\"\ndefault_user_id = {}\n\n\
-             [state]\npath = \"state/sim.db\"\n\n[sync]\nstart = \"{start}\"\n",
-            sims.unitalk_url(),
-            args.unitalk_key,
-            crate::sim::bitrix24::DEFAULT_CLIENT_ID,
-            crate::sim::bitrix24::DEFAULT_CLIENT_SECRET,
-            scenario.admin_user_id,
-        );
-        crate::store::files::write_private(path, &text)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        crate::say!("Wrote {} ({mode} mode).", path.display());
-        if !args.activity {
-            crate::say!(
-                "Store the tokens with:  echo {refresh} | ubsync --config {} auth set-refresh-token -",
-                path.display()
-            );
-        }
-        crate::say!(
-            "Then check the set-up:  ubsync --config {} check",
-            path.display()
-        );
-    }
-    crate::say!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
-    sims.shutdown();
-    Ok(0)
-}
-
 /// Builds the worker's context over `store`.
 fn context(cfg: Config, store: SharedStore) -> anyhow::Result<SyncCtx> {
     let clock = Clock::system();
@@ -913,7 +635,33 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
     }
     let ctx = context(cfg, SharedStore::new(store))?;
     cancel_on_signals(ctx.cancel.clone());
-    let summary = run_logged(&ctx, "sync", &PassOptions::default()).await?;
+    // On a terminal, a large backlog shows the same bar as a backfill (a timer run shows none).
+    let mut opts = PassOptions::default();
+    let progress = {
+        use std::io::IsTerminal as _;
+        if std::io::stderr().is_terminal() {
+            let cursor = ctx.store.lock().cursor(crate::sync::HISTORY_STREAM)?;
+            let now = ctx.clock.now();
+            let from = cursor.unwrap_or(now - chrono::Duration::days(1));
+            let total = crate::sync::estimate_calls(&ctx, from, now).await;
+            let p = progress::CallProgress::start(
+                "sync",
+                total,
+                0,
+                ctx.cfg.bitrix24.per_second.get() as f64,
+                false,
+            );
+            opts.progress = Some(p.callback());
+            Some(p)
+        } else {
+            None
+        }
+    };
+    let result = run_logged(&ctx, "sync", &opts).await;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let summary = result?;
     crate::say!("sync: {summary}");
     Ok(0)
 }
@@ -1047,262 +795,6 @@ async fn auth_serve(path: &std::path::Path, listen: SocketAddr, once: bool) -> a
 }
 
 /// Reads `--from`/`--to`: a bare date means the whole day (so `--to` extends to its end).
-fn range_bound(
-    cfg: &Config,
-    key: &str,
-    raw: &str,
-    end_of_day: bool,
-) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    let tz = cfg.unitalk.timezone;
-    if let Ok(day) = chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d") {
-        let day = if end_of_day {
-            day.succ_opt().unwrap_or(day)
-        } else {
-            day
-        };
-        return Ok(crate::timezone::local_to_utc(
-            day.and_hms_opt(0, 0, 0).expect("midnight"),
-            tz,
-        ));
-    }
-    crate::config::parse_start(raw, tz).ok_or_else(|| {
-        anyhow::Error::new(UsageError(format!(
-            "{key}: `{raw}` is not a date; write it as 2026-11-01, \"2026-11-01 08:00:00\" (Unitalk's zone) or RFC 3339"
-        )))
-    })
-}
-
-async fn backfill(path: &std::path::Path, from: &str, to: &str) -> anyhow::Result<u8> {
-    use std::io::IsTerminal as _;
-    let cfg = load_config(path)?;
-    let start = range_bound(&cfg, "--from", from, false)?;
-    let end = range_bound(&cfg, "--to", to, true)?;
-    if end <= start {
-        anyhow::bail!(UsageError(
-            "--to: is not after --from; give a later --to".into()
-        ));
-    }
-    let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
-    let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());
-    let store = Store::open(&cfg.state.path)?;
-    let resumed = store.cursor(&stream)?;
-    // On resume, the calls of the range read before count as done.
-    let done_before = match resumed {
-        Some(c) => {
-            crate::say!(
-                "backfill: resuming from {} (a previous run stopped there)",
-                c.to_rfc3339()
-            );
-            store.calls_between(start, c)?
-        }
-        None => 0,
-    };
-    let ctx = context(cfg, SharedStore::new(store))?;
-    cancel_on_signals(ctx.cancel.clone());
-    // A cheap count of what is left (one request; Unitalk's `count` is only an estimate).
-    let left = crate::sync::estimate_calls(&ctx, resumed.unwrap_or(start).max(start), end).await;
-    let total = left.map(|n| n + done_before);
-    if let Some(t) = total {
-        crate::say!("backfill: about {t} calls in the range ({done_before} already done)");
-    }
-    // ETA from the rate limit: about three commands per call, 50 commands per request.
-    let per_second = ctx.cfg.bitrix24.per_second.get() as f64;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(total.unwrap_or(0));
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:30}] {pos}/{len} calls  {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b.set_position(done_before);
-        // The bar keeps moving while a window is read or a batch waits for the rate limit.
-        b.enable_steady_tick(std::time::Duration::from_millis(250));
-        crate::redact::set_progress_bar(Some(b.clone()));
-        b
-    });
-    let started = std::time::Instant::now();
-    let latest: std::sync::Arc<std::sync::Mutex<Option<crate::sync::Progress>>> =
-        Default::default();
-    let printer = {
-        let bar = bar.clone();
-        let latest = latest.clone();
-        let last_line =
-            std::sync::Mutex::new(std::time::Instant::now() - std::time::Duration::from_secs(3600));
-        move |p: &crate::sync::Progress| {
-            *latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
-            let elapsed = started.elapsed().as_secs_f64().max(0.001);
-            let done = done_before + p.pulled;
-            let rate = p.pulled as f64 / elapsed;
-            // Without a count, estimate what is left from the windows still to read.
-            let left_calls = match total {
-                Some(t) => t.saturating_sub(done) as f64,
-                None => {
-                    let per_window = p.pulled as f64 / p.windows_done.max(1) as f64;
-                    p.windows_total.saturating_sub(p.windows_done) as f64 * per_window
-                }
-            };
-            let by_limit = left_calls * 3.0 / (per_second * 50.0);
-            let by_pace = if rate > 0.0 {
-                left_calls / rate
-            } else {
-                by_limit
-            };
-            let eta = std::time::Duration::from_secs(by_limit.max(by_pace).round() as u64);
-            let msg = format!(
-                "{} pushed, {rate:.1} calls/s, ETA {}",
-                p.pushed,
-                humantime::format_duration(eta)
-            );
-            match &bar {
-                Some(b) => {
-                    let len = total.unwrap_or(0).max(done + left_calls as u64);
-                    b.set_length(len);
-                    b.set_position(done);
-                    b.set_message(msg);
-                }
-                None => {
-                    // journald: a plain line at most every 10 seconds, and at the end.
-                    let mut last = last_line.lock().unwrap_or_else(|e| e.into_inner());
-                    if last.elapsed() >= std::time::Duration::from_secs(10)
-                        || p.windows_done == p.windows_total
-                    {
-                        *last = std::time::Instant::now();
-                        let of = total.map(|t| format!("/{t}")).unwrap_or_default();
-                        crate::say!("backfill: {done}{of} calls read: {msg}");
-                    }
-                }
-            }
-        }
-    };
-    let opts = PassOptions {
-        stream: stream.clone(),
-        range: Some((start, end)),
-        progress: Some(crate::sync::ProgressFn(std::sync::Arc::new(printer))),
-        ..Default::default()
-    };
-    let result = run_logged(&ctx, "backfill", &opts).await;
-    if let Some(b) = &bar {
-        crate::redact::set_progress_bar(None);
-        b.finish_and_clear();
-    }
-    if result.is_err() {
-        // Ctrl-C or a failure: what was done so far, and how to go on.
-        let p = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(p) = p {
-            crate::say!(
-                "backfill: stopped after {} calls read, {} pushed, {} tasks; run the same command again to continue from {}",
-                done_before + p.pulled,
-                p.pushed,
-                p.tasks,
-                p.position.map(|c| c.to_rfc3339()).unwrap_or_else(|| start.to_rfc3339())
-            );
-        }
-    }
-    let summary = result?;
-    let at = ctx.store.lock().cursor(&stream)?;
-    crate::say!("backfill: {summary}");
-    if at.is_some_and(|c| c >= end) {
-        crate::say!("backfill: complete up to {}", end.to_rfc3339());
-    } else {
-        crate::say!(
-            "backfill: stopped at {}; run the same command again to continue",
-            at.map(|c| c.to_rfc3339())
-                .unwrap_or_else(|| start.to_rfc3339())
-        );
-    }
-    Ok(0)
-}
-
-async fn reconcile(
-    path: &std::path::Path,
-    from: Option<String>,
-    to: Option<String>,
-    dry_run: bool,
-) -> anyhow::Result<u8> {
-    let cfg = load_config(path)?;
-    let yesterday = (Clock::system().now().with_timezone(&cfg.unitalk.timezone)
-        - chrono::Duration::days(1))
-    .date_naive()
-    .to_string();
-    let from_raw = from.unwrap_or(yesterday);
-    let to_raw = to.unwrap_or_else(|| from_raw.clone());
-    let start = range_bound(&cfg, "--from", &from_raw, false)?;
-    let end = range_bound(&cfg, "--to", &to_raw, true)?;
-    let _lock = if dry_run {
-        None
-    } else {
-        Some(crate::lock::StateLock::acquire(&cfg.state.path)?)
-    };
-    let reports = cfg
-        .state
-        .path
-        .parent()
-        .map(|p| p.join("reports"))
-        .unwrap_or_else(|| PathBuf::from("reports"));
-    let store = SharedStore::new(Store::open(&cfg.state.path)?);
-    let ctx = context(cfg, store)?;
-    cancel_on_signals(ctx.cancel.clone());
-    let run_id = ctx.store.lock().begin_run("reconcile", ctx.clock.now())?;
-    let result = crate::sync::reconcile::reconcile(&ctx, start, end, dry_run).await;
-    let now = ctx.clock.now();
-    let (report, summary) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.store
-                .lock()
-                .finish_run(run_id, now, "failed", None, Some(&e.to_string()))?;
-            return Err(e.into());
-        }
-    };
-    ctx.store.lock().finish_run(
-        run_id,
-        now,
-        "ok",
-        Some(&serde_json::to_value(&report)?),
-        None,
-    )?;
-    crate::redact::say(report.table().trim_end_matches('\n'));
-    crate::store::files::create_private_dir(&reports)
-        .with_context(|| format!("cannot create {}", reports.display()))?;
-    let file = reports.join(format!(
-        "reconcile-{}_{}-{}.json",
-        from_raw.replace([' ', ':'], "-"),
-        to_raw.replace([' ', ':'], "-"),
-        now.format("%Y%m%dT%H%M%SZ")
-    ));
-    crate::store::files::write_private(
-        &file,
-        &crate::redact::redact(&serde_json::to_string_pretty(&report)?),
-    )
-    .with_context(|| format!("cannot write {}", file.display()))?;
-    crate::say!("report: {}", file.display());
-    let repaired = !(report.repaired_calls.is_empty() && report.repaired_tasks.is_empty());
-    if !dry_run && repaired {
-        crate::say!("repair pass: {summary}");
-    }
-    crate::say!(
-        "{}",
-        match (report.consistent(), dry_run) {
-            (true, _) => "Bitrix24 holds every call of the range exactly once".to_string(),
-            (false, _) if !report.unknown.is_empty() => format!(
-                "{} calls are unknown: Bitrix24 did not answer completely, so they were not repaired; run reconcile again later",
-                report.unknown.len()
-            ),
-            (false, true) => "differences found; run without --dry-run to repair them".to_string(),
-            (false, false) if report.duplicated_in_bitrix24.is_empty() =>
-                "differences repaired".to_string(),
-            (false, false) =>
-                "differences repaired; duplicates need a human (ubsync never deletes in the portal)"
-                    .to_string(),
-        }
-    );
-    // 0 only when the range is proven exact; 3 when differences remain for a human or a
-    // later run (a dry run, duplicates, unknown ranges, calls that cannot be repaired).
-    Ok(if report.proven() { 0 } else { EXIT_DIFFERENCES })
-}
-
 /// `reconcile` found differences it did not repair (see the README's exit codes).
 pub const EXIT_DIFFERENCES: u8 = 3;
 

@@ -38,6 +38,37 @@ pub fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// Writes `text` to a new private file `<stem>.json` in `dir`, or `<stem>-2.json`, `-3`, … when
+/// that name is taken (two reports in the same second never overwrite each other). Returns it.
+pub fn write_new_private(dir: &Path, stem: &str, text: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    for n in 1..1000 {
+        let name = if n == 1 {
+            format!("{stem}.json")
+        } else {
+            format!("{stem}-{n}.json")
+        };
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                f.write_all(text.as_bytes())?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!("too many reports named {stem} in {}", dir.display()),
+    ))
+}
+
 /// The state's files and directories that group or others can read or write, with their modes:
 /// the database, its WAL and shared-memory files, the lock, the reports, and their directories.
 pub fn too_open(db: &Path) -> Vec<(PathBuf, u32)> {
@@ -62,4 +93,19 @@ pub fn too_open(db: &Path) -> Vec<(PathBuf, u32)> {
             (mode & 0o077 != 0).then_some((p, mode))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_in_the_same_second_get_their_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_new_private(dir.path(), "r", "one").unwrap();
+        let b = write_new_private(dir.path(), "r", "two").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(std::fs::read_to_string(a).unwrap(), "one");
+        assert_eq!(std::fs::read_to_string(b).unwrap(), "two");
+    }
 }

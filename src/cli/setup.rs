@@ -1,0 +1,202 @@
+//! Setting up and checking: `check` (a verdict per part) and `auth set-refresh-token`.
+
+use super::*;
+
+pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<u8> {
+    let cfg = match load_config(path) {
+        Ok(c) => c,
+        Err(e) => {
+            verdict("config", "FAIL", &e.to_string());
+            return Ok(EXIT_CONFIG);
+        }
+    };
+    verdict(
+        "config",
+        "ok",
+        &format!(
+            "{} (mode {}, portal {})",
+            cfg.source.display(),
+            cfg.bitrix24.mode,
+            cfg.bitrix24.portal_display()
+        ),
+    );
+    match daemon_schedule(&cfg) {
+        Ok((schedule, from)) => verdict(
+            "schedule",
+            "ok",
+            &format!("{from}: {} jobs for `ubsync run`", schedule.jobs.len()),
+        ),
+        Err(e) => {
+            verdict("schedule", "FAIL", &e.to_string());
+            return Ok(EXIT_CONFIG);
+        }
+    }
+    let store = match Store::open(&cfg.state.path) {
+        Ok(s) => s,
+        Err(e) => {
+            verdict("store", "FAIL", &e.to_string());
+            return Ok(if matches!(e, StoreError::Busy(_)) {
+                EXIT_TEMPFAIL
+            } else {
+                1
+            });
+        }
+    };
+    verdict(
+        "store",
+        "ok",
+        &format!(
+            "{} (schema v{})",
+            cfg.state.path.display(),
+            store.schema_version()?
+        ),
+    );
+    let loose = crate::store::files::too_open(&cfg.state.path);
+    for (file, mode) in &loose {
+        verdict(
+            "files",
+            "WARN",
+            &format!(
+                "{} is readable by others (mode {mode:o}); it holds tokens: chmod {} it",
+                file.display(),
+                if file.is_dir() { "700" } else { "600" }
+            ),
+        );
+    }
+    {
+        let b24 = Bitrix24Client::new(
+            &cfg.bitrix24,
+            SharedStore::new(Store::open(&cfg.state.path)?),
+            Clock::system(),
+        )?;
+        if let Some(to) = b24.remembered_move() {
+            verdict(
+                "portal",
+                "WARN",
+                &format!(
+                    "configured {} but the portal answered a redirect to {to}, which requests now use; update the config and run `ubsync auth forget-redirect`",
+                    b24.configured_origin()
+                ),
+            );
+        }
+    }
+    if offline {
+        verdict("unitalk", "skipped", "--offline");
+        verdict("bitrix24", "skipped", "--offline");
+        return Ok(0);
+    }
+    let store = SharedStore::new(store);
+    let mut worst = 0u8;
+    let mut note = |code: u8| {
+        // 2 (an admin must act) outranks 75 (retry later), which outranks 1.
+        let rank = |c: u8| match c {
+            0 => 0,
+            1 => 1,
+            EXIT_TEMPFAIL => 2,
+            _ => 3,
+        };
+        if rank(code) > rank(worst) {
+            worst = code;
+        }
+    };
+
+    let unitalk = UnitalkClient::new(&cfg.unitalk)?;
+    let lines = unitalk.inner_lines().await;
+    match unitalk.users().await {
+        Ok(users) => verdict(
+            "unitalk",
+            "ok",
+            &format!(
+                "{}: key accepted, {} operators with inner lines",
+                cfg.unitalk.base_url,
+                users.len()
+            ),
+        ),
+        Err(e) => {
+            verdict("unitalk", "FAIL", &e.to_string());
+            note(unitalk_code(&e));
+        }
+    }
+
+    // `/phones/inner` is unconfirmed and optional: its state is reported, never a failure.
+    match lines {
+        Ok(l) => verdict(
+            "lines",
+            "ok",
+            &format!("inner-line statuses: {} lines", l.len()),
+        ),
+        Err(e) => verdict(
+            "lines",
+            "WARN",
+            &format!("inner-line statuses: unavailable: {e} (call sync is not affected)"),
+        ),
+    }
+
+    // A check gives a verdict now: a full bucket is reported, not waited out.
+    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?
+        .with_rate_limit_patience(std::time::Duration::ZERO);
+    match b24.call("user.current", serde_json::Value::Null).await {
+        Ok(env) => {
+            let r = &env.result;
+            let name = format!(
+                "{} {}",
+                r.get("NAME").and_then(|v| v.as_str()).unwrap_or(""),
+                r.get("LAST_NAME").and_then(|v| v.as_str()).unwrap_or("")
+            );
+            let id = r
+                .get("ID")
+                .and_then(crate::bitrix24::wire::as_text)
+                .unwrap_or_default();
+            let how = match cfg.bitrix24.mode {
+                Mode::Telephony => "OAuth application",
+                Mode::Activity => "incoming webhook",
+            };
+            verdict(
+                "bitrix24",
+                "ok",
+                &format!(
+                    "{}: {how} authenticated as user {id} ({})",
+                    cfg.bitrix24.portal_display(),
+                    name.trim()
+                ),
+            );
+        }
+        Err(e) => {
+            verdict("bitrix24", "FAIL", &e.to_string());
+            note(bitrix24_code(&e));
+        }
+    }
+    Ok(worst)
+}
+
+pub(super) async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {
+    let cfg = load_config(path)?;
+    telephony_only(&cfg)?;
+    let store = SharedStore::new(Store::open(&cfg.state.path)?);
+    let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    let tokens = match client.exchange(token.trim()).await {
+        Ok(t) => t,
+        // The same bootstrap command run twice: the token was used the first time. When the
+        // stored pair works, there is nothing to do.
+        Err(Bitrix24Error::Auth { code, .. })
+            if code == "invalid_grant"
+                && client.call("app.info", serde_json::json!({})).await.is_ok() =>
+        {
+            crate::say!(
+                "this refresh token was already used; the stored OAuth tokens for {} work, nothing to change",
+                cfg.bitrix24.portal_display()
+            );
+            return Ok(0);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot exchange the refresh token")),
+    };
+    crate::say!(
+        "stored a new OAuth token pair for {} (access token valid until {})",
+        cfg.bitrix24.portal_display(),
+        tokens
+            .expires_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "unknown".into())
+    );
+    Ok(0)
+}
