@@ -686,3 +686,25 @@ async fn reconcile_never_repairs_on_an_incomplete_listing() {
     );
     assert_eq!(env.sims.bitrix24.calls().len(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_keeps_working_and_stops_on_sigterm_when_its_stderr_and_stdout_are_gone() {
+    let env = env(scenario()).await;
+    fast_schedule(&env, "10m");
+    let (mut child, base) = start_daemon(&env).await;
+    // `ubsync run 2>&1 | tee log` and tee dies: both pipes are closed.
+    drop(child.stderr.take());
+    drop(child.stdout.take());
+    assert!(
+        eventually(|| async { env.sims.bitrix24.stats().len() == 3 }).await,
+        "passes go on with nowhere to log"
+    );
+    let (code, _) = get(&env, &format!("{base}/healthz")).await;
+    assert_eq!(code, 200);
+    let sent = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = child.wait().await.unwrap();
+    assert!(sent.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
