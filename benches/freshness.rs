@@ -83,6 +83,7 @@ async fn main() {
     let (_, refresh) = sims.bitrix24.install_app(1);
     b24c.exchange(&refresh).await.unwrap();
     let ctx = ubsync::sync::SyncCtx {
+        recordings: ubsync::recording::client(&config),
         unitalk: ubsync::unitalk::UnitalkClient::new(&config.unitalk).unwrap(),
         b24: b24c,
         cfg: config,

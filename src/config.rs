@@ -47,6 +47,38 @@ pub struct Config {
     pub health_max_age: Duration,
     /// The daemon's inbound routes.
     pub http: HttpConfig,
+    /// How recordings reach Bitrix24.
+    pub recordings: RecordingsConfig,
+}
+
+/// How a recording reaches Bitrix24 (telephony mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Bitrix24 downloads Unitalk's link itself (`RECORD_URL`).
+    #[default]
+    Link,
+    /// ubsync downloads the link, checks it is a non-empty mp3/wav and uploads the file
+    /// (`FILE_CONTENT`): for links that need the API key or expire.
+    Upload,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordingsConfig {
+    pub delivery: Delivery,
+    /// Largest recording ubsync uploads; a larger one is quarantined with the reason.
+    pub max_bytes: u64,
+    /// Send the Unitalk API key (`Authorization`) when downloading a recording.
+    pub send_api_key: bool,
+}
+
+impl Default for RecordingsConfig {
+    fn default() -> Self {
+        Self {
+            delivery: Delivery::Link,
+            max_bytes: 50 * 1024 * 1024,
+            send_api_key: false,
+        }
+    }
 }
 
 /// What the daemon serves beyond `/healthz` and `/metrics`.
@@ -323,6 +355,15 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    recordings: RawRecordings,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct RawRecordings {
+    delivery: Option<String>,
+    max_megabytes: Option<i64>,
+    send_api_key: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -646,6 +687,39 @@ impl Validator {
                 );
                 Duration::from_secs(1)
             }
+        }
+    }
+
+    fn recordings(&mut self, r: &RawRecordings, mode: Mode) -> RecordingsConfig {
+        let delivery = match r.delivery.as_deref().unwrap_or("link") {
+            "link" => Delivery::Link,
+            "upload" if mode == Mode::Telephony => Delivery::Upload,
+            "upload" => {
+                self.fail(
+                    "recordings.delivery",
+                    "\"upload\" attaches files to telephony calls, which activity mode does not register",
+                    "use \"link\" in activity mode (the activity's description carries the link)",
+                );
+                Delivery::Link
+            }
+            other => {
+                self.fail(
+                    "recordings.delivery",
+                    format!("`{other}` is not a delivery"),
+                    "use \"link\" (Bitrix24 downloads RECORD_URL) or \"upload\" (ubsync downloads and uploads the file)",
+                );
+                Delivery::Link
+            }
+        };
+        let max_bytes = u64::from(
+            self.positive("recordings.max_megabytes", r.max_megabytes, 50, 1024)
+                .get(),
+        ) * 1024
+            * 1024;
+        RecordingsConfig {
+            delivery,
+            max_bytes,
+            send_api_key: r.send_api_key.unwrap_or(false),
         }
     }
 
@@ -1026,7 +1100,9 @@ impl Validator {
         if !self.problems.is_empty() {
             return None;
         }
+        let recordings = self.recordings(&raw.recordings, mode);
         Some(Config {
+            recordings,
             schedule_file,
             schedule_explicit,
             health_max_age,

@@ -129,6 +129,7 @@ pub async fn run(clock: Clock) -> anyhow::Result<DemoReport> {
     let ctx = SyncCtx {
         unitalk: UnitalkClient::new(&cfg.unitalk)?,
         b24: b24_client,
+        recordings: crate::recording::client(&cfg),
         cfg,
         store,
         clock,

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod lock;
 pub mod netdiag;
 pub mod phpquery;
+pub mod recording;
 pub mod redact;
 pub mod schedule;
 pub mod sim;

@@ -528,6 +528,7 @@ fn context(cfg: Config, store: SharedStore) -> anyhow::Result<SyncCtx> {
     Ok(SyncCtx {
         unitalk: UnitalkClient::new(&cfg.unitalk)?,
         b24: Bitrix24Client::new(&cfg.bitrix24, store.clone(), clock.clone())?,
+        recordings: crate::recording::client(&cfg),
         cfg,
         store,
         clock,

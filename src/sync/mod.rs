@@ -77,6 +77,8 @@ pub enum SyncError {
 /// Everything a pass needs.
 pub struct SyncCtx {
     pub cfg: Config,
+    /// Downloads recordings for `recordings.delivery = "upload"`.
+    pub recordings: reqwest::Client,
     pub store: SharedStore,
     pub unitalk: UnitalkClient,
     pub b24: Bitrix24Client,

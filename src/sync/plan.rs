@@ -179,7 +179,9 @@ pub fn attached(result: &Value) -> Result<(), String> {
 /// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, and the link
 /// is known when the call is finished): two commands per call instead of three.
 pub fn record_url_in_finish(cfg: &Config, f: &CallFacts) -> bool {
-    cfg.sync.record_url_on_finish && f.link.is_some()
+    cfg.sync.record_url_on_finish
+        && cfg.recordings.delivery == crate::config::Delivery::Link
+        && f.link.is_some()
 }
 
 /// Whether a finished call's recording is missing or changed in Bitrix24 (the attached record in

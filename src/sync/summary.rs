@@ -42,6 +42,8 @@ pub struct PassSummary {
     pub recording_rechecks: u64,
     /// Awaited recordings given up after `sync.recording_wait`.
     pub recordings_given_up: u64,
+    /// Recordings that could not be downloaded for upload (tried again later).
+    pub recording_downloads_failed: u64,
     /// Windows re-pulled by the long-call sweep.
     pub swept_windows: u64,
     /// The cursor was found in the future (a clock that had jumped ahead) and rewound.
@@ -115,6 +117,13 @@ impl fmt::Display for PassSummary {
                 self.rate_limited,
                 self.operation_limited,
                 self.refreshes
+            )?;
+        }
+        if self.recording_downloads_failed > 0 {
+            write!(
+                f,
+                "; {} recording downloads failed (retried later)",
+                self.recording_downloads_failed
             )?;
         }
         if self.recording_rechecks + self.swept_windows + self.recordings_given_up > 0 {

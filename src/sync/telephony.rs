@@ -2,6 +2,7 @@
 //! portals that refuse it inside a batch.
 
 use super::*;
+use crate::config::Delivery;
 
 /// Fact: "no" once the portal refused `attachRecord` inside a batch.
 pub(super) const FACT_ATTACH_IN_BATCH: &str = "bitrix24.attach_record_in_batch";
@@ -14,7 +15,9 @@ pub(super) async fn push_telephony(
     users: &HashMap<String, i64>,
 ) -> Result<(), SyncError> {
     let now = ctx.clock.now();
-    let attach_in_batch = ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
+    // Uploaded recordings go one request each (a file is no batch parameter).
+    let attach_in_batch = ctx.cfg.recordings.delivery == Delivery::Link
+        && ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();
@@ -54,7 +57,19 @@ pub(super) async fn push_telephony(
         s.plan
             .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
         if !attach_in_batch {
-            s.plan.extend(facts.values().filter(|(f, _)| f.link.is_some()).map(|(f, _)| format!("call {}: telephony.externalCall.attachRecord (standalone: this portal refuses it in a batch)", f.id)));
+            let why = if ctx.cfg.recordings.delivery == Delivery::Upload {
+                "standalone, with the file ubsync downloads (recordings.delivery = \"upload\")"
+            } else {
+                "standalone: this portal refuses it in a batch"
+            };
+            s.plan.extend(
+                facts
+                    .values()
+                    .filter(|(f, _)| f.link.is_some())
+                    .map(|(f, _)| {
+                        format!("call {}: telephony.externalCall.attachRecord ({why})", f.id)
+                    }),
+            );
         }
         s.plan.extend(missed_task_lines(ctx, &facts));
         return Ok(());
@@ -125,13 +140,56 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
         if !plan::needs_recording(&f, &w.ledger) {
             continue;
         }
-        let Some(command) = plan::attach_record(
+        let Some(mut command) = plan::attach_record(
             cfg,
             &f,
             json!(w.ledger.b24_call_id.clone().unwrap_or_default()),
         ) else {
             continue;
         };
+        if cfg.recordings.delivery == Delivery::Upload {
+            let link = f.link.clone().unwrap_or_default();
+            let fetched = tokio::select! {
+                r = crate::recording::fetch(&ctx.recordings, cfg, &link) => r,
+                _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
+            };
+            match fetched {
+                Ok(rec) => {
+                    use base64::Engine as _;
+                    command.params.remove("RECORD_URL");
+                    command.params.insert(
+                        "FILENAME".into(),
+                        json!(format!("{}.{}", f.external_id, rec.extension)),
+                    );
+                    command.params.insert(
+                        "FILE_CONTENT".into(),
+                        json!(base64::engine::general_purpose::STANDARD.encode(&rec.bytes)),
+                    );
+                }
+                Err(e) => {
+                    let now = ctx.clock.now();
+                    tracing::warn!(call = %f.id, error = %e, "recording not downloaded; a later pass tries again");
+                    s.recording_downloads_failed += 1;
+                    let failure = match e {
+                        crate::recording::FetchError::Retry(why) => plan::Failure::Retry(why),
+                        crate::recording::FetchError::Refused(why) => plan::Failure::Permanent(why),
+                    };
+                    let (row, reason) = plan::fail(w.ledger.clone(), failure, now);
+                    let quarantine: Vec<NewQuarantine> = reason
+                        .map(|reason| NewQuarantine {
+                            source: "unitalk",
+                            call_id: Some(f.id.clone()),
+                            raw: w.raw.clone(),
+                            reason: format!("recording: {reason}"),
+                        })
+                        .into_iter()
+                        .collect();
+                    s.quarantined += quarantine.len() as u64;
+                    ctx.store.lock().apply(&[row], &quarantine, None, now)?;
+                    continue;
+                }
+            }
+        }
         let result = tokio::select! {
             r = ctx.b24.call(&command.method, Value::Object(command.params.clone())) => r,
             _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
@@ -165,7 +223,12 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
             .map(|reason| NewQuarantine {
                 source: "bitrix24",
                 call_id: Some(f.id.clone()),
-                raw: command.encode(),
+                // An uploaded file is no quarantine material: its parameters without the content.
+                raw: {
+                    let mut c = command.clone();
+                    c.params.remove("FILE_CONTENT");
+                    c.encode()
+                },
                 reason,
             })
             .into_iter()

@@ -175,6 +175,7 @@ impl TestEnv {
             b24.exchange(&refresh).await.unwrap();
         }
         ubsync::sync::SyncCtx {
+            recordings: ubsync::recording::client(&cfg),
             unitalk: ubsync::unitalk::UnitalkClient::new(&cfg.unitalk).unwrap(),
             b24,
             cfg,

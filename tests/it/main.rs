@@ -13,6 +13,7 @@ mod official_client;
 mod pipeline;
 mod pipeline_v2;
 mod properties;
+mod recordings;
 mod security;
 mod sim_bitrix24;
 mod sim_unitalk;

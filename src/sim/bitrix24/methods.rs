@@ -72,6 +72,8 @@ pub struct StatRow {
     pub record_file_id: Option<u64>,
     /// How many times a record was attached (attachRecord replaces).
     pub record_attachments: u32,
+    /// The bytes of a file uploaded with `FILE_CONTENT` (base64), if one was.
+    pub record_content: Option<Vec<u8>>,
     pub add_to_chat: bool,
 }
 
@@ -725,6 +727,7 @@ fn finish(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
         record_url: s(p, "RECORD_URL"),
         record_file_id: None,
         record_attachments: 0,
+        record_content: None,
         add_to_chat,
     };
     if add_to_chat {
@@ -792,11 +795,22 @@ fn attach_record(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
         ));
     }
     let _ = name;
+    let bytes = match &content {
+        Some(c) => {
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(c.trim()) {
+                Ok(b) if !b.is_empty() => Some(b),
+                _ => return Err(core("File content is empty or not base64")),
+            }
+        }
+        None => None,
+    };
     let file_id = st.data.id();
     let row = &mut st.data.stats[idx];
     row.record_url = url.or(Some(format!("content:{}", filename.unwrap_or_default())));
     row.record_file_id = Some(file_id);
     row.record_attachments += 1;
+    row.record_content = bytes;
     Ok(ApiOk::new(json!({"FILE_ID": file_id})))
 }
 
