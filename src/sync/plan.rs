@@ -562,10 +562,21 @@ pub fn record_activity(
         return (settle_stage(cfg, f, l, hash), None);
     }
     match out.errors.get(&v) {
-        Some(e) => {
-            l.stage = Stage::Pending;
-            fail(l, classify_error("crm.activity.add", e), now)
-        }
+        Some(e) => match classify_error("crm.activity.add", e) {
+            // An internal error is no proof that nothing was written: the probe (by ORIGIN_ID)
+            // looks first.
+            Failure::Retry(text) if l.attempts + 1 < MAX_ATTEMPTS => {
+                l.attempts += 1;
+                l.last_error = Some(text);
+                l.stage = Stage::InFlight;
+                l.in_flight_since = Some(now);
+                (l, None)
+            }
+            other => {
+                l.stage = Stage::Pending;
+                fail(l, other, now)
+            }
+        },
         None => (l, None),
     }
 }
@@ -619,14 +630,29 @@ pub fn record_task(
     now: DateTime<Utc>,
 ) -> (LedgerRow, Option<String>) {
     let t = key("t", &f.id);
+    let sent = l.task_in_flight_since;
     l.task_in_flight_since = None;
     if let Some(res) = out.results.get(&t) {
         l.task_id = res.get("task").and_then(|t| t.get("id")).and_then(as_i64);
+        if l.task_id.is_none() {
+            // A result is a created task, but without its id: find it, never add it again.
+            l.task_in_flight_since = sent.or(Some(now));
+            return (l, None);
+        }
         clear_failures(&mut l);
         return (settle_stage(cfg, f, l, hash), None);
     }
     match out.errors.get(&t) {
-        Some(e) => fail(l, classify_error("tasks.task.add", e), now),
+        Some(e) => match classify_error("tasks.task.add", e) {
+            // An internal error is no proof that nothing was created: the probe looks first.
+            Failure::Retry(text) if l.attempts + 1 < MAX_ATTEMPTS => {
+                l.attempts += 1;
+                l.last_error = Some(text);
+                l.task_in_flight_since = sent.or(Some(now));
+                (l, None)
+            }
+            other => fail(l, other, now),
+        },
         None => (l, None),
     }
 }

@@ -285,3 +285,98 @@ async fn an_unanswered_user_or_crm_lookup_never_gives_calls_or_tasks_to_the_wron
     assert!(rest.faults_survived >= 2, "{rest:?}");
     assert_exactly_once(&s, &env, &rest, &last);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_answered_with_an_internal_error_or_without_its_id_is_looked_up_not_added_again() {
+    for body in [
+        // The portal created the task, then reported an internal error for the command.
+        r#"{"result":{"result":{},"result_error":{"KEY":{"error":"INTERNAL_SERVER_ERROR","error_description":"Internal error"}}}}"#,
+        // ... or answered the command without the task's id.
+        r#"{"result":{"result":{"KEY":{"task":{}}},"result_error":[]}}"#,
+    ] {
+        let mut s = ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101");
+        let id = s.add_call(
+            chrono::NaiveDateTime::parse_from_str("2026-11-21 10:00:00", "%Y-%m-%d %H:%M:%S")
+                .unwrap(),
+            "IN",
+            "380501112233",
+            &["101"],
+            "NOANSWER",
+            0,
+            None,
+        );
+        let env =
+            crate::harness::TestEnv::with(s, roomy(), Clock::manual(crate::harness::t0())).await;
+        env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+        let ctx = env.ctx().await;
+        env.sims.bitrix24.inject(Fault::once(
+            Some("tasks.task.add"),
+            FaultKind::CommitThenAnswer {
+                status: 200,
+                body: body.replace("KEY", &format!("t_{id}")),
+            },
+        ));
+        let _ = pass(&ctx).await;
+        assert_eq!(env.sims.bitrix24.tasks().len(), 1, "committed: {body}");
+        for _ in 0..3 {
+            env.clock.advance(Duration::minutes(40));
+            let _ = pass(&ctx).await;
+        }
+        assert_eq!(
+            env.sims.bitrix24.tasks().len(),
+            1,
+            "found by the probe, never added again: {body}"
+        );
+        let row = ctx
+            .store
+            .lock()
+            .ledger_row(&id.to_string())
+            .unwrap()
+            .unwrap();
+        assert!(row.task_id.is_some(), "{row:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activity_answered_with_an_internal_error_is_looked_up_not_written_again() {
+    let mut s = ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101");
+    let id = s.add_call(
+        chrono::NaiveDateTime::parse_from_str("2026-11-21 10:00:00", "%Y-%m-%d %H:%M:%S").unwrap(),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        40,
+        None,
+    );
+    let env = crate::harness::TestEnv::with(s, roomy(), Clock::manual(crate::harness::t0())).await;
+    env.write_config("activity", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("crm.activity.add"),
+        FaultKind::CommitThenAnswer {
+            status: 200,
+            body: format!(
+                r#"{{"result":{{"result":{{}},"result_error":{{"v_{id}":{{"error":"INTERNAL_SERVER_ERROR","error_description":"Internal error"}}}}}}}}"#
+            ),
+        },
+    ));
+    let _ = pass(&ctx).await;
+    assert_eq!(env.sims.bitrix24.activities().len(), 1, "committed");
+    for _ in 0..3 {
+        env.clock.advance(Duration::minutes(40));
+        let _ = pass(&ctx).await;
+    }
+    assert_eq!(
+        env.sims.bitrix24.activities().len(),
+        1,
+        "never written twice"
+    );
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&id.to_string())
+        .unwrap()
+        .unwrap();
+    assert!(row.b24_activity_id.is_some(), "{row:?}");
+}
