@@ -93,7 +93,8 @@ pub enum Command {
     /// This is what the systemd timer runs. Ends with a one-line summary.
     Sync {
         /// Print the commands that would be sent, per call, and send nothing to Bitrix24. The pass
-        /// runs against a scratch copy of the state, which is left untouched.
+        /// plans on an in-memory copy of the state: the state file is left byte for byte as it was (only a
+        /// refreshed OAuth token pair is stored, since Bitrix24 voids the old one at once).
         #[arg(long)]
         dry_run: bool,
     },
@@ -600,16 +601,12 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
     };
     let store = Store::open(&cfg.state.path)?;
     if dry_run {
-        let scratch = std::env::temp_dir().join(format!(
-            "ubsync-dry-run-{}-{}.db",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        store.snapshot_to(&scratch)?;
-        // The pipeline plans on the scratch copy, but the Bitrix24 client keeps the real store:
-        // a refreshed token pair must be stored for good (the portal voids the old one at once).
+        // The pipeline plans on an in-memory copy of the state, but the Bitrix24 client keeps
+        // the real store: a refreshed token pair must be stored for good (the portal voids the
+        // old one at once).
+        let scratch = store.in_memory_copy()?;
         let real = SharedStore::new(store);
-        let mut ctx = context(cfg, SharedStore::new(Store::open(&scratch)?))?;
+        let mut ctx = context(cfg, SharedStore::new(scratch))?;
         ctx.b24 = Bitrix24Client::new(&ctx.cfg.bitrix24, real, ctx.clock.clone())?;
         let result = run_pass(
             &ctx,
@@ -620,9 +617,6 @@ async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {
         )
         .await;
         drop(ctx);
-        for f in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{f}", scratch.display()));
-        }
         let summary = result?;
         for line in &summary.plan {
             crate::say!("{line}");

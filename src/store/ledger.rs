@@ -405,12 +405,16 @@ impl Store {
         Ok(())
     }
 
-    /// Copies the whole database into a new file at `path` (for dry runs, which must not touch
-    /// the real state).
-    pub fn snapshot_to(&self, path: &std::path::Path) -> Result<()> {
-        self.conn
-            .execute("VACUUM INTO ?1", [path.to_string_lossy()])?;
-        Ok(())
+    /// The whole database copied into memory (for dry runs: they plan as a pass would, and
+    /// nothing they do reaches the file or leaves a scratch file behind).
+    pub fn in_memory_copy(&self) -> Result<Store> {
+        let mut mem = rusqlite::Connection::open_in_memory()?;
+        {
+            let backup = rusqlite::backup::Backup::new(&self.conn, &mut mem)?;
+            backup.run_to_completion(1024, std::time::Duration::ZERO, None)?;
+        }
+        mem.execute_batch("PRAGMA foreign_keys = ON;")?;
+        Ok(Store::from_connection(mem, self.path.clone()))
     }
 
     // ---- operators -------------------------------------------------------------------------

@@ -181,6 +181,11 @@ impl Store {
         Ok(store)
     }
 
+    /// A store over an already migrated connection (an in-memory copy).
+    pub(crate) fn from_connection(conn: Connection, path: PathBuf) -> Store {
+        Store { conn, path }
+    }
+
     /// Opens without migrating past `version`; for upgrade tests.
     #[doc(hidden)]
     pub fn open_at_version(path: &Path, version: usize) -> Result<Self> {
