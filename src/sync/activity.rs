@@ -128,7 +128,7 @@ pub(super) async fn push_activity(
                     .map(|c| format!("lead for {}: {}", c.params["fields"]["TITLE"], c.encode())),
             );
         } else {
-            let out = lookup(ctx, commands).await?;
+            let out = write_untracked(ctx, commands).await?;
             for (i, n) in unknown.iter().enumerate() {
                 match out.results.get(&format!("l{i}")).and_then(as_i64) {
                     Some(id) => {

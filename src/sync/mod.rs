@@ -423,7 +423,20 @@ async fn send(ctx: &SyncCtx, commands: &[Command]) -> Result<BatchOutcome, SyncE
     }
 }
 
-/// Sends lookups (read-only commands) in batches of 50 and merges their outcomes.
+/// Sends writes that are not tracked in the ledger (leads) in batches of 50: a lost answer is
+/// an error, never a second send (the next pass's lookup finds what was created).
+async fn write_untracked(ctx: &SyncCtx, commands: Vec<Command>) -> Result<BatchOutcome, SyncError> {
+    let mut all = BatchOutcome::default();
+    for chunk in commands.chunks(crate::bitrix24::batch::MAX_COMMANDS) {
+        let out = send(ctx, chunk).await?;
+        all.results.extend(out.results);
+        all.errors.extend(out.errors);
+    }
+    Ok(all)
+}
+
+/// Sends lookups (read-only commands) in batches of 50 and merges their outcomes. Only reads:
+/// one whose answer was lost is asked again.
 async fn lookup(ctx: &SyncCtx, commands: Vec<Command>) -> Result<BatchOutcome, SyncError> {
     let mut all = BatchOutcome::default();
     for chunk in commands.chunks(crate::bitrix24::batch::MAX_COMMANDS) {

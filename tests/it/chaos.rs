@@ -380,3 +380,43 @@ async fn an_activity_answered_with_an_internal_error_is_looked_up_not_written_ag
         .unwrap();
     assert!(row.b24_activity_id.is_some(), "{row:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_whose_answer_was_lost_is_found_not_created_again() {
+    let mut s = ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101");
+    s.add_call(
+        chrono::NaiveDateTime::parse_from_str("2026-11-21 10:00:00", "%Y-%m-%d %H:%M:%S").unwrap(),
+        "IN",
+        "380679998877",
+        &["101"],
+        "ANSWER",
+        40,
+        None,
+    );
+    let env = crate::harness::TestEnv::with(s, roomy(), Clock::manual(crate::harness::t0())).await;
+    env.write_config(
+        "activity",
+        "[sync]\nstart = \"2026-11-21\"\n[activity]\ncreate_leads = true\n",
+    );
+    env.edit_config(|t| {
+        t.replace(
+            "default_user_id = 1\n",
+            "default_user_id = 1\nrequest_timeout = \"500ms\"\nretry_base_delay = \"5ms\"\n",
+        )
+    });
+    let ctx = env.ctx().await;
+    env.sims
+        .bitrix24
+        .inject(Fault::once(Some("crm.lead.add"), FaultKind::CommitThenDrop));
+    let _ = pass(&ctx).await;
+    for _ in 0..3 {
+        env.clock.advance(Duration::minutes(40));
+        let _ = pass(&ctx).await;
+    }
+    assert_eq!(
+        env.sims.bitrix24.created_leads().len(),
+        1,
+        "one lead for one number"
+    );
+    assert_eq!(env.sims.bitrix24.activities().len(), 1);
+}
