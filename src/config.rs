@@ -194,6 +194,8 @@ pub struct SyncConfig {
     pub stage_limit: u32,
     /// At most this many narrow re-pulls for awaited recordings per pass.
     pub recording_repulls: u32,
+    /// How long a CRM entity found for a number is used without asking Bitrix24 again.
+    pub crm_cache: Duration,
     /// Failed batch requests in a row a pass survives (it probes what may have run and goes
     /// on) before it stops with exit 75. 0: stop at the first failure.
     pub max_consecutive_failures: u32,
@@ -436,6 +438,7 @@ struct RawSync {
     stage_limit: Option<i64>,
     recording_repulls: Option<i64>,
     max_consecutive_failures: Option<i64>,
+    crm_cache: Option<String>,
     record_url_on_finish: Option<bool>,
 }
 
@@ -1007,6 +1010,7 @@ impl Validator {
             ("1m", "2days"),
         );
         let sweep_every = self.duration("sync.sweep_every", s.sweep_every, "5m", ("10s", "1day"));
+        let crm_cache = self.duration("sync.crm_cache", s.crm_cache.clone(), "10m", ("0s", "1day"));
         let stage_limit = self
             .positive("sync.stage_limit", s.stage_limit, 5000, 1_000_000)
             .get();
@@ -1153,6 +1157,7 @@ impl Validator {
                 stage_limit,
                 recording_repulls,
                 max_consecutive_failures,
+                crm_cache,
                 record_url_on_finish: s.record_url_on_finish.unwrap_or(false),
             },
             activity,

@@ -166,5 +166,20 @@ CREATE TABLE verified (
 );
 "#;
 
+/// Migration 6: CRM lookups remembered across passes.
+const V6: &str = r#"
+-- What Bitrix24 answered when a client number was looked up (crm.duplicate.findbycomm or
+-- telephony.externalCall.searchCrmEntities): only entities found, never "nobody" (a number
+-- without an entity may have one a minute later: a lead created by register or by ubsync).
+-- Used for `sync.crm_cache` after `looked_up_at`, then asked again.
+CREATE TABLE crm_lookup (
+    number          TEXT PRIMARY KEY,        -- E.164
+    entity_type     TEXT NOT NULL,           -- CONTACT | COMPANY | LEAD
+    entity_id       INTEGER NOT NULL,
+    responsible_id  INTEGER,                 -- ASSIGNED_BY_ID when the answer carried it
+    looked_up_at    TEXT NOT NULL
+);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];

@@ -9,7 +9,30 @@ pub(super) async fn find_entities(
     ctx: &SyncCtx,
     numbers: &[String],
 ) -> Result<HashMap<String, Entity>, SyncError> {
-    let mut out = HashMap::new();
+    // Entities found within `sync.crm_cache` are not asked for again.
+    let now = ctx.clock.now();
+    let hits = ctx
+        .store
+        .lock()
+        .crm_hits(numbers, now, secs(ctx.cfg.sync.crm_cache))?;
+    let mut out: HashMap<String, Entity> = hits
+        .iter()
+        .map(|(n, h)| {
+            (
+                n.clone(),
+                Entity {
+                    kind: h.kind.clone(),
+                    id: h.id,
+                },
+            )
+        })
+        .collect();
+    let ask: Vec<String> = numbers
+        .iter()
+        .filter(|n| !out.contains_key(*n))
+        .cloned()
+        .collect();
+    let numbers = &ask[..];
     let chunks: Vec<&[String]> = numbers.chunks(20).collect();
     for (ci, chunk) in chunks.iter().enumerate() {
         // One number per entity type is ambiguous across a chunk; ask per number in the chunk.
@@ -46,6 +69,24 @@ pub(super) async fn find_entities(
                 }
             }
         }
+    }
+    let found: Vec<(String, crate::store::crm::CrmHit)> = ask
+        .iter()
+        .filter_map(|n| {
+            out.get(n).map(|e| {
+                (
+                    n.clone(),
+                    crate::store::crm::CrmHit {
+                        kind: e.kind.clone(),
+                        id: e.id,
+                        responsible: None,
+                    },
+                )
+            })
+        })
+        .collect();
+    if !found.is_empty() {
+        ctx.store.lock().remember_crm(&found, now)?;
     }
     Ok(out)
 }
@@ -133,6 +174,14 @@ pub(super) async fn push_activity(
                 match out.results.get(&format!("l{i}")).and_then(as_i64) {
                     Some(id) => {
                         s.leads += 1;
+                        let hit = crate::store::crm::CrmHit {
+                            kind: "LEAD".into(),
+                            id,
+                            responsible: None,
+                        };
+                        ctx.store
+                            .lock()
+                            .remember_crm(&[(n.clone(), hit)], ctx.clock.now())?;
                         entities.insert(
                             n.clone(),
                             Entity {
@@ -268,6 +317,32 @@ pub(super) async fn entity_responsibles(
     let mut by_number = HashMap::new();
     match ctx.cfg.bitrix24.mode {
         Mode::Telephony => {
+            // Numbers whose entity and responsible were found within `sync.crm_cache`.
+            let now = ctx.clock.now();
+            let hits = ctx
+                .store
+                .lock()
+                .crm_hits(numbers, now, secs(ctx.cfg.sync.crm_cache))?;
+            for (n, h) in &hits {
+                if let Some(resp) = h.responsible {
+                    by_entity.insert((h.kind.clone(), h.id), resp);
+                    by_number.insert(
+                        n.clone(),
+                        (
+                            Entity {
+                                kind: h.kind.clone(),
+                                id: h.id,
+                            },
+                            resp,
+                        ),
+                    );
+                }
+            }
+            let numbers: Vec<String> = numbers
+                .iter()
+                .filter(|n| !by_number.contains_key(*n))
+                .cloned()
+                .collect();
             let commands: Vec<Command> = numbers
                 .iter()
                 .enumerate()
@@ -298,6 +373,24 @@ pub(super) async fn entity_responsibles(
                         .entry(n.clone())
                         .or_insert((Entity { kind, id }, resp));
                 }
+            }
+            let found: Vec<(String, crate::store::crm::CrmHit)> = numbers
+                .iter()
+                .filter_map(|n| {
+                    by_number.get(n).map(|(e, r)| {
+                        (
+                            n.clone(),
+                            crate::store::crm::CrmHit {
+                                kind: e.kind.clone(),
+                                id: e.id,
+                                responsible: Some(*r),
+                            },
+                        )
+                    })
+                })
+                .collect();
+            if !found.is_empty() {
+                ctx.store.lock().remember_crm(&found, now)?;
             }
         }
         Mode::Activity => {

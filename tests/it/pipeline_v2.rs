@@ -512,3 +512,64 @@ async fn any_error_from_phones_inner_leaves_call_sync_running() {
     env.clock.advance(Duration::minutes(1));
     pass(&ctx).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_entities_found_are_remembered_across_passes_until_the_cache_expires() {
+    let client = "+380501112233";
+    let mut s = ops().with_client(ubsync::sim::scenario::CrmKind::Contact, 797, client, 11);
+    s.add_call(
+        n("2026-11-22 10:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        30,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "activity",
+        "[sync]\nstart = \"2026-11-22 00:00:00\"\ncrm_cache = \"10m\"\n",
+    );
+    let ctx = env.ctx().await;
+    let asked = |env: &TestEnv, from: usize| {
+        env.sims.bitrix24.requests()[from..]
+            .iter()
+            .flat_map(|r| r.commands.iter().chain(std::iter::once(&r.method)))
+            .filter(|c| c.as_str() == "crm.duplicate.findbycomm")
+            .count()
+    };
+    let first = pass(&ctx).await.unwrap();
+    assert_eq!(first.pushed, 1, "{first:?}");
+    assert_eq!(asked(&env, 0), 1);
+    // The same client calls again a few minutes later: the contact is known, not asked for.
+    let later = |id: u64, at: &str| {
+        let mut t = ops();
+        t.add_call(n(at), "IN", "380501112233", &["102"], "ANSWER", 20, None);
+        let mut c = t.calls.pop().unwrap();
+        c.id = id;
+        c
+    };
+    env.sims
+        .unitalk
+        .add_calls([later(5001, "2026-11-22 14:01:00")]);
+    env.clock.advance(Duration::minutes(5));
+    let seen = env.sims.bitrix24.requests().len();
+    let second = pass(&ctx).await.unwrap();
+    assert_eq!(second.pushed, 1, "{second:?}");
+    assert_eq!(asked(&env, seen), 0, "remembered");
+    let acts = env.sims.bitrix24.activities();
+    assert!(
+        acts.iter().all(|a| a.owner_id == 797),
+        "both on the contact"
+    );
+    // Past sync.crm_cache, Bitrix24 is asked again (the CRM may have changed).
+    env.sims
+        .unitalk
+        .add_calls([later(5002, "2026-11-22 14:10:00")]);
+    env.clock.advance(Duration::minutes(11));
+    let seen = env.sims.bitrix24.requests().len();
+    let third = pass(&ctx).await.unwrap();
+    assert_eq!(third.pushed, 1, "{third:?}");
+    assert_eq!(asked(&env, seen), 1, "expired");
+}
