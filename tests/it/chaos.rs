@@ -56,9 +56,15 @@ fn paging(rng: &mut StdRng) -> Paging {
     }
 }
 
-async fn campaign(seed: u64) {
+async fn campaign(seed: u64, mode: &str) {
     let mut rng = StdRng::seed_from_u64(seed);
     let (env, s) = setup(roomy()).await;
+    if mode == "activity" {
+        env.edit_config(|t| {
+            t.replace("mode = \"telephony\"", "mode = \"activity\"")
+                + "\n[activity]\ncreate_leads = true\n"
+        });
+    }
     let state = env.config().state.path;
     let mut ctx = env.ctx().await;
     let methods = [
@@ -71,6 +77,10 @@ async fn campaign(seed: u64) {
         Some("tasks.task.list"),
         Some("voximplant.statistic.get"),
         Some("user.get"),
+        Some("crm.activity.add"),
+        Some("crm.activity.list"),
+        Some("crm.duplicate.findbycomm"),
+        Some("crm.lead.add"),
     ];
     let mut total = PassSummary::default();
     let mut deleted = false;
@@ -158,14 +168,65 @@ async fn campaign(seed: u64) {
     let (rest, last, _) = converge(&env, &ctx, 30).await;
     total.pushed += rest.pushed;
     total.tasks += rest.tasks;
-    let (lines, ok) = ubsync::demo::check(&s, &env.sims, &rest, &last);
+    let (lines, ok) = match mode {
+        "activity" => activity_check(&s, &env),
+        _ => ubsync::demo::check(&s, &env.sims, &rest, &last),
+    };
     assert!(
         ok,
-        "seed {seed}:\n{}\n--- what happened ---\n{}",
+        "{mode} seed {seed}:\n{}\n--- what happened ---\n{}",
         lines.join("\n"),
         log.join("\n")
     );
-    assert_exactly_once(&s, &env, &rest, &last);
+    if mode != "activity" {
+        assert_exactly_once(&s, &env, &rest, &last);
+    }
+}
+
+/// Activity mode's invariants: one activity per eligible call (by ORIGIN_ID), one task per
+/// missed incoming call (by XML_ID), at most one lead per number.
+fn activity_check(s: &ubsync::sim::Scenario, env: &crate::harness::TestEnv) -> (Vec<String>, bool) {
+    let ops: std::collections::HashSet<&str> =
+        s.operators.iter().map(|o| o.inner_line.as_str()).collect();
+    let internal = |c: &ubsync::sim::scenario::SimCall| {
+        c.direction == "INNER"
+            || (ops.contains(c.from.as_str())
+                && !c.to.is_empty()
+                && c.to.iter().all(|t| ops.contains(t.as_str())))
+    };
+    let acts = env.sims.bitrix24.activities();
+    let tasks = env.sims.bitrix24.tasks();
+    let mut problems = Vec::new();
+    for c in s.calls.iter().filter(|c| !internal(c)) {
+        let ext = format!("unitalk-{}", c.id);
+        let n = acts
+            .iter()
+            .filter(|a| a.origin_id.as_deref() == Some(ext.as_str()))
+            .count();
+        if n != 1 {
+            problems.push(format!("call {}: {n} activities", c.id));
+        }
+        if c.direction == "IN" && c.state != "ANSWER" {
+            let t = tasks
+                .iter()
+                .filter(|t| t.xml_id.as_deref() == Some(ext.as_str()))
+                .count();
+            if t != 1 {
+                problems.push(format!("call {}: {t} tasks", c.id));
+            }
+        }
+    }
+    let mut numbers = std::collections::HashMap::new();
+    for l in env.sims.bitrix24.created_leads() {
+        *numbers.entry(format!("{:?}", l.phones)).or_insert(0) += 1;
+    }
+    for (n, k) in numbers {
+        if k > 1 {
+            problems.push(format!("{k} leads for {n}"));
+        }
+    }
+    let ok = problems.is_empty();
+    (problems, ok)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +236,18 @@ async fn random_fault_combinations_never_lose_or_duplicate_a_call() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     for seed in 0..seeds {
-        campaign(seed).await;
+        campaign(seed, "telephony").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_fault_combinations_never_lose_or_duplicate_an_activity_task_or_lead() {
+    let seeds: u64 = std::env::var("UBSYNC_CHAOS_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for seed in 0..seeds {
+        campaign(seed, "activity").await;
     }
 }
 
