@@ -151,6 +151,25 @@ impl Store {
         )?)
     }
 
+    /// The calls `mark_unverified` would mark: (id, start), oldest first.
+    pub fn unverified(&self, before: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>)>> {
+        let mut st = self.conn.prepare(
+            "SELECT l.call_id, c.started_at FROM ledger l JOIN calls c ON c.call_id = l.call_id
+             WHERE l.stage = 'pending' AND l.attempts = 0 AND l.in_flight_since IS NULL
+               AND l.b24_call_id IS NULL AND l.b24_activity_id IS NULL AND l.task_id IS NULL
+               AND l.call_id NOT IN (SELECT call_id FROM verified)
+               AND c.started_at < ?1
+             ORDER BY c.started_at",
+        )?;
+        let rows = st.query_map(params![ts(before)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                parse_ts(&r.get::<_, String>(1)?).unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Records that calls were looked up in Bitrix24.
     pub fn set_verified(&mut self, ids: &[String], now: DateTime<Utc>) -> Result<()> {
         let tx = self.conn.transaction()?;

@@ -213,7 +213,7 @@ pub fn compare(
 
 /// Everything Bitrix24 holds for `[from, to)`: call id → number of records, and whether the
 /// listing was read completely (every page answered, the total reached, the last page short).
-async fn held_in_bitrix24(
+pub(super) async fn held_in_bitrix24(
     ctx: &SyncCtx,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -236,20 +236,22 @@ async fn held_in_bitrix24(
         p["start"] = json!(start);
         p
     };
-    let first = match ctx.b24.call(method, page(0)).await {
+    // Every request is a batch, the first page too.
+    let first = match lookup(ctx, vec![Command::new("page0", method, page(0))]).await {
         Ok(f) => f,
-        Err(e) if e.is_retryable() => {
+        Err(SyncError::Bitrix24(e)) if e.is_retryable() => {
             tracing::warn!(error = %e, "Bitrix24's listing of the range failed; the range is unknown");
             return Ok((BTreeMap::new(), false));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
-    let mut rows: Vec<Value> = first.result.as_array().cloned().unwrap_or_default();
-    let mut complete = first.result.is_array();
+    let page0 = first.results.get("page0");
+    let mut rows: Vec<Value> = page0.and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut complete = page0.is_some_and(Value::is_array);
     // Page by the total, then keep going while pages come back full (a total may lie).
     let mut start = rows.len() as u64;
     let mut last_full = rows.len() >= 50;
-    let total = first.total.unwrap_or(0);
+    let total = first.totals.get("page0").copied().unwrap_or(0);
     while complete && (start < total || last_full) {
         let commands: Vec<Command> = (0..10u64)
             .map(|i| {

@@ -192,3 +192,32 @@ async fn a_corrupt_state_file_stops_with_what_to_do() {
     );
     assert!(env.sims.bitrix24.activities().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_first_lists_the_range_once_and_probes_only_the_calls_bitrix24_holds() {
+    for mode in ["telephony", "activity"] {
+        let cfg = Bitrix24SimConfig {
+            burst: 1000.0,
+            ..Default::default()
+        };
+        let env = TestEnv::with(scenario(), cfg, ubsync::clock::Clock::manual(t0())).await;
+        env.write_config(mode, "[sync]\nstart = \"2026-11-21\"\n");
+        let ctx = env.ctx().await;
+        let first = pass(&ctx).await.unwrap();
+        assert!(first.pushed >= 20, "{mode}: {first:?}");
+        let per_call_probes = env
+            .sims
+            .bitrix24
+            .requests()
+            .iter()
+            .flat_map(|r| r.commands.clone())
+            .filter(|c| c == "voximplant.statistic.get" || c == "crm.activity.list")
+            .count();
+        assert!(
+            per_call_probes <= 5,
+            "{mode}: a fresh install over an empty portal lists, it does not look each of {} calls up: {per_call_probes}",
+            first.pushed
+        );
+        assert_no_duplicates(&env, mode);
+    }
+}
