@@ -70,15 +70,19 @@ pub fn status_json(store: &Store, now: DateTime<Utc>) -> anyhow::Result<Value> {
 /// The jobs the run log records.
 pub const JOBS: [&str; 4] = ["sync", "backfill", "reconcile", "retry"];
 
-fn run_line(r: &RunRecord, tz: Tz) -> String {
-    let what = r
-        .summary
+/// What a run did: its summary line, else its stored summary, else its error.
+fn what_happened(r: &RunRecord) -> String {
+    r.summary
         .as_ref()
         .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok())
         .map(|s| s.to_string())
         .or_else(|| r.summary.as_ref().map(Value::to_string))
         .or(r.error.clone())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn run_line(r: &RunRecord, tz: Tz) -> String {
+    let what = what_happened(r);
     format!(
         "{} {}: {what}",
         local(r.started_at, tz),
@@ -209,14 +213,7 @@ pub fn runs(cfg: &Config, job: Option<&str>, limit: usize, json: bool) -> anyhow
                 )
             })
             .unwrap_or_else(|| "-".into());
-        let what = r
-            .summary
-            .as_ref()
-            .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok())
-            .map(|s| s.to_string())
-            .or_else(|| r.summary.as_ref().map(Value::to_string))
-            .or(r.error.clone())
-            .unwrap_or_default();
+        let what = what_happened(r);
         t.add_row(vec![
             r.id.to_string(),
             r.job.clone(),

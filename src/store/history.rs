@@ -31,19 +31,7 @@ impl Store {
             "SELECT id, job, started_at, finished_at, outcome, summary, error FROM runs
              WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
         )?;
-        let rows = st.query_map(params![job, limit as i64], |r| {
-            Ok(RunRecord {
-                id: r.get(0)?,
-                job: r.get(1)?,
-                started_at: parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
-                finished_at: r.get::<_, Option<String>>(3)?.as_deref().and_then(parse_ts),
-                outcome: r.get(4)?,
-                summary: r
-                    .get::<_, Option<String>>(5)?
-                    .and_then(|s| serde_json::from_str(&s).ok()),
-                error: r.get(6)?,
-            })
-        })?;
+        let rows = st.query_map(params![job, limit as i64], super::run_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

@@ -117,6 +117,21 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+/// A `runs` row read as `id, job, started_at, finished_at, outcome, summary, error`.
+pub(crate) fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: r.get(0)?,
+        job: r.get(1)?,
+        started_at: parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
+        finished_at: r.get::<_, Option<String>>(3)?.as_deref().and_then(parse_ts),
+        outcome: r.get(4)?,
+        summary: r
+            .get::<_, Option<String>>(5)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        error: r.get(6)?,
+    })
+}
+
 /// An open state database.
 pub struct Store {
     conn: Connection,
@@ -460,22 +475,7 @@ impl Store {
     pub fn last_run(&self, job: Option<&str>) -> Result<Option<RunRecord>> {
         let sql = "SELECT id, job, started_at, finished_at, outcome, summary, error FROM runs
                    WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT 1";
-        Ok(self
-            .conn
-            .query_row(sql, [job], |r| {
-                Ok(RunRecord {
-                    id: r.get(0)?,
-                    job: r.get(1)?,
-                    started_at: parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
-                    finished_at: r.get::<_, Option<String>>(3)?.as_deref().and_then(parse_ts),
-                    outcome: r.get(4)?,
-                    summary: r
-                        .get::<_, Option<String>>(5)?
-                        .and_then(|s| serde_json::from_str(&s).ok()),
-                    error: r.get(6)?,
-                })
-            })
-            .optional()?)
+        Ok(self.conn.query_row(sql, [job], run_from_row).optional()?)
     }
 }
 
