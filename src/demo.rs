@@ -182,6 +182,97 @@ pub async fn run(clock: Clock) -> anyhow::Result<DemoReport> {
     Ok(DemoReport { text, ok })
 }
 
+/// The client of a pushed call as ubsync reads it.
+fn client_of(c: &SimCall) -> String {
+    match c.direction.as_str() {
+        "OUT" => expected_number(c.to.first().map(String::as_str).unwrap_or("")),
+        _ => expected_number(&c.from),
+    }
+}
+
+/// Checks missed-call tasks with one open task per client (the defaults): every missed incoming
+/// call is in exactly one task — its own (`XML_ID`, for `responsible`) or folded into its
+/// client's task (named in the description) — or needed none because the client was reached
+/// after it; a task whose client was reached after its last call is completed; no client has
+/// two open tasks. Returns whether it holds and a line saying so.
+pub fn check_tasks(
+    pushed: &[&SimCall],
+    tasks: &[crate::sim::bitrix24::Task],
+    responsible: impl Fn(&SimCall) -> Option<u64>,
+) -> (bool, String) {
+    let names = |t: &crate::sim::bitrix24::Task, id: u64| {
+        let ext = format!("unitalk-{id}");
+        t.xml_id.as_deref() == Some(ext.as_str())
+            || t.description.match_indices(&ext).any(|(i, _)| {
+                !t.description[i + ext.len()..]
+                    .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+    };
+    let reached_after = |client: &str, after: chrono::NaiveDateTime| {
+        pushed
+            .iter()
+            .any(|x| x.state == "ANSWER" && x.date > after && client_of(x) == client)
+    };
+    let mut problems = Vec::new();
+    let mut owned = 0;
+    let mut folded = 0;
+    let mut not_needed = 0;
+    let mut open_by_client: HashMap<String, u32> = HashMap::new();
+    for c in pushed
+        .iter()
+        .filter(|c| c.direction == "IN" && c.state != "ANSWER")
+    {
+        let ext = format!("unitalk-{}", c.id);
+        let own: Vec<_> = tasks
+            .iter()
+            .filter(|t| t.xml_id.as_deref() == Some(ext.as_str()))
+            .collect();
+        let named = tasks.iter().filter(|t| names(t, c.id)).count();
+        match (own.len(), named) {
+            (1, 1) => {
+                owned += 1;
+                let t = own[0];
+                if responsible(c).is_some_and(|r| r != t.responsible_id) {
+                    problems.push(format!("call {}: task for user {}", c.id, t.responsible_id));
+                }
+                let last = pushed
+                    .iter()
+                    .filter(|x| names(t, x.id))
+                    .map(|x| x.date)
+                    .max()
+                    .unwrap_or(c.date);
+                if reached_after(&client_of(c), last) && t.status != 5 {
+                    problems.push(format!(
+                        "call {}: client reached but task {} open",
+                        c.id, t.id
+                    ));
+                }
+                if t.status != 5 {
+                    *open_by_client.entry(client_of(c)).or_default() += 1;
+                }
+            }
+            (0, 1) => folded += 1,
+            (0, 0) if reached_after(&client_of(c), c.date) => not_needed += 1,
+            (o, n) => problems.push(format!("call {}: {o} own tasks, named in {n}", c.id)),
+        }
+    }
+    for (client, n) in open_by_client {
+        if n > 1 {
+            problems.push(format!("{client}: {n} open tasks"));
+        }
+    }
+    if tasks.len() != owned {
+        problems.push(format!("{} tasks for {owned} owning calls", tasks.len()));
+    }
+    (
+        problems.is_empty(),
+        format!(
+            "{} missed-call tasks for the right person ({folded} repeat calls folded in, {not_needed} needed none: client reached; problems: {problems:?})",
+            tasks.len()
+        ),
+    )
+}
+
 /// Checks the simulated portal against what `s` should produce in telephony mode (every call
 /// once with the right facts, recordings, one task per missed call for the right person) and
 /// that the second pass changed nothing. Returns one line per check and whether all passed.
@@ -286,30 +377,15 @@ pub fn check(
         format!("{recordings} of {expected_recordings} recordings attached"),
     );
 
-    let missed: Vec<&&SimCall> = pushed
-        .iter()
-        .filter(|c| c.direction == "IN" && c.state != "ANSWER")
-        .collect();
-    let mut task_problems = Vec::new();
-    for c in &missed {
-        let ext = format!("unitalk-{}", c.id);
-        let mine: Vec<_> = tasks
-            .iter()
-            .filter(|t| t.xml_id.as_deref() == Some(ext.as_str()))
-            .collect();
-        let responsible = crm
-            .get(&expected_number(&c.from))
-            .copied()
-            .or_else(|| c.to.first().and_then(|t| op_user.get(t.as_str()).copied()))
-            .unwrap_or(s.admin_user_id);
-        if mine.len() != 1 || mine[0].responsible_id != responsible {
-            task_problems.push(c.id);
-        }
-    }
-    verdict(
-        task_problems.is_empty() && tasks.len() == missed.len(),
-        format!("{} missed-call tasks for {} missed calls, one each, for the right person (problems: {task_problems:?})", tasks.len(), missed.len()),
-    );
+    let tasks_ok = check_tasks(&pushed, &tasks, |c| {
+        Some(
+            crm.get(&expected_number(&c.from))
+                .copied()
+                .or_else(|| c.to.first().and_then(|t| op_user.get(t.as_str()).copied()))
+                .unwrap_or(s.admin_user_id),
+        )
+    });
+    verdict(tasks_ok.0, tasks_ok.1);
     verdict(
         second.pushed == 0 && second.tasks == 0 && second.bitrix24_requests == 0,
         format!(

@@ -13,6 +13,7 @@ pub mod netdiag;
 pub mod phpquery;
 pub mod recording;
 pub mod redact;
+pub mod rules;
 pub mod schedule;
 pub mod sim;
 pub mod store;

@@ -21,6 +21,7 @@ use url::Url;
 use crate::timezone::local_to_utc;
 
 mod raw;
+mod rules;
 mod validate;
 
 use raw::RawConfig;
@@ -54,6 +55,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// How recordings reach Bitrix24.
     pub recordings: RecordingsConfig,
+    /// Business rules (`[rules]`).
+    pub rules: crate::rules::Rules,
 }
 
 /// How a recording reaches Bitrix24 (telephony mode).
@@ -220,8 +223,14 @@ pub struct ActivityConfig {
 #[derive(Debug, Clone)]
 pub struct TasksConfig {
     pub enabled: bool,
-    pub title: String,
+    pub title: crate::rules::Template,
+    /// The task's description; `None` is the built-in call summary.
+    pub description: Option<crate::rules::Template>,
     pub deadline_minutes: u32,
+    /// A second missed call from a client with an open task comments on it instead.
+    pub one_per_client: bool,
+    /// An answered call with the client (either way) completes the client's open task.
+    pub close_on_callback: bool,
 }
 
 /// A webhook URL: its path carries a secret code, so it only ever prints redacted.

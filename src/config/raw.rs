@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub(super) http: RawHttp,
     #[serde(default)]
     pub(super) recordings: RawRecordings,
+    #[serde(default)]
+    pub(super) rules: super::rules::RawRules,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -117,5 +119,8 @@ pub(super) struct RawActivity {
 pub(super) struct RawTasks {
     pub(super) enabled: Option<bool>,
     pub(super) title: Option<String>,
+    pub(super) description: Option<String>,
     pub(super) deadline_minutes: Option<i64>,
+    pub(super) one_per_client: Option<bool>,
+    pub(super) close_on_callback: Option<bool>,
 }

@@ -108,7 +108,7 @@ impl Validator {
         true
     }
 
-    fn tz(&mut self, key: &str, raw: Option<String>, default: &str) -> Tz {
+    pub(super) fn tz(&mut self, key: &str, raw: Option<String>, default: &str) -> Tz {
         let raw = raw.unwrap_or_else(|| default.to_string());
         match raw.parse::<Tz>() {
             Ok(tz) => tz,
@@ -520,17 +520,12 @@ impl Validator {
                 .lead_title
                 .unwrap_or_else(|| "Call from {phone}".into()),
         };
-        let tasks_title = raw
+        let tasks_title =
+            self.template("tasks.title", raw.tasks.title, "Missed call from {client}");
+        let tasks_description = raw
             .tasks
-            .title
-            .unwrap_or_else(|| "Missed call from {phone}".into());
-        if tasks_title.trim().is_empty() {
-            self.fail(
-                "tasks.title",
-                "empty",
-                "write a title template such as \"Missed call from {phone}\"",
-            );
-        }
+            .description
+            .map(|d| self.template("tasks.description", Some(d), "{client}"));
         let deadline_minutes = match raw.tasks.deadline_minutes {
             None => 30,
             Some(m) if (1..=525_600).contains(&m) => m as u32,
@@ -566,6 +561,10 @@ impl Validator {
             return None;
         }
         let recordings = self.recordings(&raw.recordings, mode);
+        let rules = self.rules(raw.rules, b24_tz, base_dir);
+        if !self.problems.is_empty() {
+            return None;
+        }
         Some(Config {
             recordings,
             schedule_file,
@@ -625,8 +624,12 @@ impl Validator {
             tasks: TasksConfig {
                 enabled: raw.tasks.enabled.unwrap_or(true),
                 title: tasks_title,
+                description: tasks_description,
                 deadline_minutes,
+                one_per_client: raw.tasks.one_per_client.unwrap_or(true),
+                close_on_callback: raw.tasks.close_on_callback.unwrap_or(true),
             },
+            rules,
         })
     }
 }

@@ -71,6 +71,18 @@ pub struct LedgerRow {
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
     pub in_flight_since: Option<DateTime<Utc>>,
+    /// The client's number (E.164), once the call is in Bitrix24.
+    pub client: Option<String>,
+    /// The call reached the client (answered, either way).
+    pub reached: bool,
+    /// `task_id` is another call's task that this missed call commented on (one open task per
+    /// client). With `task_id` empty: a comment was refused, so this call gets its own task.
+    pub task_comment: bool,
+    /// On a task's own call: when the task was completed by a call-back, or when the call
+    /// needed no task because the client was reached after it.
+    pub task_closed_at: Option<DateTime<Utc>>,
+    /// The call that reached the client.
+    pub task_closed_by: Option<String>,
 }
 
 impl LedgerRow {
@@ -95,6 +107,11 @@ impl LedgerRow {
             last_error: None,
             next_attempt_at: None,
             in_flight_since: None,
+            client: None,
+            reached: false,
+            task_comment: false,
+            task_closed_at: None,
+            task_closed_by: None,
         }
     }
 }
@@ -147,9 +164,12 @@ pub struct NewQuarantine {
     pub reason: String,
 }
 
-const LEDGER_COLUMNS: &str = "call_id, stage, reason, b24_call_id, b24_stat_id, b24_activity_id, crm_entity_type,
+pub(super) const LEDGER_COLUMNS: &str = "call_id, stage, reason, b24_call_id, b24_stat_id, b24_activity_id, crm_entity_type,
     crm_entity_id, responsible_id, record_url, task_id, task_in_flight_since, lead_id, pushed_hash, attempts,
-    last_error, next_attempt_at, in_flight_since";
+    last_error, next_attempt_at, in_flight_since, client, reached, task_comment, task_closed_at, task_closed_by";
+
+/// How many columns [`LEDGER_COLUMNS`] names (extra selected columns follow them).
+pub(super) const LEDGER_WIDTH: usize = 23;
 
 pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
     let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
@@ -174,6 +194,11 @@ pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
         last_error: r.get(15)?,
         next_attempt_at: t(16)?,
         in_flight_since: t(17)?,
+        client: r.get(18)?,
+        reached: r.get(19)?,
+        task_comment: r.get(20)?,
+        task_closed_at: t(21)?,
+        task_closed_by: r.get(22)?,
     })
 }
 
@@ -181,7 +206,8 @@ fn save_ledger(conn: &rusqlite::Connection, l: &LedgerRow, now: DateTime<Utc>) -
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO ledger ({LEDGER_COLUMNS}, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                     ?19, ?20, ?21, ?22, ?23, ?24)"
         ),
         params![
             l.call_id,
@@ -202,6 +228,11 @@ fn save_ledger(conn: &rusqlite::Connection, l: &LedgerRow, now: DateTime<Utc>) -
             l.last_error,
             l.next_attempt_at.map(ts),
             l.in_flight_since.map(ts),
+            l.client,
+            l.reached,
+            l.task_comment,
+            l.task_closed_at.map(ts),
+            l.task_closed_by,
             ts(now)
         ],
     )?;
@@ -279,9 +310,9 @@ impl Store {
         let rows = st.query_map([ts(now)], |r| {
             Ok(WorkItem {
                 ledger: ledger_from(r)?,
-                raw: r.get(18)?,
-                content_hash: r.get(19)?,
-                started_at: parse_ts(&r.get::<_, String>(20)?).unwrap_or_default(),
+                raw: r.get(LEDGER_WIDTH)?,
+                content_hash: r.get(LEDGER_WIDTH + 1)?,
+                started_at: parse_ts(&r.get::<_, String>(LEDGER_WIDTH + 2)?).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -181,5 +181,19 @@ CREATE TABLE crm_lookup (
 );
 "#;
 
+/// Migration 7: one open missed-call task per client, completed by the call-back.
+const V7: &str = r#"
+-- The client of a pushed call and whether it reached them: a missed call whose client has an
+-- open task comments on it; an answered call with that client completes it.
+ALTER TABLE ledger ADD COLUMN client TEXT;
+ALTER TABLE ledger ADD COLUMN reached INTEGER NOT NULL DEFAULT 0;
+-- task_id names another call's task this call commented on.
+ALTER TABLE ledger ADD COLUMN task_comment INTEGER NOT NULL DEFAULT 0;
+-- On a task's own call: completed by a call-back (or no task was needed), and by which call.
+ALTER TABLE ledger ADD COLUMN task_closed_at TEXT;
+ALTER TABLE ledger ADD COLUMN task_closed_by TEXT;
+CREATE INDEX ledger_client ON ledger (client);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::config::SyncConfig;
+use crate::rules::{InvalidNumber, Rules};
 use crate::unitalk::{Call, CallState, Direction};
 
 /// Incoming or outgoing, from the call centre's point of view.
@@ -39,6 +40,10 @@ pub struct CallFacts {
     pub line_number: Option<String>,
     /// An incoming call nobody answered: it gets a follow-up task.
     pub missed: bool,
+    /// Unitalk `outerNumber` as sent (a phone number, or a site name for web callbacks).
+    pub outer: Option<String>,
+    /// Unitalk `lastGroupName`, when sent.
+    pub group: Option<String>,
 }
 
 /// What to do with a call.
@@ -118,8 +123,15 @@ pub fn normalize_phone(raw: &str, country: phonenumber::country::Id) -> Result<S
         .ok_or_else(|| format!("client number {raw:?} is not a phone number"))
 }
 
-/// Decides what to do with `call`. `known_lines` are the operators' inner lines.
-pub fn classify(call: &Call, known_lines: &HashSet<String>, cfg: &SyncConfig) -> Disposition {
+/// Decides what to do with `call`. `known_lines` are the operators' inner lines; `rules` rewrite
+/// the client number and say what happens when it cannot be read (skip filters apply later, to
+/// calls not pushed yet).
+pub fn classify(
+    call: &Call,
+    known_lines: &HashSet<String>,
+    cfg: &SyncConfig,
+    rules: &Rules,
+) -> Disposition {
     if call.state == CallState::Dialing {
         return Disposition::NotFinal;
     }
@@ -180,9 +192,26 @@ pub fn classify(call: &Call, known_lines: &HashSet<String>, cfg: &SyncConfig) ->
             Some(call.from.clone()).filter(|f| inner(f)),
         ),
     };
+    let client_raw = rules.rewrite_client(&client_raw);
     match normalize_phone(&client_raw, cfg.default_country) {
         Ok(number) => facts(call, way, number, operator),
-        Err(reason) => Disposition::Quarantine(reason),
+        Err(reason) => match rules.invalid_number {
+            InvalidNumber::Quarantine => Disposition::Quarantine(reason),
+            InvalidNumber::Skip => {
+                Disposition::Skip(format!("{reason} (rules.invalid_number = \"skip\")"))
+            }
+            InvalidNumber::Raw => {
+                let raw: String = client_raw
+                    .chars()
+                    .filter(|c| c.is_ascii_digit() || *c == '+')
+                    .collect();
+                if raw.is_empty() {
+                    Disposition::Quarantine(reason)
+                } else {
+                    facts(call, way, raw, operator)
+                }
+            }
+        },
     }
 }
 
@@ -208,6 +237,8 @@ fn facts(
         // `outerNumber` can be a site name ("site.ua" for web callbacks): only a phone number
         // is a line Bitrix24 knows.
         line_number: call.outer_number.clone().filter(|n| is_phone_like(n)),
+        outer: call.outer_number.clone(),
+        group: call.group.clone(),
     }))
 }
 
@@ -285,7 +316,7 @@ mod tests {
             let c = call(
                 json!({"id": 1, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "to": ["101"], "state": state}),
             );
-            let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+            let Disposition::Push(f) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
                 panic!("{state}")
             };
             assert_eq!(f.status_code, code, "{state}");
@@ -298,19 +329,22 @@ mod tests {
         let c = call(
             json!({"id": 1, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "state": "DIALING"}),
         );
-        assert_eq!(classify(&c, &lines(), &cfg()), Disposition::NotFinal);
+        assert_eq!(
+            classify(&c, &lines(), &cfg(), &Rules::default()),
+            Disposition::NotFinal
+        );
         let c = call(
             json!({"id": 2, "date": "2026-11-22 10:00:00", "direction": "OUT", "from": "101", "to": ["102"], "state": "ANSWER"}),
         );
         assert!(matches!(
-            classify(&c, &lines(), &cfg()),
+            classify(&c, &lines(), &cfg(), &Rules::default()),
             Disposition::Skip(_)
         ));
         let c = call(
             json!({"id": 3, "date": "2026-11-22 10:00:00", "direction": "INNER", "from": "101", "to": ["102"], "state": "ANSWER"}),
         );
         assert!(matches!(
-            classify(&c, &lines(), &cfg()),
+            classify(&c, &lines(), &cfg(), &Rules::default()),
             Disposition::Skip(_)
         ));
     }
@@ -320,7 +354,7 @@ mod tests {
         let c = call(
             json!({"id": 4, "date": "2026-11-22 10:00:00", "direction": "OUT", "from": "102", "to": ["0501112233"], "state": "ANSWER"}),
         );
-        let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
             panic!()
         };
         assert_eq!(f.way, Way::Out);
@@ -352,7 +386,7 @@ mod tests {
             json!({"id": 5, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "unknown", "to": ["101"], "state": "ANSWER"}),
         );
         assert!(matches!(
-            classify(&c, &lines(), &cfg()),
+            classify(&c, &lines(), &cfg(), &Rules::default()),
             Disposition::Quarantine(_)
         ));
     }
@@ -362,7 +396,7 @@ mod tests {
         let c = call(
             json!({"id": 6, "date": "2026-11-22 10:00:00", "direction": "CALLBACK", "from": "101", "to": ["380501112233"], "state": "ANSWER"}),
         );
-        let Disposition::Push(f) = classify(&c, &lines(), &cfg()) else {
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
             panic!()
         };
         assert_eq!(f.way, Way::Out);

@@ -13,6 +13,7 @@
 
 mod activity;
 pub mod call;
+mod client_tasks;
 mod followup;
 pub mod plan;
 mod probe;
@@ -363,7 +364,7 @@ pub(crate) fn known_lines(ctx: &SyncCtx) -> Result<HashSet<String>, SyncError> {
 /// A stored call read again and classified: its facts, when ubsync pushes it.
 pub(crate) fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) -> Option<CallFacts> {
     let call = parse(ctx, &serde_json::from_str(raw).unwrap_or(Value::Null)).ok()?;
-    match classify(&call, known, &ctx.cfg.sync) {
+    match classify(&call, known, &ctx.cfg.sync, &ctx.cfg.rules) {
         Disposition::Push(f) => Some(*f),
         _ => None,
     }
@@ -491,7 +492,24 @@ fn understand(
                 continue;
             }
         };
-        match classify(&call, &known, &ctx.cfg.sync) {
+        match classify(&call, &known, &ctx.cfg.sync, &ctx.cfg.rules) {
+            // A skip filter holds back calls not pushed yet; one already in Bitrix24 is followed
+            // up as before (a card is never left hanging by a rule added later).
+            Disposition::Push(facts) if item.ledger.stage == Stage::Pending => {
+                match ctx.cfg.rules.skip(&facts) {
+                    Some(rule) => {
+                        let mut l = item.ledger.clone();
+                        l.stage = Stage::Skipped;
+                        l.reason = Some(format!("skipped by rule \"{rule}\" (rules.skip)"));
+                        s.skipped += 1;
+                        settled.push(l);
+                    }
+                    None => due.push(Due {
+                        item,
+                        facts: *facts,
+                    }),
+                }
+            }
             Disposition::Push(facts) => due.push(Due {
                 item,
                 facts: *facts,
@@ -704,7 +722,7 @@ async fn push_round(
         .filter(|w| w.ledger.stage != Stage::InFlight)
         .collect();
     if items.is_empty() {
-        return Ok(());
+        return client_tasks::close_reached(ctx, opts, s).await;
     }
     let due = understand(ctx, items, s)?;
     let lines: HashSet<String> = due
@@ -759,8 +777,17 @@ fn missed_task_lines(ctx: &SyncCtx, facts: &HashMap<String, (CallFacts, String)>
         .filter(|f| f.missed)
         .collect();
     v.sort_by_key(|f| f.started_at);
+    let tz = ctx.cfg.bitrix24.timezone;
     v.into_iter()
-        .map(|f| format!("call {}: tasks.task.add (\"{}\", responsible resolved once the call is in Bitrix24)", f.id, ctx.cfg.tasks.title.replace("{phone}", &f.client_number)))
+        .map(|f| match ctx.cfg.rules.skip_task(f) {
+            Some(rule) => format!("call {}: no task (rule \"{rule}\", rules.skip_task)", f.id),
+            None => format!(
+                "call {}: tasks.task.add (\"{}\", deadline {}, responsible resolved once the call is in Bitrix24)",
+                f.id,
+                ctx.cfg.tasks.title.render(&crate::rules::values(f, tz, None, None)),
+                crate::timezone::rfc3339_in(plan::task_deadline(&ctx.cfg, f), tz)
+            ),
+        })
         .collect()
 }
 

@@ -194,7 +194,34 @@ pub fn needs_recording(f: &CallFacts, l: &LedgerRow) -> bool {
 
 /// Whether a finished call still needs its missed-call task.
 pub fn needs_task(cfg: &Config, f: &CallFacts, l: &LedgerRow) -> bool {
-    cfg.tasks.enabled && f.missed && l.task_id.is_none()
+    cfg.tasks.enabled
+        && f.missed
+        && l.task_id.is_none()
+        && l.task_closed_by.is_none()
+        && cfg.rules.skip_task(f).is_none()
+}
+
+/// When a missed call's task is due: at once, or (working hours with `after_hours = "wait"`)
+/// at the next opening after the call.
+pub fn task_due_at(cfg: &Config, f: &CallFacts) -> DateTime<Utc> {
+    match &cfg.rules.hours {
+        Some(h) if h.after_hours == crate::rules::AfterHours::Wait => {
+            h.next_open(f.started_at).unwrap_or(f.started_at)
+        }
+        _ => f.started_at,
+    }
+}
+
+/// A missed call's task deadline: `tasks.deadline_minutes` after the call, or after the next
+/// opening when the call came outside working hours.
+pub fn task_deadline(cfg: &Config, f: &CallFacts) -> DateTime<Utc> {
+    let base = cfg
+        .rules
+        .hours
+        .as_ref()
+        .and_then(|h| h.next_open(f.started_at))
+        .unwrap_or(f.started_at);
+    base + Duration::minutes(cfg.tasks.deadline_minutes as i64)
 }
 
 /// Human-readable description of a call, for activities and tasks.
@@ -266,6 +293,77 @@ pub fn activity_add(
     )
 }
 
+/// A missed call's task description: `tasks.description` (or the call summary), always ending
+/// with the call's `unitalk-<id>`, by which a task whose creation went unanswered is found.
+pub fn task_description(cfg: &Config, f: &CallFacts, operator: Option<&str>) -> String {
+    let tz = cfg.bitrix24.timezone;
+    match &cfg.tasks.description {
+        Some(t) => format!(
+            "{}\n\n[{}]",
+            t.render(&crate::rules::values(f, tz, operator, None)),
+            f.external_id
+        ),
+        None => describe(f, tz, operator),
+    }
+}
+
+/// The description of a client's task once more missed calls are folded into it and, when the
+/// client was reached, the call that did. Always rebuilt whole from the ledger: sending it twice
+/// changes nothing (a lost answer is simply sent again).
+pub fn folded_description(
+    cfg: &Config,
+    owner: &CallFacts,
+    again: &[CallFacts],
+    reached_by: Option<&CallFacts>,
+) -> String {
+    let tz = cfg.bitrix24.timezone;
+    let local = |f: &CallFacts| {
+        f.started_at
+            .with_timezone(&tz)
+            .format("%Y-%m-%d %H:%M:%S %Z")
+            .to_string()
+    };
+    let mut text = task_description(cfg, owner, owner.operator_line.as_deref());
+    if !again.is_empty() {
+        text.push_str("\n\nThe client called again:");
+        for f in again {
+            text.push_str(&format!(
+                "\n- {} ({}, {})",
+                local(f),
+                f.state.as_str(),
+                f.external_id
+            ));
+        }
+    }
+    if let Some(b) = reached_by {
+        text.push_str(&format!(
+            "\n\nClient reached: {} call at {} ({}).",
+            if b.way == Way::In {
+                "incoming"
+            } else {
+                "outgoing"
+            },
+            local(b),
+            b.external_id
+        ));
+    }
+    text
+}
+
+/// The `tasks.task.update` that rewrites a client task's description.
+pub fn task_update_description(task_id: i64, call_key: String, description: String) -> Command {
+    Command::new(
+        call_key,
+        "tasks.task.update",
+        json!({"taskId": task_id, "fields": {"DESCRIPTION": description}}),
+    )
+}
+
+/// The `tasks.task.complete` of a client task (completing a completed task changes nothing).
+pub fn task_complete(task_id: i64, call_key: String) -> Command {
+    Command::new(call_key, "tasks.task.complete", json!({"taskId": task_id}))
+}
+
 /// The `tasks.task.add` for a missed call.
 pub fn task_add(
     cfg: &Config,
@@ -275,12 +373,12 @@ pub fn task_add(
     operator: Option<&str>,
 ) -> Command {
     let tz = cfg.bitrix24.timezone;
-    let title = cfg.tasks.title.replace("{phone}", &f.client_number);
+    let values = crate::rules::values(f, tz, operator, None);
     let mut fields = json!({
-        "TITLE": title,
-        "DESCRIPTION": describe(f, tz, operator),
+        "TITLE": cfg.tasks.title.render(&values),
+        "DESCRIPTION": task_description(cfg, f, operator),
         "RESPONSIBLE_ID": responsible,
-        "DEADLINE": rfc3339_in(f.started_at + Duration::minutes(cfg.tasks.deadline_minutes as i64), tz),
+        "DEADLINE": rfc3339_in(task_deadline(cfg, f), tz),
         "XML_ID": f.external_id,
     });
     if let Some(b) = entity.and_then(Entity::binding) {
@@ -454,6 +552,8 @@ fn entity_from(v: &Value) -> Option<Entity> {
 
 /// Whether anything is still due for a call whose main record is in Bitrix24.
 pub fn settle_stage(cfg: &Config, f: &CallFacts, mut l: LedgerRow, hash: &str) -> LedgerRow {
+    l.client = Some(f.client_number.clone());
+    l.reached = f.state == crate::unitalk::CallState::Answer;
     if needs_activity_refresh(cfg, &l, hash) {
         // The activity still shows older content; keep the row until it is updated.
         l.stage = Stage::Finished;

@@ -348,7 +348,7 @@ pub async fn reconcile(
         if call.started_at < from || call.started_at >= to || !seen.insert(call.id.clone()) {
             continue;
         }
-        if let Disposition::Push(f) = classify(&call, &known, &cfg.sync) {
+        if let Disposition::Push(f) = classify(&call, &known, &cfg.sync, &cfg.rules) {
             pushable.push((call, raw, f.missed));
         }
     }

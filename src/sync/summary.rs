@@ -54,6 +54,12 @@ pub struct PassSummary {
     pub pushed: u64,
     pub recordings: u64,
     pub tasks: u64,
+    /// Missed calls folded into their client's open task (`tasks.one_per_client`).
+    pub tasks_folded: u64,
+    /// Client tasks completed by a call-back (`tasks.close_on_callback`).
+    pub tasks_closed: u64,
+    /// Missed calls that needed no task: the client was reached after them.
+    pub tasks_not_needed: u64,
     pub leads: u64,
     pub skipped: u64,
     pub quarantined: u64,
@@ -131,6 +137,13 @@ impl fmt::Display for PassSummary {
                 f,
                 "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
+        if self.tasks_folded + self.tasks_closed + self.tasks_not_needed > 0 {
+            write!(
+                f,
+                "; client tasks: {} calls added to an open task, {} completed by a call-back, {} not needed (client reached)",
+                self.tasks_folded, self.tasks_closed, self.tasks_not_needed
             )?;
         }
         if self.faults_survived > 0 {

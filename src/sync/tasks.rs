@@ -1,16 +1,40 @@
 //! Missed-call tasks: the responsible user, then `tasks.task.add`, marked in flight first.
 
 use super::*;
+use crate::store::client_tasks::ClientTask;
 
-/// Creates the follow-up task of every missed incoming call that is in Bitrix24 and has none.
-/// Responsible: the matched CRM entity's responsible user, else the operator of the line that
-/// rang, else `bitrix24.default_user_id`.
+/// Most task rounds a push makes: a client's later missed calls wait for the task their first
+/// one creates, then are folded into it in the next round.
+const TASK_ROUNDS: usize = 8;
+
+/// Creates the follow-up task of every missed incoming call that is in Bitrix24 and has none,
+/// folds repeat calls into their client's open task, and completes tasks whose client was
+/// reached. Responsible: the matched CRM entity's responsible user, else the operator of the
+/// line that rang, else `bitrix24.default_user_id`.
 pub(super) async fn push_tasks(
     ctx: &SyncCtx,
     opts: &PassOptions,
     s: &mut PassSummary,
     users: &HashMap<String, i64>,
 ) -> Result<(), SyncError> {
+    for _ in 0..TASK_ROUNDS {
+        let before = (s.tasks, s.tasks_folded, s.tasks_not_needed);
+        let deferred = task_round(ctx, opts, s, users).await?;
+        if deferred == 0 || opts.dry_run || (s.tasks, s.tasks_folded, s.tasks_not_needed) == before
+        {
+            break;
+        }
+    }
+    client_tasks::close_reached(ctx, opts, s).await
+}
+
+/// One task round; returns how many calls wait for another call of their client.
+async fn task_round(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    users: &HashMap<String, i64>,
+) -> Result<usize, SyncError> {
     let cfg = &ctx.cfg;
     let now = ctx.clock.now();
     let items = ctx.store.lock().work_due(now)?;
@@ -23,14 +47,20 @@ pub(super) async fn push_tasks(
         {
             continue;
         }
-        if let Some(f) =
-            stored_facts(ctx, &known, &item.raw).filter(|f| plan::needs_task(cfg, f, &item.ledger))
+        if let Some(f) = stored_facts(ctx, &known, &item.raw)
+            .filter(|f| plan::needs_task(cfg, f, &item.ledger) && plan::task_due_at(cfg, f) <= now)
         {
             due.push(Due { item, facts: f });
         }
     }
+    let due = decide(ctx, opts, s, due, now)?;
+    let deferred = due.deferred;
+    if !due.followups.is_empty() {
+        client_tasks::push_followups(ctx, opts, s, due.followups).await?;
+    }
+    let due = due.own;
     if due.is_empty() {
-        return Ok(());
+        return Ok(deferred);
     }
     let entities: Vec<Entity> = due
         .iter()
@@ -52,7 +82,7 @@ pub(super) async fn push_tasks(
             "Bitrix24 did not answer every CRM responsible lookup; missed-call tasks wait"
         );
         s.faults_survived += 1;
-        return Ok(());
+        return Ok(0);
     }
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
@@ -86,6 +116,8 @@ pub(super) async fn push_tasks(
         };
         let mut l = l.clone();
         l.responsible_id = Some(responsible);
+        l.client = Some(d.facts.client_number.clone());
+        l.task_comment = false;
         let command = plan::task_add(
             cfg,
             &d.facts,
@@ -109,7 +141,7 @@ pub(super) async fn push_tasks(
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|(p, _)| describe_plan(p)));
-        return Ok(());
+        return Ok(deferred);
     }
     // Tasks are not idempotent: each is marked in flight with its responsible user first, so a
     // pass that dies before recording can find it again instead of adding a second one.
@@ -136,5 +168,77 @@ pub(super) async fn push_tasks(
     )
     .await?;
     s.tasks += tasks;
-    Ok(())
+    Ok(deferred)
+}
+
+/// What becomes of each missed call due a task.
+struct Decided {
+    /// Tasks of their own.
+    own: Vec<Due>,
+    /// Folded into the client's open task.
+    followups: Vec<(Due, ClientTask)>,
+    /// Waiting for the task another call of their client is getting.
+    deferred: usize,
+}
+
+/// Decides, call by call (oldest first): no task when the client was reached after the call
+/// (recorded at once); with `tasks.one_per_client`, one action per client per round — folded
+/// into the client's open task, or a new task while no other is being created for them.
+fn decide(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    due: Vec<Due>,
+    now: DateTime<Utc>,
+) -> Result<Decided, SyncError> {
+    let cfg = &ctx.cfg;
+    let mut out = Decided {
+        own: Vec::new(),
+        followups: Vec::new(),
+        deferred: 0,
+    };
+    let mut settled = Vec::new();
+    let mut clients = HashSet::new();
+    {
+        let store = ctx.store.lock();
+        for d in due {
+            let client = d.facts.client_number.clone();
+            if cfg.tasks.close_on_callback {
+                if let Some((by, _)) = store.reached_after(&client, d.facts.started_at)? {
+                    let mut l = d.item.ledger.clone();
+                    l.task_closed_by = Some(by);
+                    l.task_closed_at = Some(now);
+                    settled.push(plan::settle_stage(cfg, &d.facts, l, &d.item.content_hash));
+                    s.tasks_not_needed += 1;
+                    continue;
+                }
+            }
+            if cfg.tasks.one_per_client {
+                if !clients.insert(client.clone())
+                    || store.task_in_flight_for(&client, &d.item.ledger.call_id)?
+                {
+                    out.deferred += 1;
+                    if opts.dry_run {
+                        s.plan.push(format!(
+                            "call {}: added to the task of {client}'s earlier missed call (tasks.one_per_client)",
+                            d.facts.id
+                        ));
+                    }
+                    continue;
+                }
+                // (`task_comment` without a task: the open task refused this call.)
+                if !d.item.ledger.task_comment {
+                    if let Some(t) = store.open_task_for(&client)? {
+                        out.followups.push((d, t));
+                        continue;
+                    }
+                }
+            }
+            out.own.push(d);
+        }
+    }
+    if !settled.is_empty() {
+        ctx.store.lock().apply(&settled, &[], None, now)?;
+    }
+    Ok(out)
 }

@@ -115,6 +115,8 @@ pub struct Call {
     pub cause: Option<i64>,
     pub link: Option<String>,
     pub source: Option<String>,
+    /// `lastGroupName`: the last operator group (queue) the call passed through, when sent.
+    pub group: Option<String>,
     /// The record exactly as received.
     pub raw: Value,
 }
@@ -269,6 +271,7 @@ pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, Record
         cause: text(obj.get("cause")).and_then(|c| c.parse().ok()),
         link: text(obj.get("link")).filter(|l| l.starts_with("http")),
         source: text(obj.get("source")),
+        group: text(obj.get("lastGroupName")).filter(|g| !g.trim().is_empty()),
         raw: raw.clone(),
         id,
     })

@@ -197,7 +197,9 @@ fn activity_check(s: &ubsync::sim::Scenario, env: &crate::harness::TestEnv) -> (
     let acts = env.sims.bitrix24.activities();
     let tasks = env.sims.bitrix24.tasks();
     let mut problems = Vec::new();
-    for c in s.calls.iter().filter(|c| !internal(c)) {
+    let pushed: Vec<&ubsync::sim::scenario::SimCall> =
+        s.calls.iter().filter(|c| !internal(c)).collect();
+    for c in &pushed {
         let ext = format!("unitalk-{}", c.id);
         let n = acts
             .iter()
@@ -206,15 +208,10 @@ fn activity_check(s: &ubsync::sim::Scenario, env: &crate::harness::TestEnv) -> (
         if n != 1 {
             problems.push(format!("call {}: {n} activities", c.id));
         }
-        if c.direction == "IN" && c.state != "ANSWER" {
-            let t = tasks
-                .iter()
-                .filter(|t| t.xml_id.as_deref() == Some(ext.as_str()))
-                .count();
-            if t != 1 {
-                problems.push(format!("call {}: {t} tasks", c.id));
-            }
-        }
+    }
+    let (tasks_ok, line) = ubsync::demo::check_tasks(&pushed, &tasks, |_| None);
+    if !tasks_ok {
+        problems.push(line);
     }
     let mut numbers = std::collections::HashMap::new();
     for l in env.sims.bitrix24.created_leads() {

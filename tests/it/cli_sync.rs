@@ -5,7 +5,7 @@ use ubsync::clock::Clock;
 use ubsync::sim::scenario::{CrmKind, Scenario};
 use ubsync::sim::Bitrix24SimConfig;
 
-use crate::harness::{text, TestEnv};
+use crate::harness::{text, TestEnv, ONE_TASK_EACH};
 
 const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
 
@@ -376,6 +376,11 @@ async fn backfill_prints_plain_progress_when_not_on_a_terminal_and_completes() {
 async fn reconcile_finds_missing_duplicated_and_ledger_only_calls_and_lost_tasks_and_repairs_all_but_duplicates(
 ) {
     let env = env(scenario()).await;
+    // One task per missed call (the client rules are tested on their own).
+    env.write_config(
+        "telephony",
+        &format!("[sync]\nstart = \"{}\"\n{ONE_TASK_EACH}", yesterday()),
+    );
     assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
     // A call Unitalk lists late (sync's windows passed it long ago).
     let late = 5000;

@@ -11,6 +11,9 @@ use ubsync::sim::bitrix24::{DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_WE
 use ubsync::sim::unitalk::DEFAULT_API_KEY;
 use ubsync::sim::{Bitrix24SimConfig, Scenario, Simulators};
 
+/// The `[tasks]` of tests that want one task per missed call (the client rules off).
+pub const ONE_TASK_EACH: &str = "[tasks]\none_per_client = false\nclose_on_callback = false\n";
+
 pub struct TestEnv {
     pub sims: Simulators,
     pub clock: Clock,

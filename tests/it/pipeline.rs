@@ -8,7 +8,7 @@ use ubsync::sim::scenario::{CrmKind, Scenario};
 use ubsync::sim::{Bitrix24SimConfig, Fault, FaultKind};
 use ubsync::store::ledger::Stage;
 
-use crate::harness::{pass, t0, TestEnv};
+use crate::harness::{pass, t0, TestEnv, ONE_TASK_EACH};
 
 const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
 
@@ -101,7 +101,10 @@ async fn a_full_activity_pass_writes_one_activity_per_call_and_one_lead_per_unkn
         None,
     );
     let env = TestEnv::start(s).await;
-    env.write_config("activity", &start("2026-11-21"));
+    env.write_config(
+        "activity",
+        &format!("{}{ONE_TASK_EACH}", start("2026-11-21")),
+    );
     let ctx = env.ctx().await;
     let first = pass(&ctx).await.unwrap();
     assert_eq!(first.pushed, 4, "{first:?}");
@@ -215,7 +218,10 @@ async fn a_task_batch_lost_in_flight_is_found_again_not_added_twice() {
     // A pass that stops at the first failure stands for one killed there.
     env.write_config(
         "telephony",
-        &format!("{}max_consecutive_failures = 0\n", start("2026-11-21")),
+        &format!(
+            "{}max_consecutive_failures = 0\n{ONE_TASK_EACH}",
+            start("2026-11-21")
+        ),
     );
     let ctx = env.ctx().await;
     env.sims.bitrix24.inject(Fault::once(

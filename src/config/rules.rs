@@ -1,0 +1,345 @@
+//! The `[rules]` section as read, and its validation into [`crate::rules::Rules`].
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use chrono::{NaiveDate, NaiveTime};
+use chrono_tz::Tz;
+use regex::Regex;
+use serde::Deserialize;
+
+use super::validate::Validator;
+use crate::rules::{
+    AfterHours, Cond, Filter, Hours, InvalidNumber, NumberSet, Rewrite, Rules, Template,
+};
+use crate::sync::call::Way;
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawRules {
+    pub(super) invalid_number: Option<String>,
+    #[serde(default)]
+    pub(super) rewrite: Vec<RawRewrite>,
+    #[serde(default)]
+    pub(super) skip: Vec<RawFilter>,
+    #[serde(default)]
+    pub(super) skip_task: Vec<RawFilter>,
+    pub(super) hours: Option<RawHours>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawRewrite {
+    pub(super) pattern: Option<String>,
+    pub(super) replace: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawFilter {
+    pub(super) name: Option<String>,
+    #[serde(rename = "match")]
+    pub(super) combine: Option<String>,
+    pub(super) direction: Option<Vec<String>>,
+    pub(super) state: Option<Vec<String>>,
+    pub(super) client: Option<Vec<String>>,
+    pub(super) client_file: Option<String>,
+    pub(super) inner_line: Option<Vec<String>>,
+    pub(super) outer_line: Option<Vec<String>>,
+    pub(super) group: Option<Vec<String>>,
+    pub(super) talk_below: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawHours {
+    pub(super) timezone: Option<String>,
+    pub(super) days: Option<Vec<String>>,
+    pub(super) open: Option<String>,
+    pub(super) close: Option<String>,
+    #[serde(default)]
+    pub(super) holidays: Vec<String>,
+    pub(super) after_hours: Option<String>,
+}
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+impl Validator {
+    /// A template, checked for unknown placeholders.
+    pub(super) fn template(&mut self, key: &str, raw: Option<String>, default: &str) -> Template {
+        let raw = raw.unwrap_or_else(|| default.to_string());
+        match Template::parse(&raw) {
+            Ok(t) if !raw.trim().is_empty() => t,
+            Ok(_) => {
+                self.fail(
+                    key,
+                    "empty",
+                    format!("write a template such as \"{default}\""),
+                );
+                Template::parse(default).expect("default template")
+            }
+            Err(e) => {
+                self.fail(key, e, "fix the placeholder (see `ubsync.example.toml`)");
+                Template::parse(default).expect("default template")
+            }
+        }
+    }
+
+    fn numbers(&mut self, key: &str, entries: &[String], set: &mut NumberSet) {
+        for e in entries {
+            if let Err(problem) = set.add(e) {
+                self.fail(
+                    key,
+                    problem,
+                    "write \"+380501112233\", \"prefix:+7\" or \"regex:^\\\\+7\"",
+                );
+            }
+        }
+    }
+
+    fn filter(&mut self, key: &str, i: usize, raw: RawFilter, base_dir: &Path) -> Option<Filter> {
+        let at = |k: &str| format!("{key}[{i}].{k}");
+        let name = raw.name.unwrap_or_else(|| format!("{key} #{}", i + 1));
+        let any = match raw.combine.as_deref().unwrap_or("all") {
+            "all" => false,
+            "any" => true,
+            other => {
+                self.fail(
+                    &at("match"),
+                    format!("`{other}` is not a combination"),
+                    "use \"all\" or \"any\"",
+                );
+                false
+            }
+        };
+        let mut conds = Vec::new();
+        if let Some(d) = raw.direction {
+            let mut ways = Vec::new();
+            for w in d {
+                match w.to_lowercase().as_str() {
+                    "in" | "incoming" => ways.push(Way::In),
+                    "out" | "outgoing" => ways.push(Way::Out),
+                    other => self.fail(
+                        &at("direction"),
+                        format!("`{other}` is not a direction"),
+                        "use \"in\" or \"out\"",
+                    ),
+                }
+            }
+            conds.push(Cond::Direction(ways));
+        }
+        if let Some(s) = raw.state {
+            conds.push(Cond::State(
+                s.iter().map(|s| s.trim().to_uppercase()).collect(),
+            ));
+        }
+        if raw.client.is_some() || raw.client_file.is_some() {
+            let mut set = NumberSet::default();
+            self.numbers(
+                &at("client"),
+                raw.client.as_deref().unwrap_or(&[]),
+                &mut set,
+            );
+            if let Some(file) = raw.client_file {
+                let path = base_dir.join(&file);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => {
+                        let entries: Vec<String> = text
+                            .lines()
+                            .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                            .filter(|l| !l.is_empty())
+                            .collect();
+                        self.numbers(&at("client_file"), &entries, &mut set);
+                    }
+                    Err(e) => self.fail(
+                        &at("client_file"),
+                        format!("cannot read {} ({e})", path.display()),
+                        "point it at a readable file with one number, prefix: or regex: per line",
+                    ),
+                }
+            }
+            conds.push(Cond::Client(set));
+        }
+        if let Some(l) = raw.inner_line {
+            conds.push(Cond::InnerLine(
+                l.iter().map(|l| l.trim().to_string()).collect(),
+            ));
+        }
+        if let Some(o) = raw.outer_line {
+            let mut set = NumberSet::default();
+            for e in &o {
+                // A site name (web callbacks) is matched as written; numbers by their digits.
+                if crate::rules::digits(e).is_empty() && !e.starts_with("regex:") {
+                    set.exact.insert(e.trim().to_lowercase());
+                } else if let Err(problem) = set.add(e) {
+                    self.fail(
+                        &at("outer_line"),
+                        problem,
+                        "write a number, \"prefix:...\" or \"regex:...\"",
+                    );
+                }
+            }
+            conds.push(Cond::OuterLine(set));
+        }
+        if let Some(g) = raw.group {
+            conds.push(Cond::Group(
+                g.iter().map(|g| g.trim().to_string()).collect(),
+            ));
+        }
+        if let Some(t) = raw.talk_below {
+            if !(1..=86_400).contains(&t) {
+                self.fail(
+                    &at("talk_below"),
+                    format!("{t} is out of range"),
+                    "use seconds from 1 to 86400",
+                );
+            } else {
+                conds.push(Cond::TalkBelow(t as u32));
+            }
+        }
+        if conds.is_empty() {
+            self.fail(
+                &format!("{key}[{i}]"),
+                format!("rule \"{name}\" has no condition and would match every call"),
+                "add direction, state, client, inner_line, outer_line, group or talk_below",
+            );
+            return None;
+        }
+        Some(Filter { name, any, conds })
+    }
+
+    fn hours(&mut self, raw: RawHours, default_tz: Tz) -> Option<Hours> {
+        let tz = match raw.timezone {
+            Some(t) => self.tz("rules.hours.timezone", Some(t), "UTC"),
+            None => default_tz,
+        };
+        let mut days = [false; 7];
+        let listed = raw.days.unwrap_or_else(|| {
+            vec![
+                "mon".into(),
+                "tue".into(),
+                "wed".into(),
+                "thu".into(),
+                "fri".into(),
+            ]
+        });
+        for d in listed {
+            let d = d.trim().to_lowercase();
+            match DAYS.iter().position(|x| d.starts_with(x)) {
+                Some(i) => days[i] = true,
+                None => self.fail(
+                    "rules.hours.days",
+                    format!("`{d}` is not a weekday"),
+                    "use mon, tue, wed, thu, fri, sat, sun",
+                ),
+            }
+        }
+        let mut time = |key: &str, raw: Option<String>, default: &str| {
+            let raw = raw.unwrap_or_else(|| default.to_string());
+            NaiveTime::parse_from_str(raw.trim(), "%H:%M").unwrap_or_else(|_| {
+                self.fail(
+                    key,
+                    format!("`{raw}` is not a time of day"),
+                    "write it like \"09:00\"",
+                );
+                NaiveTime::MIN
+            })
+        };
+        let open = time("rules.hours.open", raw.open, "09:00");
+        let close = time("rules.hours.close", raw.close, "18:00");
+        if close <= open {
+            self.fail(
+                "rules.hours.close",
+                "closes before it opens",
+                "set close later than open (hours past midnight are not supported)",
+            );
+        }
+        let mut holidays = HashSet::new();
+        for h in raw.holidays {
+            match NaiveDate::parse_from_str(h.trim(), "%Y-%m-%d") {
+                Ok(d) => {
+                    holidays.insert(d);
+                }
+                Err(_) => self.fail(
+                    "rules.hours.holidays",
+                    format!("`{h}` is not a date"),
+                    "write dates like \"2026-12-25\"",
+                ),
+            }
+        }
+        let after_hours = match raw.after_hours.as_deref().unwrap_or("deadline") {
+            "deadline" => AfterHours::Deadline,
+            "wait" => AfterHours::Wait,
+            other => {
+                self.fail("rules.hours.after_hours", format!("`{other}` is not a choice"), "use \"deadline\" (create now, deadline from the opening) or \"wait\" (create when the office opens)");
+                AfterHours::Deadline
+            }
+        };
+        if !days.iter().any(|d| *d) {
+            self.fail(
+                "rules.hours.days",
+                "no working day",
+                "list at least one day",
+            );
+        }
+        Some(Hours {
+            tz,
+            days,
+            open,
+            close,
+            holidays,
+            after_hours,
+        })
+    }
+
+    pub(super) fn rules(&mut self, raw: RawRules, default_tz: Tz, base_dir: &Path) -> Rules {
+        let invalid_number = match raw.invalid_number.as_deref().unwrap_or("quarantine") {
+            "quarantine" => InvalidNumber::Quarantine,
+            "skip" => InvalidNumber::Skip,
+            "raw" => InvalidNumber::Raw,
+            other => {
+                self.fail(
+                    "rules.invalid_number",
+                    format!("`{other}` is not a policy"),
+                    "use \"quarantine\", \"skip\" or \"raw\"",
+                );
+                InvalidNumber::Quarantine
+            }
+        };
+        let mut rewrite = Vec::new();
+        for (i, r) in raw.rewrite.into_iter().enumerate() {
+            let key = format!("rules.rewrite[{i}]");
+            match (r.pattern, r.replace) {
+                (Some(p), Some(replace)) => match Regex::new(&p) {
+                    Ok(pattern) => rewrite.push(Rewrite { pattern, replace }),
+                    Err(e) => self.fail(
+                        &format!("{key}.pattern"),
+                        format!("`{p}` is not a regular expression ({e})"),
+                        "fix the expression",
+                    ),
+                },
+                _ => self.fail(
+                    &key,
+                    "needs both `pattern` and `replace`",
+                    "write pattern = \"^8(0\\\\d{9})$\", replace = \"+38$1\"",
+                ),
+            }
+        }
+        let skip = raw
+            .skip
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, f)| self.filter("rules.skip", i, f, base_dir))
+            .collect();
+        let skip_task = raw
+            .skip_task
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, f)| self.filter("rules.skip_task", i, f, base_dir))
+            .collect();
+        let hours = raw.hours.and_then(|h| self.hours(h, default_tz));
+        Rules {
+            skip,
+            skip_task,
+            rewrite,
+            invalid_number,
+            hours,
+        }
+    }
+}

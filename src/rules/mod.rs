@@ -1,0 +1,224 @@
+//! Business rules: which calls are pushed, which missed calls get a task, how client numbers
+//! are rewritten, working hours and templates. Pure data and pure functions, applied while
+//! planning, so every rule shows in `sync --dry-run` and `ubsync rules test`.
+
+pub mod hours;
+pub mod template;
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono_tz::Tz;
+use regex::Regex;
+
+pub use hours::{AfterHours, Hours};
+pub use template::Template;
+
+use crate::sync::call::{CallFacts, Way};
+
+/// A set of numbers: exact numbers, prefixes and regular expressions. Exact numbers and
+/// prefixes compare digits only (`+380 50 111` and `380-50-111` are the same); expressions
+/// match the E.164 form (`+380501112233`).
+#[derive(Debug, Clone, Default)]
+pub struct NumberSet {
+    pub exact: HashSet<String>,
+    pub prefixes: Vec<String>,
+    pub regexes: Vec<Regex>,
+}
+
+/// Digits only.
+pub fn digits(n: &str) -> String {
+    n.chars().filter(char::is_ascii_digit).collect()
+}
+
+impl NumberSet {
+    /// Adds one entry: `"+380501112233"`, `"prefix:+7"` or `"regex:^\\+3804"`.
+    pub fn add(&mut self, entry: &str) -> Result<(), String> {
+        let entry = entry.trim();
+        if let Some(p) = entry.strip_prefix("prefix:") {
+            let d = digits(p);
+            if d.is_empty() {
+                return Err(format!("`{entry}` has no digits to match"));
+            }
+            self.prefixes.push(d);
+        } else if let Some(r) = entry.strip_prefix("regex:") {
+            self.regexes.push(
+                Regex::new(r).map_err(|e| format!("`{r}` is not a regular expression ({e})"))?,
+            );
+        } else {
+            let d = digits(entry);
+            if d.is_empty() {
+                return Err(format!(
+                    "`{entry}` is not a number (write \"+380501112233\", \"prefix:+7\" or \"regex:...\")"
+                ));
+            }
+            self.exact.insert(d);
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty() && self.regexes.is_empty()
+    }
+
+    pub fn contains(&self, number: &str) -> bool {
+        let d = digits(number);
+        (!d.is_empty() && self.exact.contains(&d))
+            || self.prefixes.iter().any(|p| d.starts_with(p.as_str()))
+            || self.regexes.iter().any(|r| r.is_match(number))
+    }
+}
+
+/// One condition of a filter.
+#[derive(Debug, Clone)]
+pub enum Cond {
+    Direction(Vec<Way>),
+    /// Unitalk states (`ANSWER`, `NOANSWER`, ...), upper case.
+    State(Vec<String>),
+    Client(NumberSet),
+    InnerLine(Vec<String>),
+    OuterLine(NumberSet),
+    /// `lastGroupName`, compared without case.
+    Group(Vec<String>),
+    /// Talk time strictly below this many seconds.
+    TalkBelow(u32),
+}
+
+impl Cond {
+    fn holds(&self, f: &CallFacts) -> bool {
+        match self {
+            Cond::Direction(w) => w.contains(&f.way),
+            Cond::State(s) => s.iter().any(|s| s == f.state.as_str()),
+            Cond::Client(set) => set.contains(&f.client_number),
+            Cond::InnerLine(lines) => f
+                .operator_line
+                .as_ref()
+                .is_some_and(|l| lines.iter().any(|x| x == l)),
+            Cond::OuterLine(set) => f
+                .outer
+                .as_ref()
+                .is_some_and(|o| set.contains(o) || set.exact.contains(&o.trim().to_lowercase())),
+            Cond::Group(groups) => f
+                .group
+                .as_ref()
+                .is_some_and(|g| groups.iter().any(|x| x.eq_ignore_ascii_case(g.trim()))),
+            Cond::TalkBelow(s) => f.seconds_talk < *s,
+        }
+    }
+}
+
+/// A named filter: its conditions, all of which (or any of which) must hold.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub name: String,
+    pub any: bool,
+    pub conds: Vec<Cond>,
+}
+
+impl Filter {
+    pub fn matches(&self, f: &CallFacts) -> bool {
+        if self.any {
+            self.conds.iter().any(|c| c.holds(f))
+        } else {
+            self.conds.iter().all(|c| c.holds(f))
+        }
+    }
+}
+
+/// An ordered rewrite of client numbers, applied to the number as Unitalk sent it, before it is
+/// read as E.164: `"^8(0\\d{9})$"` → `"+38$1"`.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub pattern: Regex,
+    pub replace: String,
+}
+
+/// What happens to a call whose client number cannot be read as a phone number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InvalidNumber {
+    /// Quarantined with the reason (the default: an admin looks at it).
+    #[default]
+    Quarantine,
+    /// Recorded as skipped.
+    Skip,
+    /// Pushed with the number as sent (digits and `+` only).
+    Raw,
+}
+
+/// Every rule of the `[rules]` section.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Calls matching one of these are never pushed.
+    pub skip: Vec<Filter>,
+    /// Missed calls matching one of these get no task.
+    pub skip_task: Vec<Filter>,
+    pub rewrite: Vec<Rewrite>,
+    pub invalid_number: InvalidNumber,
+    pub hours: Option<Hours>,
+}
+
+impl Rules {
+    /// The name of the first skip filter `f` matches.
+    pub fn skip(&self, f: &CallFacts) -> Option<&str> {
+        self.skip
+            .iter()
+            .find(|r| r.matches(f))
+            .map(|r| r.name.as_str())
+    }
+
+    /// The name of the first task filter `f` matches.
+    pub fn skip_task(&self, f: &CallFacts) -> Option<&str> {
+        self.skip_task
+            .iter()
+            .find(|r| r.matches(f))
+            .map(|r| r.name.as_str())
+    }
+
+    /// The client number after the rewrite rules (the first one that matches applies).
+    pub fn rewrite_client(&self, raw: &str) -> String {
+        let raw = raw.trim();
+        for r in &self.rewrite {
+            if r.pattern.is_match(raw) {
+                return r.pattern.replace(raw, r.replace.as_str()).into_owned();
+            }
+        }
+        raw.to_string()
+    }
+}
+
+/// The values templates can use for a call.
+pub fn values(
+    f: &CallFacts,
+    tz: Tz,
+    operator: Option<&str>,
+    crm_link: Option<String>,
+) -> BTreeMap<&'static str, String> {
+    let mut v = BTreeMap::new();
+    v.insert("client", f.client_number.clone());
+    v.insert(
+        "direction",
+        if f.way == Way::In {
+            "incoming"
+        } else {
+            "outgoing"
+        }
+        .into(),
+    );
+    v.insert("state", f.state.as_str().to_string());
+    v.insert("operator_name", operator.unwrap_or("").to_string());
+    v.insert("line", f.operator_line.clone().unwrap_or_default());
+    v.insert("outer", f.outer.clone().unwrap_or_default());
+    v.insert("group", f.group.clone().unwrap_or_default());
+    v.insert("talk", f.seconds_talk.to_string());
+    v.insert("duration", f.seconds_full.to_string());
+    v.insert(
+        "started_local",
+        f.started_at
+            .with_timezone(&tz)
+            .format("%Y-%m-%d %H:%M")
+            .to_string(),
+    );
+    v.insert("call_id", f.id.clone());
+    v.insert("recording", f.link.clone().unwrap_or_default());
+    v.insert("crm_link", crm_link.unwrap_or_default());
+    v
+}

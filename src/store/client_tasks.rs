@@ -1,0 +1,121 @@
+//! One open missed-call task per client: the task a client's missed calls are folded into, and
+//! the answered call that completes it. Everything is read from the ledger (`client`, `reached`,
+//! `task_comment`, `task_closed_*`), written with the call rows it belongs to.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, OptionalExtension};
+
+use super::ledger::{ledger_from, LedgerRow, LEDGER_COLUMNS};
+use super::{parse_ts, ts, Result, Store};
+
+/// A client's open task and the calls folded into it.
+#[derive(Debug, Clone)]
+pub struct ClientTask {
+    /// The row of the call that created the task.
+    pub owner: LedgerRow,
+    pub task_id: i64,
+    /// Every call in the task (the owner first, then the follow-ups), with its stored record.
+    pub calls: Vec<(String, String, DateTime<Utc>)>,
+}
+
+impl ClientTask {
+    /// When the latest missed call folded into the task started.
+    pub fn last_missed(&self) -> DateTime<Utc> {
+        self.calls
+            .iter()
+            .map(|(_, _, t)| *t)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+fn prefixed() -> String {
+    LEDGER_COLUMNS
+        .split(',')
+        .map(|c| format!("l.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    fn task_calls(&self, task_id: i64) -> Result<Vec<(String, String, DateTime<Utc>)>> {
+        let mut st = self.conn.prepare(
+            "SELECT l.call_id, c.raw, c.started_at FROM ledger l JOIN calls c ON c.call_id = l.call_id
+             WHERE l.task_id = ?1 ORDER BY l.task_comment, c.started_at, l.call_id",
+        )?;
+        let rows = st.query_map([task_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn open_tasks_where(&self, extra: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<ClientTask>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {} FROM ledger l JOIN calls c ON c.call_id = l.call_id
+             WHERE l.task_id IS NOT NULL AND l.task_comment = 0 AND l.task_closed_at IS NULL
+               AND l.client IS NOT NULL {extra}
+             ORDER BY c.started_at DESC, l.call_id DESC",
+            prefixed()
+        ))?;
+        let owners: Vec<LedgerRow> = st
+            .query_map(p, ledger_from)?
+            .collect::<rusqlite::Result<_>>()?;
+        owners
+            .into_iter()
+            .map(|owner| {
+                let task_id = owner.task_id.expect("selected with a task");
+                Ok(ClientTask {
+                    calls: self.task_calls(task_id)?,
+                    owner,
+                    task_id,
+                })
+            })
+            .collect()
+    }
+
+    /// The client's newest open task.
+    pub fn open_task_for(&self, client: &str) -> Result<Option<ClientTask>> {
+        Ok(self
+            .open_tasks_where("AND l.client = ?1", params![client])?
+            .into_iter()
+            .next())
+    }
+
+    /// Every open task whose call started at or after `since`, newest first.
+    pub fn open_client_tasks(&self, since: DateTime<Utc>) -> Result<Vec<ClientTask>> {
+        self.open_tasks_where("AND c.started_at >= ?1", params![ts(since)])
+    }
+
+    /// The first call in Bitrix24 that reached `client` after `after`: its id and record.
+    pub fn reached_after(
+        &self,
+        client: &str,
+        after: DateTime<Utc>,
+    ) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT l.call_id, c.raw FROM ledger l JOIN calls c ON c.call_id = l.call_id
+                 WHERE l.client = ?1 AND l.reached = 1 AND c.started_at > ?2
+                   AND l.stage IN ('finished', 'done')
+                 ORDER BY c.started_at, l.call_id LIMIT 1",
+                params![client, ts(after)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Whether another call of `client` has a task being created (its outcome not recorded yet).
+    pub fn task_in_flight_for(&self, client: &str, except: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM ledger WHERE client = ?1 AND call_id != ?2
+                             AND task_in_flight_since IS NOT NULL)",
+            params![client, except],
+            |r| r.get(0),
+        )?)
+    }
+}
