@@ -557,11 +557,11 @@ impl Validator {
             ("1s", "30days"),
         );
 
+        let rules = self.rules(raw.rules, b24_tz, base_dir);
         if !self.problems.is_empty() {
             return None;
         }
         let recordings = self.recordings(&raw.recordings, mode);
-        let rules = self.rules(raw.rules, b24_tz, base_dir);
         if !self.problems.is_empty() {
             return None;
         }

@@ -222,3 +222,121 @@ pub fn values(
     v.insert("crm_link", crm_link.unwrap_or_default());
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unitalk::CallState;
+    use chrono::TimeZone;
+
+    fn call(number: &str, way: Way, state: CallState, talk: u32) -> CallFacts {
+        CallFacts {
+            id: "1".into(),
+            external_id: "unitalk-1".into(),
+            way,
+            client_number: number.into(),
+            operator_line: Some("101".into()),
+            started_at: chrono::Utc
+                .with_ymd_and_hms(2026, 11, 24, 10, 0, 0)
+                .unwrap(),
+            seconds_talk: talk,
+            seconds_full: talk + 5,
+            status_code: "200",
+            missed: false,
+            state,
+            link: None,
+            line_number: Some("380443334455".into()),
+            outer: Some("380443334455".into()),
+            group: Some("Sales".into()),
+        }
+    }
+
+    fn set(entries: &[&str]) -> NumberSet {
+        let mut s = NumberSet::default();
+        for e in entries {
+            s.add(e).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn number_sets_match_exact_digits_prefixes_and_expressions() {
+        let s = set(&["+380 50 111-22-33", "prefix:+7", r"regex:^\+3809[3-9]"]);
+        assert!(s.contains("+380501112233"));
+        assert!(s.contains("+79001234567"));
+        assert!(s.contains("+380931234567"));
+        assert!(!s.contains("+380671234567"));
+        assert!(NumberSet::default().add("anonymous").is_err());
+        assert!(NumberSet::default().add("regex:([").is_err());
+    }
+
+    #[test]
+    fn filters_combine_with_all_or_any() {
+        let conds = vec![
+            Cond::Direction(vec![Way::In]),
+            Cond::TalkBelow(5),
+            Cond::Group(vec!["sales".into()]),
+        ];
+        let all = Filter {
+            name: "all".into(),
+            any: false,
+            conds: conds.clone(),
+        };
+        let any = Filter {
+            name: "any".into(),
+            any: true,
+            conds,
+        };
+        let short_in = call("+380501112233", Way::In, CallState::Answer, 2);
+        let long_out = call("+380501112233", Way::Out, CallState::Answer, 60);
+        assert!(all.matches(&short_in));
+        assert!(!all.matches(&long_out));
+        assert!(any.matches(&long_out), "the group matches");
+        let mut no_group = long_out.clone();
+        no_group.group = None;
+        assert!(!any.matches(&no_group));
+        let rules = Rules {
+            skip: vec![all.clone()],
+            skip_task: vec![any.clone()],
+            ..Rules::default()
+        };
+        assert_eq!(rules.skip(&short_in), Some("all"));
+        assert_eq!(rules.skip(&long_out), None);
+        assert_eq!(rules.skip_task(&long_out), Some("any"));
+    }
+
+    #[test]
+    fn conditions_on_lines_states_and_clients() {
+        let c = call("+380501112233", Way::In, CallState::NoAnswer, 0);
+        assert!(Cond::InnerLine(vec!["101".into()]).holds(&c));
+        assert!(!Cond::InnerLine(vec!["102".into()]).holds(&c));
+        assert!(Cond::State(vec!["NOANSWER".into()]).holds(&c));
+        assert!(Cond::OuterLine(set(&["+380 44 333 44 55"])).holds(&c));
+        assert!(Cond::Client(set(&["prefix:38050"])).holds(&c));
+        let mut site = c.clone();
+        site.outer = Some("Site.UA".into());
+        let mut by_name = NumberSet::default();
+        by_name.exact.insert("site.ua".into());
+        assert!(Cond::OuterLine(by_name).holds(&site));
+    }
+
+    #[test]
+    fn the_first_matching_rewrite_applies() {
+        let rules = Rules {
+            rewrite: vec![
+                Rewrite {
+                    pattern: Regex::new(r"^8(0\d{9})$").unwrap(),
+                    replace: "+38$1".into(),
+                },
+                Rewrite {
+                    pattern: Regex::new(r"^9(\d+)$").unwrap(),
+                    replace: "$1".into(),
+                },
+            ],
+            ..Rules::default()
+        };
+        assert_eq!(rules.rewrite_client("80501112233"), "+380501112233");
+        assert_eq!(rules.rewrite_client("90501112233"), "0501112233");
+        assert_eq!(rules.rewrite_client("+380501112233"), "+380501112233");
+    }
+}

@@ -66,6 +66,8 @@ pub struct SimCall {
     /// The recording link shows up this long after the call ends.
     pub link_delay: Duration,
     pub source: String,
+    /// `lastGroupName`, sent when set.
+    pub group: Option<String>,
     /// Served verbatim instead of the fields above (for malformed-record tests); `date` and
     /// `seconds_full` still decide when it becomes visible.
     pub raw_override: Option<serde_json::Value>,
@@ -272,6 +274,7 @@ impl Scenario {
                 link_delay,
                 source: "REGULAR".into(),
                 raw_override: None,
+                group: None,
             });
         }
         s
@@ -305,6 +308,7 @@ impl Scenario {
             link_delay: Duration::zero(),
             source: "REGULAR".into(),
             raw_override: None,
+            group: None,
         });
         id
     }

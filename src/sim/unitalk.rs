@@ -405,6 +405,9 @@ fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
         "callback": false,
         "source": c.source,
     });
+    if let Some(g) = &c.group {
+        v["lastGroupName"] = Value::String(g.clone());
+    }
     if let Some(link) = &c.link {
         if call_end(c, tz) + c.link_delay <= now {
             v["link"] = Value::String(link.clone());

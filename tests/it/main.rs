@@ -14,6 +14,7 @@ mod pipeline;
 mod pipeline_v2;
 mod properties;
 mod recordings;
+mod rules;
 mod security;
 mod sim_bitrix24;
 mod sim_unitalk;

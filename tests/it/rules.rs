@@ -1,0 +1,468 @@
+//! Business rules end to end (#12): skip filters, task filters, working hours, one open task per
+//! client folded and completed by the call-back, and `ubsync rules test`.
+
+use chrono::{Duration, NaiveDateTime};
+use ubsync::sim::scenario::{CrmKind, Scenario};
+use ubsync::sim::{Fault, FaultKind};
+use ubsync::store::ledger::Stage;
+
+use crate::harness::{pass, text, TestEnv};
+
+const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
+
+fn n(s: &str) -> NaiveDateTime {
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap()
+}
+
+fn scenario() -> Scenario {
+    Scenario::empty(KYIV)
+        .with_operator(10, "101")
+        .with_operator(11, "102")
+        .with_client(CrmKind::Contact, 797, "+380501112233", 11)
+}
+
+/// Every command the portal received that names `unitalk-<id>`, by method.
+fn writes_for(env: &TestEnv, id: u64) -> usize {
+    let ext = format!("unitalk-{id}");
+    env.sims
+        .bitrix24
+        .calls()
+        .iter()
+        .filter(|c| c.external_call_id.as_deref() == Some(ext.as_str()))
+        .count()
+        + env
+            .sims
+            .bitrix24
+            .tasks()
+            .iter()
+            .filter(|t| t.xml_id.as_deref() == Some(ext.as_str()))
+            .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_call_never_reaches_the_portal_and_is_recorded_as_skipped_by_its_rule() {
+    let mut s = scenario();
+    let spam = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380931234567",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let short = s.add_call(
+        n("2026-11-21 10:05:00"),
+        "IN",
+        "380671112200",
+        &["101"],
+        "ANSWER",
+        2,
+        None,
+    );
+    let queue = s.add_call(
+        n("2026-11-21 10:10:00"),
+        "IN",
+        "380671112201",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().group = Some("Robocalls".into());
+    let kept = s.add_call(
+        n("2026-11-21 10:15:00"),
+        "IN",
+        "380671112202",
+        &["101"],
+        "ANSWER",
+        30,
+        None,
+    );
+    let no_task = s.add_call(
+        n("2026-11-21 10:20:00"),
+        "IN",
+        "380671112203",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    std::fs::write(
+        env.dir.path().join("blocked.txt"),
+        "# spam\n+380 93 123 45 67\n",
+    )
+    .unwrap();
+    env.write_config(
+        "telephony",
+        r#"[sync]
+start = "2026-11-21"
+[[rules.skip]]
+name = "blocklist"
+client_file = "blocked.txt"
+[[rules.skip]]
+name = "too short"
+state = ["ANSWER"]
+talk_below = 5
+[[rules.skip]]
+name = "robot queue"
+match = "any"
+group = ["robocalls"]
+client = ["prefix:+7"]
+[[rules.skip_task]]
+name = "line 102 calls back itself"
+inner_line = ["102"]
+"#,
+    );
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(summary.skipped, 3, "{summary}");
+    for (id, rule) in [
+        (spam, "blocklist"),
+        (short, "too short"),
+        (queue, "robot queue"),
+    ] {
+        assert_eq!(writes_for(&env, id), 0, "call {id} reached the portal");
+        let row = ctx
+            .store
+            .lock()
+            .ledger_row(&id.to_string())
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.stage, Stage::Skipped);
+        assert!(row.reason.as_deref().unwrap().contains(rule), "{row:?}");
+    }
+    assert_eq!(writes_for(&env, kept), 1);
+    // Pushed, but the task filter holds its task back.
+    let ext = format!("unitalk-{no_task}");
+    assert!(env
+        .sims
+        .bitrix24
+        .calls()
+        .iter()
+        .any(|c| c.external_call_id.as_deref() == Some(ext.as_str())));
+    assert!(env.sims.bitrix24.tasks().is_empty());
+    assert_eq!(pass(&ctx).await.unwrap().bitrix24_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_missed_calls_make_one_task_and_the_call_back_completes_it() {
+    let mut s = scenario();
+    let first = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let second = s.add_call(
+        n("2026-11-21 10:20:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "BUSY",
+        0,
+        None,
+    );
+    let third = s.add_call(
+        n("2026-11-21 10:40:00"),
+        "IN",
+        "380501112233",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1, "{summary}");
+    let t = &tasks[0];
+    assert_eq!(
+        t.xml_id.as_deref(),
+        Some(format!("unitalk-{first}").as_str())
+    );
+    assert_eq!(t.responsible_id, 11, "the contact's responsible");
+    assert!(
+        t.description.contains("The client called again:"),
+        "{}",
+        t.description
+    );
+    for id in [second, third] {
+        assert_eq!(
+            t.description.matches(&format!("unitalk-{id})")).count(),
+            1,
+            "{}",
+            t.description
+        );
+    }
+    assert_eq!(t.status, 2, "open");
+    assert_eq!((summary.tasks, summary.tasks_folded), (1, 2), "{summary}");
+
+    // The operator calls the client back.
+    let mut later = Scenario::empty(KYIV);
+    later.add_call(
+        n("2026-11-22 13:00:00"),
+        "OUT",
+        "101",
+        &["0501112233"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let mut back = later.calls.pop().unwrap();
+    back.id = 9001;
+    env.sims.unitalk.add_calls([back]);
+    env.clock.advance(Duration::hours(2));
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(summary.tasks_closed, 1, "{summary}");
+    let t = &env.sims.bitrix24.tasks()[0];
+    assert_eq!(t.status, 5, "completed");
+    assert!(
+        t.description.contains("Client reached: outgoing call"),
+        "{}",
+        t.description
+    );
+    assert!(t.description.contains("unitalk-9001"));
+
+    // A new missed call after the call-back opens a new task.
+    let mut again = Scenario::empty(KYIV);
+    again.add_call(
+        n("2026-11-22 14:30:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let mut c = again.calls.pop().unwrap();
+    c.id = 9002;
+    env.sims.unitalk.add_calls([c]);
+    env.clock.advance(Duration::hours(1));
+    pass(&ctx).await.unwrap();
+    assert_eq!(env.sims.bitrix24.tasks().len(), 2);
+    assert_eq!(
+        pass(&ctx).await.unwrap().bitrix24_requests,
+        0,
+        "nothing left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_call_answered_back_before_its_task_needs_none() {
+    let mut s = scenario();
+    let missed = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380671110000",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.add_call(
+        n("2026-11-21 10:05:00"),
+        "OUT",
+        "101",
+        &["380671110000"],
+        "ANSWER",
+        30,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert!(env.sims.bitrix24.tasks().is_empty(), "{summary}");
+    assert_eq!(summary.tasks_not_needed, 1);
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&missed.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.stage, Stage::Done);
+    assert!(row.task_closed_by.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_to_the_task_update_and_completion_change_nothing_twice() {
+    let mut s = scenario();
+    for (i, t) in ["10:00:00", "10:20:00"].iter().enumerate() {
+        s.add_call(
+            n(&format!("2026-11-21 {t}")),
+            "IN",
+            "380501112233",
+            &["101"],
+            "NOANSWER",
+            0,
+            None,
+        );
+        let _ = i;
+    }
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("tasks.task.update"),
+        FaultKind::CommitThenDrop,
+    ));
+    let summary = pass(&ctx).await.unwrap();
+    assert!(summary.faults_survived >= 1, "{summary}");
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(
+        tasks[0]
+            .description
+            .matches("The client called again:")
+            .count(),
+        1
+    );
+    // The call-back, with the completion's answer lost.
+    let mut later = Scenario::empty(KYIV);
+    later.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        60,
+        None,
+    );
+    let mut back = later.calls.pop().unwrap();
+    back.id = 9100;
+    env.sims.unitalk.add_calls([back]);
+    env.clock.advance(Duration::hours(2));
+    env.sims.bitrix24.inject(Fault::once(
+        Some("tasks.task.complete"),
+        FaultKind::CommitThenDrop,
+    ));
+    pass(&ctx).await.unwrap();
+    pass(&ctx).await.unwrap();
+    let t = &env.sims.bitrix24.tasks()[0];
+    assert_eq!(t.status, 5);
+    assert_eq!(
+        t.description.matches("Client reached").count(),
+        1,
+        "{}",
+        t.description
+    );
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1);
+    assert_eq!(pass(&ctx).await.unwrap().bitrix24_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_after_hours_missed_call_gets_its_deadline_from_the_next_opening() {
+    let mut s = scenario();
+    // Friday 2026-11-20, 20:00 in Kyiv: the office (Mon–Fri 09–18) opens Monday.
+    s.add_call(
+        n("2026-11-20 20:00:00"),
+        "IN",
+        "380671113333",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    // Friday 11:00: inside the hours.
+    s.add_call(
+        n("2026-11-20 11:00:00"),
+        "IN",
+        "380671114444",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-20\"\n[tasks]\ndeadline_minutes = 60\n[rules.hours]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]\nopen = \"09:00\"\nclose = \"18:00\"\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    let deadline = |phone: &str| {
+        tasks
+            .iter()
+            .find(|t| t.description.contains(phone))
+            .and_then(|t| t.deadline.clone())
+            .unwrap()
+    };
+    assert!(
+        deadline("+380671113333").starts_with("2026-11-23T10:00:00"),
+        "{}",
+        deadline("+380671113333")
+    );
+    assert!(
+        deadline("+380671114444").starts_with("2026-11-20T12:00:00"),
+        "{}",
+        deadline("+380671114444")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_after_hours_wait_the_task_is_created_when_the_office_opens() {
+    let mut s = scenario();
+    s.add_call(
+        n("2026-11-21 03:00:00"),
+        "IN",
+        "380671115555",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[rules.hours]\nafter_hours = \"wait\"\n",
+    );
+    let ctx = env.ctx().await;
+    // Sunday 14:00 in Kyiv: closed (the call came on Saturday night).
+    let summary = pass(&ctx).await.unwrap();
+    assert!(env.sims.bitrix24.tasks().is_empty(), "{summary}");
+    // Monday 09:30 in Kyiv.
+    env.clock
+        .advance(Duration::hours(19) + Duration::minutes(30));
+    pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1);
+    assert!(
+        tasks[0]
+            .deadline
+            .as_deref()
+            .unwrap()
+            .starts_with("2026-11-23T09:30:00"),
+        "{:?}",
+        tasks[0].deadline
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_with_an_unknown_placeholder_or_bad_rule_is_refused_with_every_problem() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config(
+        "telephony",
+        "[tasks]\ntitle = \"Missed {clinet}\"\n[[rules.skip]]\nname = \"empty\"\n[[rules.skip]]\nclient = [\"regex:([\"]\n[rules.hours]\nopen = \"9am\"\n",
+    );
+    let out = env.ubsync(&["check", "--offline"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    for want in [
+        "tasks.title",
+        "unknown placeholder {clinet}",
+        "rules.skip[0]",
+        "no condition",
+        "rules.skip[1].client",
+        "rules.hours.open",
+    ] {
+        assert!(t.contains(want), "missing {want:?} in:\n{t}");
+    }
+}
