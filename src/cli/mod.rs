@@ -23,6 +23,7 @@ use crate::unitalk::{UnitalkClient, UnitalkError};
 pub mod inspect;
 mod progress;
 mod ranges;
+mod rules_test;
 mod setup;
 mod simulate;
 
@@ -184,6 +185,31 @@ pub enum Command {
     /// Manage the Bitrix24 OAuth tokens of the local application (telephony mode).
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Try the business rules ([rules], [tasks]) on calls already in the state file.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Run the rules over stored calls and print, per call, which rules fired and what would be
+    /// sent (the client number as rewritten, skip or push, the task's title, deadline and
+    /// whether it is folded into the client's open task). Sends and writes nothing, so a rule
+    /// can be tried before it is enabled: edit the config, run this, read.
+    Test {
+        /// First day (default: today in Unitalk's zone).
+        #[arg(long, value_name = "DATE", conflicts_with = "call")]
+        from: Option<String>,
+        /// Last day, inclusive (default: the same as --from).
+        #[arg(long, value_name = "DATE", conflicts_with = "call")]
+        to: Option<String>,
+        /// One call (Unitalk id or unitalk-<id>).
+        #[arg(long, value_name = "ID")]
+        call: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -419,6 +445,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => run_daemon(&cli.config, listen, install_listen).await,
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
+        Command::Rules(RulesCommand::Test {
+            from,
+            to,
+            call,
+            json,
+        }) => rules_test::rules_test(&load_config(&cli.config)?, from, to, call, json),
         Command::Retry { ids, all } => retry(&cli.config, &ids, all).await,
         Command::Demo | Command::Sim(_) if cli.config_given => Err(UsageError(format!(
             "--config: `{}` runs against its own simulators and reads no configuration file; drop --config (`sim --write-config PATH` writes one for the other commands)",

@@ -36,6 +36,34 @@ impl Store {
     }
 
     /// How many calls the store holds that started in `[from, to)`.
+    /// Stored calls that started in `[from, to)`, oldest first, at most `limit`: id and record.
+    pub fn stored_calls(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let mut st = self.conn.prepare(
+            "SELECT call_id, raw FROM calls WHERE started_at >= ?1 AND started_at < ?2
+             ORDER BY started_at, call_id LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![super::ts(from), super::ts(to), limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A stored call's record.
+    pub fn stored_call(&self, call_id: &str) -> Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row("SELECT raw FROM calls WHERE call_id = ?1", [call_id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
     pub fn calls_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<u64> {
         Ok(self.conn.query_row(
             "SELECT COUNT(*) FROM calls WHERE started_at >= ?1 AND started_at < ?2",

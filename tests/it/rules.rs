@@ -466,3 +466,61 @@ async fn a_config_with_an_unknown_placeholder_or_bad_rule_is_refused_with_every_
         assert!(t.contains(want), "missing {want:?} in:\n{t}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_test_shows_each_calls_decisions_and_sends_nothing() {
+    let mut s = scenario();
+    let spam = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380931234567",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let missed = s.add_call(
+        n("2026-11-21 10:10:00"),
+        "IN",
+        "80671112200",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    // The admin drafts rules and tries them on what is stored.
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[tasks]\ntitle = \"Call back {client} ({line})\"\n[[rules.skip]]\nname = \"spam\"\nclient = [\"+380931234567\"]\n[[rules.rewrite]]\npattern = \"^8(0\\\\d{9})$\"\nreplace = \"+38$1\"\n",
+    );
+    let before_rows = ctx.store.lock().ledger_rows().unwrap();
+    let before = env.sims.bitrix24.requests().len();
+    let out = env.ubsync(&["rules", "test", "--from", "2026-11-21"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("call {spam}")) && t.contains("skipped: rule \"spam\""),
+        "{t}"
+    );
+    assert!(t.contains(&format!("call {missed}")), "{t}");
+    assert!(
+        t.contains("\"80671112200\" → +380671112200"),
+        "the rewrite shows:\n{t}"
+    );
+    assert!(t.contains("\"Call back +380671112200 (101)\""), "{t}");
+    assert!(t.contains("2 calls: 1 pushed, 1 skipped"), "{t}");
+    let out = env
+        .ubsync(&["rules", "test", "--call", &missed.to_string(), "--json"])
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["task"]["decision"], "create", "{v}");
+    assert_eq!(env.sims.bitrix24.requests().len(), before, "nothing sent");
+    assert!(
+        ctx.store.lock().ledger_rows().unwrap() == before_rows,
+        "nothing written"
+    );
+}
