@@ -475,6 +475,7 @@ fn understand(
     ctx: &SyncCtx,
     items: Vec<WorkItem>,
     s: &mut PassSummary,
+    dry_run: bool,
 ) -> Result<Vec<Due>, SyncError> {
     let now = ctx.clock.now();
     let known = known_lines(ctx)?;
@@ -501,6 +502,12 @@ fn understand(
                         let mut l = item.ledger.clone();
                         l.stage = Stage::Skipped;
                         l.reason = Some(format!("skipped by rule \"{rule}\" (rules.skip)"));
+                        if dry_run {
+                            s.plan.push(format!(
+                                "call {}: not pushed (rule \"{rule}\", rules.skip)",
+                                facts.id
+                            ));
+                        }
                         s.skipped += 1;
                         settled.push(l);
                     }
@@ -724,7 +731,7 @@ async fn push_round(
     if items.is_empty() {
         return client_tasks::close_reached(ctx, opts, s).await;
     }
-    let due = understand(ctx, items, s)?;
+    let due = understand(ctx, items, s, opts.dry_run)?;
     let lines: HashSet<String> = due
         .iter()
         .filter_map(|d| d.facts.operator_line.clone())

@@ -115,6 +115,24 @@ name = "line 102 calls back itself"
 inner_line = ["102"]
 "#,
     );
+    // The dry run shows each rule's decision and sends nothing.
+    let (_, refresh) = env.sims.bitrix24.install_app(1);
+    let out = env.ubsync(&["auth", "set-refresh-token", &refresh]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = env.ubsync(&["sync", "--dry-run"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("call {spam}: not pushed (rule \"blocklist\"")),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!(
+            "call {no_task}: no task (rule \"line 102 calls back itself\""
+        )),
+        "{t}"
+    );
+    assert!(env.sims.bitrix24.calls().is_empty());
     let ctx = env.ctx().await;
     let summary = pass(&ctx).await.unwrap();
     assert_eq!(summary.skipped, 3, "{summary}");
