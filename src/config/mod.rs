@@ -43,7 +43,6 @@ pub struct Config {
     pub bitrix24: Bitrix24Config,
     pub state: StateConfig,
     pub sync: SyncConfig,
-    pub activity: ActivityConfig,
     pub tasks: TasksConfig,
     /// The daemon's schedule file (absolute).
     pub schedule_file: PathBuf,
@@ -190,7 +189,6 @@ pub struct SyncConfig {
     /// ISO 3166 country used to read national phone numbers.
     pub default_country: phonenumber::country::Id,
     pub skip_internal: bool,
-    pub crm_create: bool,
     pub add_to_chat: bool,
     /// How long an answered call without a recording link is re-checked for one.
     pub recording_wait: Duration,
@@ -211,13 +209,6 @@ pub struct SyncConfig {
     /// (two commands per call instead of three). Off by default: Bitrix24 documents the
     /// parameter as deprecated and reports no error when its download fails.
     pub record_url_on_finish: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct ActivityConfig {
-    /// Create a lead for numbers no CRM entity has (activity mode).
-    pub create_leads: bool,
-    pub lead_title: String,
 }
 
 #[derive(Debug, Clone)]

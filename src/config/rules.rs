@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use crate::rules::{
-    AfterHours, Cond, Filter, Hours, InvalidNumber, NumberSet, Rewrite, Rules, Template,
+    AfterHours, Cond, Filter, Hours, InvalidNumber, Leads, LeadsFor, NumberSet, Responsible,
+    Rewrite, Rules, Template, Who,
 };
 use crate::sync::call::Way;
 
@@ -24,6 +25,31 @@ pub(super) struct RawRules {
     #[serde(default)]
     pub(super) skip_task: Vec<RawFilter>,
     pub(super) hours: Option<RawHours>,
+    pub(super) responsible: Option<RawResponsible>,
+    pub(super) leads: Option<RawLeads>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawResponsible {
+    pub(super) order: Option<Vec<String>>,
+    #[serde(default)]
+    pub(super) lines: std::collections::BTreeMap<String, i64>,
+    #[serde(default)]
+    pub(super) groups: std::collections::BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawLeads {
+    pub(super) create: Option<String>,
+    pub(super) source: Option<String>,
+    pub(super) title: Option<String>,
+}
+
+/// What the keys older than `[rules.leads]` said, used when it is absent.
+pub(super) struct LegacyLeads {
+    pub(super) create: bool,
+    pub(super) create_key: &'static str,
+    pub(super) title: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -288,7 +314,113 @@ impl Validator {
         })
     }
 
-    pub(super) fn rules(&mut self, raw: RawRules, default_tz: Tz, base_dir: &Path) -> Rules {
+    fn responsible(&mut self, raw: Option<RawResponsible>) -> Responsible {
+        let mut r = Responsible::default();
+        let Some(raw) = raw else { return r };
+        if let Some(order) = raw.order {
+            let mut out = Vec::new();
+            for w in order {
+                match w.trim().to_lowercase().as_str() {
+                    "crm" => out.push(Who::Crm),
+                    "operator" => out.push(Who::Operator),
+                    "line" => out.push(Who::Line),
+                    "group" => out.push(Who::Group),
+                    "default" => out.push(Who::Default),
+                    other => self.fail(
+                        "rules.responsible.order",
+                        format!("`{other}` is not a source"),
+                        "list some of \"crm\", \"operator\", \"line\", \"group\", \"default\"",
+                    ),
+                }
+            }
+            if out.is_empty() {
+                self.fail(
+                    "rules.responsible.order",
+                    "empty",
+                    "list at least \"default\"",
+                );
+            }
+            r.order = out;
+        }
+        for (line, user) in raw.lines {
+            let d = crate::rules::digits(&line);
+            if d.is_empty() || user < 1 {
+                self.fail(
+                    &format!("rules.responsible.lines.{line}"),
+                    "needs a company phone number and a Bitrix24 user id",
+                    "write \"380443334455\" = 12",
+                );
+            } else {
+                r.lines.insert(d, user);
+            }
+        }
+        for (group, user) in raw.groups {
+            if user < 1 {
+                self.fail(
+                    &format!("rules.responsible.groups.{group}"),
+                    format!("{user} is not a Bitrix24 user id"),
+                    "write \"Sales\" = 15",
+                );
+            } else {
+                r.groups.insert(group.trim().to_lowercase(), user);
+            }
+        }
+        r
+    }
+
+    fn leads(&mut self, raw: Option<RawLeads>, legacy: LegacyLeads) -> Leads {
+        let raw = raw.unwrap_or_default();
+        let create = match raw.create.as_deref() {
+            None => {
+                if legacy.create {
+                    LeadsFor::All
+                } else {
+                    LeadsFor::None
+                }
+            }
+            Some("all") => LeadsFor::All,
+            Some("incoming") => LeadsFor::Incoming,
+            Some("outgoing") => LeadsFor::Outgoing,
+            Some("none") => LeadsFor::None,
+            Some(other) => {
+                self.fail(
+                    "rules.leads.create",
+                    format!("`{other}` is not a choice"),
+                    format!(
+                        "use \"all\", \"incoming\", \"outgoing\" or \"none\" (it replaces `{}`)",
+                        legacy.create_key
+                    ),
+                );
+                LeadsFor::All
+            }
+        };
+        let (key, title) = match (raw.title, legacy.title) {
+            (Some(t), _) => ("rules.leads.title", Some(t)),
+            (None, Some(t)) => ("activity.lead_title", Some(t)),
+            (None, None) => ("rules.leads.title", None),
+        };
+        let source = raw.source.unwrap_or_else(|| "CALL".into());
+        if source.trim().is_empty() {
+            self.fail(
+                "rules.leads.source",
+                "empty",
+                "use a source id such as \"CALL\"",
+            );
+        }
+        Leads {
+            create,
+            source,
+            title: self.template(key, title, "Call from {client}"),
+        }
+    }
+
+    pub(super) fn rules(
+        &mut self,
+        raw: RawRules,
+        default_tz: Tz,
+        base_dir: &Path,
+        legacy: LegacyLeads,
+    ) -> Rules {
         let invalid_number = match raw.invalid_number.as_deref().unwrap_or("quarantine") {
             "quarantine" => InvalidNumber::Quarantine,
             "skip" => InvalidNumber::Skip,
@@ -334,12 +466,16 @@ impl Validator {
             .filter_map(|(i, f)| self.filter("rules.skip_task", i, f, base_dir))
             .collect();
         let hours = raw.hours.and_then(|h| self.hours(h, default_tz));
+        let responsible = self.responsible(raw.responsible);
+        let leads = self.leads(raw.leads, legacy);
         Rules {
             skip,
             skip_task,
             rewrite,
             invalid_number,
             hours,
+            responsible,
+            leads,
         }
     }
 }

@@ -513,13 +513,6 @@ impl Validator {
             }
         };
 
-        let activity = ActivityConfig {
-            create_leads: raw.activity.create_leads.unwrap_or(true),
-            lead_title: raw
-                .activity
-                .lead_title
-                .unwrap_or_else(|| "Call from {phone}".into()),
-        };
         let tasks_title =
             self.template("tasks.title", raw.tasks.title, "Missed call from {client}");
         let tasks_description = raw
@@ -557,7 +550,19 @@ impl Validator {
             ("1s", "30days"),
         );
 
-        let rules = self.rules(raw.rules, b24_tz, base_dir);
+        let legacy = match mode {
+            Mode::Activity => super::rules::LegacyLeads {
+                create: raw.activity.create_leads.unwrap_or(true),
+                create_key: "activity.create_leads",
+                title: raw.activity.lead_title.clone(),
+            },
+            Mode::Telephony => super::rules::LegacyLeads {
+                create: s.crm_create.unwrap_or(true),
+                create_key: "sync.crm_create",
+                title: raw.activity.lead_title.clone(),
+            },
+        };
+        let rules = self.rules(raw.rules, b24_tz, base_dir, legacy);
         if !self.problems.is_empty() {
             return None;
         }
@@ -609,7 +614,6 @@ impl Validator {
                 max_window,
                 default_country,
                 skip_internal: s.skip_internal.unwrap_or(true),
-                crm_create: s.crm_create.unwrap_or(true),
                 add_to_chat: s.add_to_chat.unwrap_or(false),
                 recording_wait,
                 max_call_duration,
@@ -620,7 +624,6 @@ impl Validator {
                 crm_cache,
                 record_url_on_finish: s.record_url_on_finish.unwrap_or(false),
             },
-            activity,
             tasks: TasksConfig {
                 enabled: raw.tasks.enabled.unwrap_or(true),
                 title: tasks_title,

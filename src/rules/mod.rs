@@ -144,6 +144,105 @@ pub enum InvalidNumber {
     Raw,
 }
 
+/// Who may own a call or its task, in `rules.responsible.order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// The responsible of the client's CRM entity (tasks only: a call belongs to who took it).
+    Crm,
+    /// The Bitrix24 user of the operator's inner line.
+    Operator,
+    /// `rules.responsible.lines`: a user per company line.
+    Line,
+    /// `rules.responsible.groups`: a user per operator group.
+    Group,
+    /// `bitrix24.default_user_id`.
+    Default,
+}
+
+/// The responsible order and its per-line and per-group users.
+#[derive(Debug, Clone)]
+pub struct Responsible {
+    pub order: Vec<Who>,
+    /// Company line (digits) → user.
+    pub lines: std::collections::HashMap<String, i64>,
+    /// Group (lower case) → user.
+    pub groups: std::collections::HashMap<String, i64>,
+}
+
+impl Default for Responsible {
+    fn default() -> Self {
+        Self {
+            order: vec![Who::Crm, Who::Operator, Who::Line, Who::Group, Who::Default],
+            lines: Default::default(),
+            groups: Default::default(),
+        }
+    }
+}
+
+impl Responsible {
+    /// The first of the order that has a user for this call.
+    pub fn pick(
+        &self,
+        f: &CallFacts,
+        crm: Option<i64>,
+        operator: Option<i64>,
+        default: Option<i64>,
+    ) -> Option<i64> {
+        self.order.iter().find_map(|w| match w {
+            Who::Crm => crm,
+            Who::Operator => operator,
+            Who::Line => f
+                .outer
+                .as_ref()
+                .and_then(|o| self.lines.get(&digits(o)).copied()),
+            Who::Group => f
+                .group
+                .as_ref()
+                .and_then(|g| self.groups.get(&g.trim().to_lowercase()).copied()),
+            Who::Default => default,
+        })
+    }
+}
+
+/// Which calls may create a CRM lead for an unknown number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeadsFor {
+    All,
+    Incoming,
+    Outgoing,
+    None,
+}
+
+impl LeadsFor {
+    pub fn allows(self, way: Way) -> bool {
+        match self {
+            LeadsFor::All => true,
+            LeadsFor::Incoming => way == Way::In,
+            LeadsFor::Outgoing => way == Way::Out,
+            LeadsFor::None => false,
+        }
+    }
+}
+
+/// Lead creation: for which calls, with which source and title.
+#[derive(Debug, Clone)]
+pub struct Leads {
+    pub create: LeadsFor,
+    /// `SOURCE_ID` of created leads (activity mode).
+    pub source: String,
+    pub title: Template,
+}
+
+impl Default for Leads {
+    fn default() -> Self {
+        Self {
+            create: LeadsFor::All,
+            source: "CALL".into(),
+            title: Template::parse("Call from {client}").expect("default template"),
+        }
+    }
+}
+
 /// Every rule of the `[rules]` section.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
@@ -154,6 +253,8 @@ pub struct Rules {
     pub rewrite: Vec<Rewrite>,
     pub invalid_number: InvalidNumber,
     pub hours: Option<Hours>,
+    pub responsible: Responsible,
+    pub leads: Leads,
 }
 
 impl Rules {

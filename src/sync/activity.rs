@@ -138,25 +138,39 @@ pub(super) async fn push_activity(
         .filter(|n| !entities.contains_key(*n))
         .cloned()
         .collect();
-    if cfg.activity.create_leads && !unknown.is_empty() {
-        let first_call: HashMap<&String, &Due> = fresh
-            .iter()
-            .rev()
-            .map(|d| (&d.facts.client_number, d))
-            .collect();
+    // The first call of each unknown number whose direction may create a lead.
+    let leads = &cfg.rules.leads;
+    let first_call: HashMap<&String, &Due> = fresh
+        .iter()
+        .rev()
+        .filter(|d| leads.create.allows(d.facts.way))
+        .map(|d| (&d.facts.client_number, d))
+        .collect();
+    let unknown: Vec<String> = unknown
+        .into_iter()
+        .filter(|n| first_call.contains_key(n))
+        .collect();
+    if !unknown.is_empty() {
+        let tz = cfg.bitrix24.timezone;
         let commands: Vec<Command> = unknown
             .iter()
             .enumerate()
             .map(|(i, n)| {
                 let d = first_call[n];
                 let assigned = user_for(ctx, &d.facts, users).unwrap_or(1);
+                let title = leads.title.render(&crate::rules::values(
+                    &d.facts,
+                    tz,
+                    operator_name(&d.facts),
+                    None,
+                ));
                 Command::new(
                     format!("l{i}"),
                     "crm.lead.add",
                     json!({"fields": {
-                        "TITLE": cfg.activity.lead_title.replace("{phone}", n),
+                        "TITLE": title,
                         "PHONE": [{"VALUE": n, "VALUE_TYPE": "WORK"}],
-                        "SOURCE_ID": "CALL", "ASSIGNED_BY_ID": assigned,
+                        "SOURCE_ID": leads.source, "ASSIGNED_BY_ID": assigned,
                         "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": d.facts.external_id,
                     }}),
                 )
@@ -203,11 +217,13 @@ pub(super) async fn push_activity(
     let mut skipped = Vec::new();
     for d in fresh {
         let Some(entity) = entities.get(&d.facts.client_number).cloned() else {
-            if !cfg.activity.create_leads {
+            if !cfg.rules.leads.create.allows(d.facts.way) {
                 let mut l = d.item.ledger.clone();
                 l.stage = Stage::Skipped;
-                l.reason =
-                    Some("no CRM entity has this number and activity.create_leads = false".into());
+                l.reason = Some(format!(
+                    "no CRM entity has this number and leads are not created for {} calls (rules.leads.create)",
+                    if d.facts.way == super::call::Way::In { "incoming" } else { "outgoing" }
+                ));
                 skipped.push(l);
             }
             continue;

@@ -605,12 +605,15 @@ async fn resolve_operators(
     Ok((out, unresolved))
 }
 
-/// The Bitrix24 user a call belongs to: its operator's, else the configured default.
+/// The Bitrix24 user a call belongs to: the first of `rules.responsible.order` (the CRM left
+/// out: a call belongs to who took it) with a user; by default its operator's, else the default.
 fn user_for(ctx: &SyncCtx, f: &CallFacts, users: &HashMap<String, i64>) -> Option<i64> {
-    f.operator_line
-        .as_ref()
-        .and_then(|l| users.get(l).copied())
-        .or(ctx.cfg.bitrix24.default_user_id.map(|u| u as i64))
+    ctx.cfg.rules.responsible.pick(
+        f,
+        None,
+        f.operator_line.as_ref().and_then(|l| users.get(l).copied()),
+        ctx.cfg.bitrix24.default_user_id.map(|u| u as i64),
+    )
 }
 
 fn no_user_reason(f: &CallFacts) -> String {

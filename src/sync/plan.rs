@@ -132,7 +132,7 @@ pub fn telephony_chain(
                 "TYPE": if f.way == Way::In { 2 } else { 1 },
                 "CALL_START_DATE": rfc3339_in(f.started_at, tz),
                 "EXTERNAL_CALL_ID": f.external_id, "SHOW": 0,
-                "CRM_CREATE": if cfg.sync.crm_create { 1 } else { 0 },
+                "CRM_CREATE": if cfg.rules.leads.create.allows(f.way) { 1 } else { 0 },
             });
             if let Some(line) = &f.line_number {
                 register["LINE_NUMBER"] = json!(line);

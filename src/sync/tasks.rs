@@ -9,8 +9,9 @@ const TASK_ROUNDS: usize = 8;
 
 /// Creates the follow-up task of every missed incoming call that is in Bitrix24 and has none,
 /// folds repeat calls into their client's open task, and completes tasks whose client was
-/// reached. Responsible: the matched CRM entity's responsible user, else the operator of the
-/// line that rang, else `bitrix24.default_user_id`.
+/// reached. Responsible: the first of `rules.responsible.order` with a user (by default the
+/// matched CRM entity's responsible, the operator of the line that rang, the company line's
+/// or the group's user, `bitrix24.default_user_id`).
 pub(super) async fn push_tasks(
     ctx: &SyncCtx,
     opts: &PassOptions,
@@ -99,17 +100,21 @@ async fn task_round(
                 .get(&d.facts.client_number)
                 .map(|(e, _)| e.clone())
         });
-        let responsible = ledger_entity
+        let crm = ledger_entity
             .as_ref()
             .and_then(|e| by_entity.get(&(e.kind.clone(), e.id)).copied())
-            .or_else(|| by_number.get(&d.facts.client_number).map(|(_, r)| *r))
-            .or_else(|| {
-                d.facts
-                    .operator_line
-                    .as_ref()
-                    .and_then(|line| users.get(line).copied())
-            })
-            .or(cfg.bitrix24.default_user_id.map(|u| u as i64));
+            .or_else(|| by_number.get(&d.facts.client_number).map(|(_, r)| *r));
+        let operator = d
+            .facts
+            .operator_line
+            .as_ref()
+            .and_then(|line| users.get(line).copied());
+        let responsible = cfg.rules.responsible.pick(
+            &d.facts,
+            crm,
+            operator,
+            cfg.bitrix24.default_user_id.map(|u| u as i64),
+        );
         let Some(responsible) = responsible else {
             unassigned.push(d);
             continue;

@@ -542,3 +542,100 @@ async fn rules_test_shows_each_calls_decisions_and_sends_nothing() {
         "nothing written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leads_follow_the_per_direction_policy_with_their_source_and_title() {
+    let mut s = scenario();
+    let out = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "OUT",
+        "101",
+        &["380671117777"],
+        "ANSWER",
+        20,
+        None,
+    );
+    let inc = s.add_call(
+        n("2026-11-21 10:10:00"),
+        "IN",
+        "380671118888",
+        &["101"],
+        "ANSWER",
+        20,
+        None,
+    );
+    s.calls.last_mut().unwrap().outer_number = "380443334455".into();
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "activity",
+        "[sync]\nstart = \"2026-11-21\"\n[rules.leads]\ncreate = \"incoming\"\nsource = \"WEB\"\ntitle = \"Caller {client} on {outer}\"\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let leads = env.sims.bitrix24.created_leads();
+    assert_eq!(leads.len(), 1, "{leads:?}");
+    assert_eq!(leads[0].title, "Caller +380671118888 on 380443334455");
+    assert_eq!(leads[0].source.as_deref(), Some("WEB"));
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&out.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.stage, Stage::Skipped);
+    assert!(row
+        .reason
+        .unwrap()
+        .contains("outgoing calls (rules.leads.create)"));
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&inc.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.stage, Stage::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responsible_order_can_put_the_company_lines_user_before_the_operator() {
+    let mut s = scenario();
+    // Rang line 101 (user 10) on the company line that belongs to user 11.
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380671119999",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().outer_number = "+380 44 333 44 55".into();
+    // Another company line: the operator's.
+    s.add_call(
+        n("2026-11-21 10:10:00"),
+        "IN",
+        "380671110001",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().outer_number = "380445550000".into();
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\ncrm_create = false\n[rules.responsible]\norder = [\"crm\", \"line\", \"operator\", \"default\"]\n[rules.responsible.lines]\n\"380443334455\" = 11\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    let of = |phone: &str| {
+        tasks
+            .iter()
+            .find(|t| t.description.contains(phone))
+            .unwrap()
+            .responsible_id
+    };
+    assert_eq!(of("+380671119999"), 11, "the line's user");
+    assert_eq!(of("+380671110001"), 10, "the operator");
+}
