@@ -164,9 +164,64 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
         Err(e) => {
             verdict("bitrix24", "FAIL", &e.to_string());
             note(bitrix24_code(&e));
+            return Ok(worst);
+        }
+    }
+    if let Some((status, text)) = check_field_mapping(&cfg, &b24).await {
+        verdict("fields", status, &text);
+        if status == "FAIL" {
+            note(2);
         }
     }
     Ok(worst)
+}
+
+/// `[rules.fields]` checked against the portal's field lists: every mapped field must exist.
+/// `None` when nothing is mapped.
+async fn check_field_mapping(cfg: &Config, b24: &Bitrix24Client) -> Option<(&'static str, String)> {
+    let f = &cfg.rules.fields;
+    let kinds: [(&str, &str, &Vec<(String, crate::rules::Template)>); 3] = [
+        ("task", "tasks.task.getFields", &f.task),
+        ("activity", "crm.activity.fields", &f.activity),
+        ("lead", "crm.lead.fields", &f.lead),
+    ];
+    if kinds.iter().all(|(_, _, l)| l.is_empty()) {
+        return None;
+    }
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for (kind, method, list) in kinds {
+        if list.is_empty() {
+            continue;
+        }
+        let env = match b24.call(method, serde_json::json!({})).await {
+            Ok(env) => env,
+            Err(e) => {
+                return Some((
+                    "WARN",
+                    format!("could not read the portal's {kind} fields ({method}): {e}"),
+                ))
+            }
+        };
+        let known = env.result.get("fields").unwrap_or(&env.result);
+        for (name, _) in list {
+            checked += 1;
+            if known.get(name).is_none() {
+                missing.push(format!("rules.fields.{kind}.{name}"));
+            }
+        }
+    }
+    Some(if missing.is_empty() {
+        ("ok", format!("{checked} mapped fields exist in the portal"))
+    } else {
+        (
+            "FAIL",
+            format!(
+                "the portal has no field {}; create the user field in Bitrix24 or fix the name",
+                missing.join(", ")
+            ),
+        )
+    })
 }
 
 pub(super) async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {

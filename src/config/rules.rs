@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use crate::rules::{
-    AfterHours, Cond, Filter, Hours, InvalidNumber, Leads, LeadsFor, NumberSet, Responsible,
-    Rewrite, Rules, Template, Who,
+    AfterHours, Cond, Fields, Filter, Hours, InvalidNumber, Leads, LeadsFor, NumberSet,
+    Responsible, Rewrite, Rules, Template, Who,
 };
 use crate::sync::call::Way;
 
@@ -27,7 +27,64 @@ pub(super) struct RawRules {
     pub(super) hours: Option<RawHours>,
     pub(super) responsible: Option<RawResponsible>,
     pub(super) leads: Option<RawLeads>,
+    #[serde(default)]
+    pub(super) fields: RawFields,
 }
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawFields {
+    #[serde(default)]
+    pub(super) task: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) activity: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) lead: std::collections::BTreeMap<String, String>,
+}
+
+/// Fields ubsync sets itself (templates and rules shape them instead).
+const OWN_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "task",
+        &[
+            "TITLE",
+            "DESCRIPTION",
+            "RESPONSIBLE_ID",
+            "DEADLINE",
+            "XML_ID",
+            "UF_CRM_TASK",
+        ],
+    ),
+    (
+        "activity",
+        &[
+            "OWNER_TYPE_ID",
+            "OWNER_ID",
+            "TYPE_ID",
+            "COMMUNICATIONS",
+            "SUBJECT",
+            "START_TIME",
+            "END_TIME",
+            "COMPLETED",
+            "DIRECTION",
+            "RESPONSIBLE_ID",
+            "DESCRIPTION",
+            "DESCRIPTION_TYPE",
+            "ORIGINATOR_ID",
+            "ORIGIN_ID",
+        ],
+    ),
+    (
+        "lead",
+        &[
+            "TITLE",
+            "PHONE",
+            "SOURCE_ID",
+            "ASSIGNED_BY_ID",
+            "ORIGINATOR_ID",
+            "ORIGIN_ID",
+        ],
+    ),
+];
 
 #[derive(Debug, Deserialize, Default)]
 pub(super) struct RawResponsible {
@@ -368,6 +425,40 @@ impl Validator {
         r
     }
 
+    fn field_map(
+        &mut self,
+        kind: &str,
+        raw: std::collections::BTreeMap<String, String>,
+    ) -> Vec<(String, Template)> {
+        let own = OWN_FIELDS
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, f)| *f)
+            .unwrap_or(&[]);
+        let mut out = Vec::new();
+        for (name, template) in raw {
+            let key = format!("rules.fields.{kind}.{name}");
+            let upper = name.to_uppercase();
+            if upper != name
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+            {
+                self.fail(
+                    &key,
+                    "is not a Bitrix24 field name",
+                    "write it in upper case, like UF_CRM_1700000000",
+                );
+                continue;
+            }
+            if own.contains(&name.as_str()) {
+                self.fail(&key, "is a field ubsync sets itself", "shape it with the templates and rules instead ([tasks] title, [rules.leads] title, ...)");
+                continue;
+            }
+            out.push((name, self.template(&key, Some(template), "{client}")));
+        }
+        out
+    }
+
     fn leads(&mut self, raw: Option<RawLeads>, legacy: LegacyLeads) -> Leads {
         let raw = raw.unwrap_or_default();
         let create = match raw.create.as_deref() {
@@ -468,7 +559,13 @@ impl Validator {
         let hours = raw.hours.and_then(|h| self.hours(h, default_tz));
         let responsible = self.responsible(raw.responsible);
         let leads = self.leads(raw.leads, legacy);
+        let fields = Fields {
+            task: self.field_map("task", raw.fields.task),
+            activity: self.field_map("activity", raw.fields.activity),
+            lead: self.field_map("lead", raw.fields.lead),
+        };
         Rules {
+            fields,
             skip,
             skip_task,
             rewrite,

@@ -243,6 +243,26 @@ impl Default for Leads {
     }
 }
 
+/// Extra Bitrix24 fields written with what ubsync creates: field name → template.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    pub task: Vec<(String, Template)>,
+    pub activity: Vec<(String, Template)>,
+    pub lead: Vec<(String, Template)>,
+}
+
+impl Fields {
+    /// The fields of one kind rendered for a call, to merge into a write's `fields`.
+    pub fn render(
+        list: &[(String, Template)],
+        values: &BTreeMap<&'static str, String>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        list.iter()
+            .map(|(k, t)| (k.clone(), serde_json::Value::String(t.render(values))))
+            .collect()
+    }
+}
+
 /// Every rule of the `[rules]` section.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
@@ -255,6 +275,7 @@ pub struct Rules {
     pub hours: Option<Hours>,
     pub responsible: Responsible,
     pub leads: Leads,
+    pub fields: Fields,
 }
 
 impl Rules {

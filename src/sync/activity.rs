@@ -158,22 +158,20 @@ pub(super) async fn push_activity(
             .map(|(i, n)| {
                 let d = first_call[n];
                 let assigned = user_for(ctx, &d.facts, users).unwrap_or(1);
-                let title = leads.title.render(&crate::rules::values(
-                    &d.facts,
-                    tz,
-                    operator_name(&d.facts),
-                    None,
-                ));
-                Command::new(
-                    format!("l{i}"),
-                    "crm.lead.add",
-                    json!({"fields": {
-                        "TITLE": title,
-                        "PHONE": [{"VALUE": n, "VALUE_TYPE": "WORK"}],
-                        "SOURCE_ID": leads.source, "ASSIGNED_BY_ID": assigned,
-                        "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": d.facts.external_id,
-                    }}),
-                )
+                let values = crate::rules::values(&d.facts, tz, operator_name(&d.facts), None);
+                let mut params = json!({"fields": {
+                    "TITLE": leads.title.render(&values),
+                    "PHONE": [{"VALUE": n, "VALUE_TYPE": "WORK"}],
+                    "SOURCE_ID": leads.source, "ASSIGNED_BY_ID": assigned,
+                    "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": d.facts.external_id,
+                }});
+                if let Some(m) = params["fields"].as_object_mut() {
+                    m.extend(crate::rules::Fields::render(
+                        &cfg.rules.fields.lead,
+                        &values,
+                    ));
+                }
+                Command::new(format!("l{i}"), "crm.lead.add", params)
             })
             .collect();
         if opts.dry_run {

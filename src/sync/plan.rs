@@ -276,21 +276,25 @@ pub fn activity_add(
         Way::In => format!("Incoming call from {}", f.client_number),
         Way::Out => format!("Outgoing call to {}", f.client_number),
     };
-    Command::new(
-        key("v", &f.id),
-        "crm.activity.add",
-        json!({"fields": {
-            "OWNER_TYPE_ID": entity.owner_type_id(), "OWNER_ID": entity.id, "TYPE_ID": 2,
-            "COMMUNICATIONS": [{"VALUE": f.client_number, "ENTITY_ID": entity.id, "ENTITY_TYPE_ID": entity.owner_type_id(), "TYPE": "PHONE"}],
-            "SUBJECT": subject,
-            "START_TIME": rfc3339_in(f.started_at, tz),
-            "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
-            "COMPLETED": "Y", "DIRECTION": if f.way == Way::In { 1 } else { 2 }, "PRIORITY": 2,
-            "RESPONSIBLE_ID": responsible,
-            "DESCRIPTION": describe(f, tz, operator), "DESCRIPTION_TYPE": 1,
-            "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": f.external_id,
-        }}),
-    )
+    let mut params = json!({"fields": {
+        "OWNER_TYPE_ID": entity.owner_type_id(), "OWNER_ID": entity.id, "TYPE_ID": 2,
+        "COMMUNICATIONS": [{"VALUE": f.client_number, "ENTITY_ID": entity.id, "ENTITY_TYPE_ID": entity.owner_type_id(), "TYPE": "PHONE"}],
+        "SUBJECT": subject,
+        "START_TIME": rfc3339_in(f.started_at, tz),
+        "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
+        "COMPLETED": "Y", "DIRECTION": if f.way == Way::In { 1 } else { 2 }, "PRIORITY": 2,
+        "RESPONSIBLE_ID": responsible,
+        "DESCRIPTION": describe(f, tz, operator), "DESCRIPTION_TYPE": 1,
+        "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": f.external_id,
+    }});
+    let values = crate::rules::values(f, tz, operator, None);
+    if let Some(m) = params["fields"].as_object_mut() {
+        m.extend(crate::rules::Fields::render(
+            &cfg.rules.fields.activity,
+            &values,
+        ));
+    }
+    Command::new(key("v", &f.id), "crm.activity.add", params)
 }
 
 /// A missed call's task description: `tasks.description` (or the call summary), always ending
@@ -383,6 +387,12 @@ pub fn task_add(
     });
     if let Some(b) = entity.and_then(Entity::binding) {
         fields["UF_CRM_TASK"] = json!([b]);
+    }
+    if let Value::Object(m) = &mut fields {
+        m.extend(crate::rules::Fields::render(
+            &cfg.rules.fields.task,
+            &values,
+        ));
     }
     Command::new(
         key("t", &f.id),

@@ -639,3 +639,61 @@ async fn the_responsible_order_can_put_the_company_lines_user_before_the_operato
     assert_eq!(of("+380671119999"), 11, "the line's user");
     assert_eq!(of("+380671110001"), 10, "the operator");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapped_fields_are_written_and_checked_against_the_portals_field_list() {
+    let mut s = scenario();
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().group = Some("Sales".into());
+    let env = TestEnv::start(s).await;
+    let cfg = "[sync]\nstart = \"2026-11-21\"\n[rules.fields.task]\nUF_CRM_CALL_LINE = \"{outer}\"\nUF_CRM_CALL_SOURCE = \"queue {group}\"\n[rules.fields.activity]\nUF_CRM_CALL_SOURCE = \"{group}\"\n";
+    env.write_config("activity", cfg);
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("3 mapped fields exist in the portal"), "{t}");
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let task = &env.sims.bitrix24.tasks()[0];
+    assert_eq!(
+        task.user_fields
+            .get("UF_CRM_CALL_SOURCE")
+            .map(String::as_str),
+        Some("queue Sales")
+    );
+    assert!(task.user_fields.contains_key("UF_CRM_CALL_LINE"));
+    let act = &env.sims.bitrix24.activities()[0];
+    assert_eq!(
+        act.user_fields
+            .get("UF_CRM_CALL_SOURCE")
+            .map(String::as_str),
+        Some("Sales")
+    );
+    // A field the portal lacks is an error an admin must fix; one ubsync sets itself is refused.
+    env.write_config(
+        "activity",
+        &format!("{cfg}[rules.fields.lead]\nUF_CRM_NOPE = \"x\"\n"),
+    );
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("the portal has no field rules.fields.lead.UF_CRM_NOPE"),
+        "{t}"
+    );
+    env.write_config("activity", "[rules.fields.task]\nTITLE = \"x\"\n");
+    let out = env.ubsync(&["check", "--offline"]).await;
+    assert!(
+        text(&out).contains("is a field ubsync sets itself"),
+        "{}",
+        text(&out)
+    );
+}

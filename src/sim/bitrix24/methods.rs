@@ -94,6 +94,8 @@ pub struct Activity {
     pub origin_id: Option<String>,
     pub provider_id: String,
     pub communications: Value,
+    /// `UF_*` values written with it.
+    pub user_fields: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +110,8 @@ pub struct Task {
     pub status: i64,
     pub xml_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// `UF_*` values written with it (`UF_CRM_TASK` excepted).
+    pub user_fields: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +441,9 @@ pub(crate) fn dispatch(
         "crm.activity.add" => activity_add(st, caller, p),
         "crm.activity.list" => activity_list(st, p),
         "tasks.task.add" => task_add(st, caller, p, now),
+        "tasks.task.getfields" => Ok(ApiOk::new(super::fields::task_fields())),
+        "crm.activity.fields" => Ok(ApiOk::new(super::fields::crm_fields(false))),
+        "crm.lead.fields" => Ok(ApiOk::new(super::fields::crm_fields(true))),
         "tasks.task.list" => task_list(st, p),
         "tasks.task.get" => {
             let id = int(p, "taskId").unwrap_or(0) as u64;
@@ -704,6 +711,7 @@ fn finish(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
             origin_id: Some(format!("VI_{}", call.call_id)),
             provider_id: "VOXIMPLANT_CALL".into(),
             communications: json!([{"VALUE": call.phone, "ENTITY_ID": owner, "ENTITY_TYPE_ID": 0, "TYPE": "PHONE"}]),
+            user_fields: Default::default(),
         });
         id
     });
@@ -1074,6 +1082,7 @@ fn activity_add(st: &mut PortalState, caller: &Caller, p: &Map<String, Value>) -
         origin_id: s(f, "ORIGIN_ID"),
         provider_id: s(f, "PROVIDER_ID").unwrap_or_else(|| "CRM_CALL".into()),
         communications: comms,
+        user_fields: super::fields::user_values(f),
     });
     Ok(ApiOk::new(json!(id)))
 }
@@ -1174,6 +1183,7 @@ fn task_add(
         status: 2,
         xml_id: s(f, "XML_ID"),
         created_at: now,
+        user_fields: super::fields::user_values(f),
     };
     let mut body = task_json(st, &task);
     if let Some(m) = body.as_object_mut() {

@@ -21,6 +21,7 @@
 //! 503 storms, answers slower than the client's timeout, a connection dropped after the write was
 //! committed, and forced `expired_token`.
 
+mod fields;
 mod methods;
 
 use std::collections::{BTreeMap, HashMap};
