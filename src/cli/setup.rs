@@ -180,7 +180,7 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
 /// `None` when nothing is mapped.
 async fn check_field_mapping(cfg: &Config, b24: &Bitrix24Client) -> Option<(&'static str, String)> {
     let f = &cfg.rules.fields;
-    let kinds: [(&str, &str, &Vec<(String, crate::rules::Template)>); 3] = [
+    let kinds: [(&str, &str, &crate::rules::FieldMap); 3] = [
         ("task", "tasks.task.getFields", &f.task),
         ("activity", "crm.activity.fields", &f.activity),
         ("lead", "crm.lead.fields", &f.lead),

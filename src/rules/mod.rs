@@ -243,12 +243,15 @@ impl Default for Leads {
     }
 }
 
+/// Field name → template.
+pub type FieldMap = Vec<(String, Template)>;
+
 /// Extra Bitrix24 fields written with what ubsync creates: field name → template.
 #[derive(Debug, Clone, Default)]
 pub struct Fields {
-    pub task: Vec<(String, Template)>,
-    pub activity: Vec<(String, Template)>,
-    pub lead: Vec<(String, Template)>,
+    pub task: FieldMap,
+    pub activity: FieldMap,
+    pub lead: FieldMap,
 }
 
 impl Fields {
