@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use crate::rules::{
-    AfterHours, Cond, Fields, Filter, Hours, InvalidNumber, Leads, LeadsFor, NumberSet,
+    AfterHours, Cond, Fields, Filter, Hours, InvalidNumber, Leads, LeadsFor, Notify, NumberSet,
     Responsible, Rewrite, Rules, Template, Who,
 };
 use crate::sync::call::Way;
@@ -29,6 +29,17 @@ pub(super) struct RawRules {
     pub(super) leads: Option<RawLeads>,
     #[serde(default)]
     pub(super) fields: RawFields,
+    pub(super) notify: Option<RawNotify>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawNotify {
+    pub(super) missed: Option<bool>,
+    #[serde(default)]
+    pub(super) supervisors: Vec<i64>,
+    pub(super) message: Option<String>,
+    pub(super) per_client: Option<String>,
+    pub(super) max_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -459,6 +470,31 @@ impl Validator {
         out
     }
 
+    fn notify(&mut self, raw: Option<RawNotify>) -> Notify {
+        let d = Notify::default();
+        let Some(raw) = raw else { return d };
+        for u in &raw.supervisors {
+            if *u < 1 {
+                self.fail(
+                    "rules.notify.supervisors",
+                    format!("{u} is not a Bitrix24 user id"),
+                    "list user ids such as [1, 5]",
+                );
+            }
+        }
+        let dur = |v: &mut Self, key: &str, raw: Option<String>, default: &str| {
+            chrono::Duration::from_std(v.duration(key, raw, default, ("0s", "30days")))
+                .unwrap_or_default()
+        };
+        Notify {
+            missed: raw.missed.unwrap_or(true),
+            supervisors: raw.supervisors,
+            message: self.template("rules.notify.message", raw.message, d.message.source()),
+            per_client: dur(self, "rules.notify.per_client", raw.per_client, "30m"),
+            max_age: dur(self, "rules.notify.max_age", raw.max_age, "2h"),
+        }
+    }
+
     fn leads(&mut self, raw: Option<RawLeads>, legacy: LegacyLeads) -> Leads {
         let raw = raw.unwrap_or_default();
         let create = match raw.create.as_deref() {
@@ -564,7 +600,9 @@ impl Validator {
             activity: self.field_map("activity", raw.fields.activity),
             lead: self.field_map("lead", raw.fields.lead),
         };
+        let notify = self.notify(raw.notify);
         Rules {
+            notify,
             fields,
             skip,
             skip_task,

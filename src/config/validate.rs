@@ -124,7 +124,7 @@ impl Validator {
     }
 
     /// A duration within `[min, max]` (written like the bounds in the message).
-    fn duration(
+    pub(super) fn duration(
         &mut self,
         key: &str,
         raw: Option<String>,

@@ -243,6 +243,33 @@ impl Default for Leads {
     }
 }
 
+/// Notifications (`im.notify.personal.add`) about missed calls.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    /// Notify the task's responsible of each missed call.
+    pub missed: bool,
+    /// Also notify these users.
+    pub supervisors: Vec<i64>,
+    pub message: Template,
+    /// At most one notification per client in this time.
+    pub per_client: chrono::Duration,
+    /// Calls older than this when their task is made are not notified (backfills, catch-ups).
+    pub max_age: chrono::Duration,
+}
+
+impl Default for Notify {
+    fn default() -> Self {
+        Self {
+            missed: false,
+            supervisors: Vec::new(),
+            message: Template::parse("Missed call from {client} at {started_local}")
+                .expect("default template"),
+            per_client: chrono::Duration::minutes(30),
+            max_age: chrono::Duration::hours(2),
+        }
+    }
+}
+
 /// Field name → template.
 pub type FieldMap = Vec<(String, Template)>;
 
@@ -279,6 +306,7 @@ pub struct Rules {
     pub responsible: Responsible,
     pub leads: Leads,
     pub fields: Fields,
+    pub notify: Notify,
 }
 
 impl Rules {

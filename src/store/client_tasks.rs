@@ -119,3 +119,69 @@ impl Store {
         )?)
     }
 }
+
+/// A missed call with a task whose notification is not decided yet.
+#[derive(Debug, Clone)]
+pub struct ToNotify {
+    pub ledger: LedgerRow,
+    pub raw: String,
+}
+
+impl Store {
+    /// Missed calls that got a task (their own or their client's) since `since` and whose
+    /// notification was not decided, oldest first.
+    pub fn to_notify(&self, since: DateTime<Utc>) -> Result<Vec<ToNotify>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {}, c.raw FROM ledger l JOIN calls c ON c.call_id = l.call_id
+             LEFT JOIN notified n ON n.call_id = l.call_id
+             WHERE n.call_id IS NULL AND l.task_id IS NOT NULL AND l.client IS NOT NULL
+               AND c.started_at >= ?1
+             ORDER BY c.started_at, l.call_id",
+            prefixed()
+        ))?;
+        let rows = st.query_map([ts(since)], |r| {
+            Ok(ToNotify {
+                ledger: ledger_from(r)?,
+                raw: r.get(super::ledger::LEDGER_WIDTH)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When `client` last caused a notification.
+    pub fn last_notified(&self, client: &str) -> Result<Option<DateTime<Utc>>> {
+        let t: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT last_at FROM notify_client WHERE client = ?1",
+                [client],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(t.as_deref().and_then(parse_ts))
+    }
+
+    /// Records notification decisions (call, sent) and the clients notified, in one transaction.
+    pub fn mark_notified(
+        &mut self,
+        decided: &[(String, bool)],
+        clients: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for (call, sent) in decided {
+            tx.execute(
+                "INSERT OR REPLACE INTO notified (call_id, sent, notified_at) VALUES (?1, ?2, ?3)",
+                params![call, sent, ts(now)],
+            )?;
+        }
+        for c in clients {
+            tx.execute(
+                "INSERT OR REPLACE INTO notify_client (client, last_at) VALUES (?1, ?2)",
+                params![c, ts(now)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -195,5 +195,21 @@ ALTER TABLE ledger ADD COLUMN task_closed_by TEXT;
 CREATE INDEX ledger_client ON ledger (client);
 "#;
 
+/// Migration 8: missed-call notifications (`rules.notify`).
+const V8: &str = r#"
+-- Missed calls whose notification was decided: sent (1) or held back by the per-client limit (0).
+-- Written before the notification is sent: a lost answer never notifies twice.
+CREATE TABLE notified (
+    call_id      TEXT PRIMARY KEY,
+    sent         INTEGER NOT NULL,
+    notified_at  TEXT NOT NULL
+);
+-- When each client last caused a notification (the per-client limit).
+CREATE TABLE notify_client (
+    client   TEXT PRIMARY KEY,
+    last_at  TEXT NOT NULL
+);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];

@@ -66,12 +66,17 @@ pub(super) async fn push_followups(
             .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
         return Ok(());
     }
-    let targets: HashMap<String, (i64, CallFacts, String)> = followups
+    let targets: HashMap<String, (i64, Option<i64>, CallFacts, String)> = followups
         .iter()
         .map(|(d, t)| {
             (
                 d.facts.id.clone(),
-                (t.task_id, d.facts.clone(), d.item.content_hash.clone()),
+                (
+                    t.task_id,
+                    t.owner.responsible_id,
+                    d.facts.clone(),
+                    d.item.content_hash.clone(),
+                ),
             )
         })
         .collect();
@@ -81,11 +86,12 @@ pub(super) async fn push_followups(
         ctx,
         plans,
         |id, mut l, out| {
-            let (task_id, f, hash) = &targets[id];
+            let (task_id, responsible, f, hash) = &targets[id];
             let k = key("f", id);
             l.task_comment = true;
             if out.results.contains_key(&k) {
                 l.task_id = Some(*task_id);
+                l.responsible_id = *responsible;
                 folded += 1;
                 return (plan::settle_stage(cfg, f, l, hash), None);
             }

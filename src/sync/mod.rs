@@ -15,6 +15,7 @@ mod activity;
 pub mod call;
 mod client_tasks;
 mod followup;
+mod notify;
 pub mod plan;
 mod probe;
 mod pull;

@@ -60,6 +60,8 @@ pub struct PassSummary {
     pub tasks_closed: u64,
     /// Missed calls that needed no task: the client was reached after them.
     pub tasks_not_needed: u64,
+    /// Missed-call notifications sent (`rules.notify`).
+    pub notifications: u64,
     pub leads: u64,
     pub skipped: u64,
     pub quarantined: u64,
@@ -138,6 +140,9 @@ impl fmt::Display for PassSummary {
                 "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
             )?;
+        }
+        if self.notifications > 0 {
+            write!(f, "; {} missed-call notifications", self.notifications)?;
         }
         if self.tasks_folded + self.tasks_closed + self.tasks_not_needed > 0 {
             write!(

@@ -26,6 +26,7 @@ pub(super) async fn push_tasks(
             break;
         }
     }
+    notify::notify_missed(ctx, opts, s).await?;
     client_tasks::close_reached(ctx, opts, s).await
 }
 

@@ -697,3 +697,107 @@ async fn mapped_fields_are_written_and_checked_against_the_portals_field_list() 
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_calls_notify_the_responsible_and_supervisors_at_most_once_per_client_in_the_limit()
+{
+    let mut s = scenario();
+    // Two missed calls from the contact (responsible 11) ten minutes apart, one from another client.
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.add_call(
+        n("2026-11-22 13:10:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.add_call(
+        n("2026-11-22 13:20:00"),
+        "IN",
+        "380671234000",
+        &["102"],
+        "BUSY",
+        0,
+        None,
+    );
+    // Yesterday's: too old to notify.
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380671234001",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[rules.notify]\nsupervisors = [1]\nmessage = \"Missed {client} on line {line}\"\nper_client = \"30m\"\n",
+    );
+    let ctx = env.ctx().await;
+    env.clock.advance(Duration::minutes(30));
+    let summary = pass(&ctx).await.unwrap();
+    let notes = env.sims.bitrix24.notifications();
+    let to = |user: i64, text: &str| {
+        notes
+            .iter()
+            .filter(|n| {
+                n["USER_ID"].as_str() == Some(user.to_string().as_str())
+                    && n["MESSAGE"].as_str().is_some_and(|m| m.contains(text))
+            })
+            .count()
+    };
+    assert_eq!(to(11, "Missed +380501112233 on line 101"), 1, "{notes:?}");
+    assert_eq!(to(1, "+380501112233"), 1, "the supervisor, once");
+    assert_eq!(to(11, "+380671234000"), 1, "the operator of line 102");
+    assert_eq!(to(1, "+380671234000"), 1);
+    assert_eq!(to(1, "+380671234001"), 0, "too old");
+    assert_eq!(summary.notifications as usize, notes.len(), "{summary}");
+    // Nothing is notified again.
+    assert_eq!(pass(&ctx).await.unwrap().notifications, 0);
+    assert_eq!(env.sims.bitrix24.notifications().len(), notes.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_whose_answer_was_lost_is_never_sent_twice() {
+    let mut s = scenario();
+    s.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[rules.notify]\n",
+    );
+    let ctx = env.ctx().await;
+    env.clock.advance(Duration::minutes(30));
+    env.sims.bitrix24.inject(Fault::once(
+        Some("im.notify.personal.add"),
+        FaultKind::CommitThenDrop,
+    ));
+    let first = pass(&ctx).await.unwrap();
+    assert!(first.faults_survived >= 1, "{first}");
+    for _ in 0..2 {
+        env.clock.advance(Duration::minutes(5));
+        pass(&ctx).await.unwrap();
+    }
+    assert_eq!(env.sims.bitrix24.notifications().len(), 1);
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1);
+}

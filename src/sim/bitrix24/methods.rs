@@ -455,6 +455,20 @@ pub(crate) fn dispatch(
         "tasks.task.update" => task_update(st, p),
         "tasks.task.complete" => task_set_status(st, p, 5),
         "im.notify" | "im.notify.system.add" | "im.notify.personal.add" => {
+            if method != "im.notify" {
+                if int(p, "USER_ID").unwrap_or(0) <= 0 {
+                    return Err(err(400, "USER_ID_EMPTY", "User ID can't be empty"));
+                }
+                if s(p, "MESSAGE").is_none_or(|m| m.trim().is_empty()) {
+                    return Err(err(400, "MESSAGE_EMPTY", "Message can't be empty"));
+                }
+            }
+            // A notification with the tag of an earlier one replaces it.
+            if let Some(tag) = s(p, "TAG") {
+                st.data
+                    .notifications
+                    .retain(|n| n.get("TAG").and_then(Value::as_str) != Some(tag.as_str()));
+            }
             let id = st.data.id();
             st.data.notifications.push(Value::Object(p.clone()));
             Ok(ApiOk::new(json!(id)))
