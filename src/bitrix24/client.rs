@@ -89,8 +89,8 @@ pub const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// The store key of a portal's tokens.
 pub fn portal_key(url: &Url) -> String {
-    url.host_str().unwrap_or("portal").to_string()
-        + &url.port().map(|p| format!(":{p}")).unwrap_or_default()
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{}{port}", url.host_str().unwrap_or("portal"))
 }
 
 /// Batch-level error codes Bitrix24 answers before running any command (limits, auth, a batch

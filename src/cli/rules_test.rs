@@ -51,6 +51,21 @@ fn decide(cfg: &Config, store: &Store, known: &HashSet<String>, id: &str, raw: &
         "talk": f.seconds_talk,
     });
     let mut v = base;
+    if let Some(script) = &cfg.rules.script {
+        match script.filter(&crate::rules::script::call_map(&f, Some(&record))) {
+            Ok(Some(reason)) => {
+                v["decision"] = json!("skip");
+                v["why"] = json!(format!("the rules script: {reason}"));
+                return v;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                v["decision"] = json!("quarantine");
+                v["why"] = json!(e);
+                return v;
+            }
+        }
+    }
     if let Some(rule) = cfg.rules.skip(&f) {
         v["decision"] = json!("skip");
         v["why"] = json!(format!("rule \"{rule}\" (rules.skip)"));

@@ -30,6 +30,8 @@ pub(super) struct RawRules {
     #[serde(default)]
     pub(super) fields: RawFields,
     pub(super) notify: Option<RawNotify>,
+    pub(super) script: Option<String>,
+    pub(super) script_max_operations: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -601,7 +603,34 @@ impl Validator {
             lead: self.field_map("lead", raw.fields.lead),
         };
         let notify = self.notify(raw.notify);
+        let max_ops = match raw.script_max_operations {
+            None => 1_000_000,
+            Some(n) if (1_000..=1_000_000_000).contains(&n) => n as u64,
+            Some(n) => {
+                self.fail(
+                    "rules.script_max_operations",
+                    format!("{n} is out of range"),
+                    "use 1000 to 1000000000 (default 1000000)",
+                );
+                1_000_000
+            }
+        };
+        let script = raw.script.and_then(|p| {
+            let path = base_dir.join(&p);
+            match crate::rules::script::Script::load(&path, max_ops) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.fail(
+                        "rules.script",
+                        e,
+                        "fix the script (see README \"Business rules\")",
+                    );
+                    None
+                }
+            }
+        });
         Rules {
+            script,
             notify,
             fields,
             skip,

@@ -3,6 +3,7 @@
 //! planning, so every rule shows in `sync --dry-run` and `ubsync rules test`.
 
 pub mod hours;
+pub mod script;
 pub mod template;
 
 use std::collections::{BTreeMap, HashSet};
@@ -307,6 +308,8 @@ pub struct Rules {
     pub leads: Leads,
     pub fields: Fields,
     pub notify: Notify,
+    /// `rules.script`, compiled.
+    pub script: Option<script::Script>,
 }
 
 impl Rules {

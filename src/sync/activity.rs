@@ -213,6 +213,7 @@ pub(super) async fn push_activity(
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut skipped = Vec::new();
+    let mut script_failed = Vec::new();
     for d in fresh {
         let Some(entity) = entities.get(&d.facts.client_number).cloned() else {
             if !cfg.rules.leads.create.allows(d.facts.way) {
@@ -232,6 +233,13 @@ pub(super) async fn push_activity(
         l.crm_entity_type = Some(entity.kind.clone());
         l.crm_entity_id = Some(entity.id);
         let command = plan::activity_add(cfg, &d.facts, &entity, user, operator_name(&d.facts));
+        let commands = match scripted(ctx, &d.facts, &d.item.raw, vec![command]) {
+            Ok(c) => c,
+            Err(e) => {
+                script_failed.push((d, e));
+                continue;
+            }
+        };
         facts.insert(
             d.facts.id.clone(),
             (d.facts.clone(), d.item.content_hash.clone()),
@@ -239,12 +247,13 @@ pub(super) async fn push_activity(
         plans.push((
             CallPlan {
                 call_id: d.facts.id.clone(),
-                commands: vec![command],
+                commands,
             },
             l,
             true,
         ));
     }
+    settle_script_errors(ctx, s, script_failed, now)?;
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));

@@ -192,7 +192,33 @@ pub fn classify(
             Some(call.from.clone()).filter(|f| inner(f)),
         ),
     };
-    let client_raw = rules.rewrite_client(&client_raw);
+    let mut client_raw = rules.rewrite_client(&client_raw);
+    if let Some(script) = &rules.script {
+        // The call as the script sees it, before its number is read.
+        let mut draft = CallFacts {
+            id: call.id.clone(),
+            external_id: format!("unitalk-{}", call.id),
+            way,
+            client_number: client_raw.clone(),
+            operator_line: operator.clone(),
+            started_at: call.started_at,
+            seconds_talk: call.seconds_talk,
+            seconds_full: call.seconds_full,
+            state: call.state.clone(),
+            status_code: status_code(&call.state),
+            link: call.link.clone(),
+            line_number: None,
+            missed: way == Way::In && call.state != CallState::Answer,
+            outer: call.outer_number.clone(),
+            group: call.group.clone(),
+        };
+        draft.line_number = draft.outer.clone().filter(|n| is_phone_like(n));
+        let map = crate::rules::script::call_map(&draft, Some(&call.raw));
+        match script.client_number(&map, &client_raw) {
+            Ok(n) => client_raw = n,
+            Err(e) => return Disposition::Quarantine(e),
+        }
+    }
     match normalize_phone(&client_raw, cfg.default_country) {
         Ok(number) => facts(call, way, number, operator),
         Err(reason) => match rules.invalid_number {

@@ -498,6 +498,34 @@ fn understand(
             // A skip filter holds back calls not pushed yet; one already in Bitrix24 is followed
             // up as before (a card is never left hanging by a rule added later).
             Disposition::Push(facts) if item.ledger.stage == Stage::Pending => {
+                let by_script = match &ctx.cfg.rules.script {
+                    Some(script) => {
+                        match script.filter(&crate::rules::script::call_map(&facts, Some(&raw))) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let (l, q) = quarantine_item(&item, "unitalk", e);
+                                quarantine.push(q);
+                                settled.push(l);
+                                continue;
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(reason) = by_script {
+                    let mut l = item.ledger.clone();
+                    l.stage = Stage::Skipped;
+                    l.reason = Some(format!("skipped by the rules script: {reason}"));
+                    if dry_run {
+                        s.plan.push(format!(
+                            "call {}: not pushed (rules script: {reason})",
+                            facts.id
+                        ));
+                    }
+                    s.skipped += 1;
+                    settled.push(l);
+                    continue;
+                }
                 match ctx.cfg.rules.skip(&facts) {
                     Some(rule) => {
                         let mut l = item.ledger.clone();
@@ -968,6 +996,70 @@ async fn send_plans(
             .into());
         }
     }
+    Ok(())
+}
+
+/// Runs `rules.script` over a call's planned commands: `register`, `finish` (their parameters),
+/// `task`, `activity` (their `fields`). An error is the script's message: the caller
+/// quarantines that call.
+fn scripted(
+    ctx: &SyncCtx,
+    f: &CallFacts,
+    raw: &str,
+    mut commands: Vec<Command>,
+) -> Result<Vec<Command>, String> {
+    let Some(script) = &ctx.cfg.rules.script else {
+        return Ok(commands);
+    };
+    let call = crate::rules::script::call_map(f, serde_json::from_str(raw).ok().as_ref());
+    for c in &mut commands {
+        let (stage, nested) = match c.method.as_str() {
+            "telephony.externalCall.register" => ("register", false),
+            "telephony.externalCall.finish" => ("finish", false),
+            "tasks.task.add" => ("task", true),
+            "crm.activity.add" => ("activity", true),
+            _ => continue,
+        };
+        if !script.defines(stage) {
+            continue;
+        }
+        let before = if nested {
+            c.params.get("fields").cloned().unwrap_or_else(|| json!({}))
+        } else {
+            Value::Object(c.params.clone())
+        };
+        let after = script.fields(stage, &call, &before)?;
+        match (nested, after) {
+            (true, after) => {
+                c.params.insert("fields".into(), after);
+            }
+            (false, Value::Object(m)) => c.params = m,
+            (false, _) => {}
+        }
+    }
+    Ok(commands)
+}
+
+/// Quarantines calls the script refused (their reason is the script's message).
+fn settle_script_errors(
+    ctx: &SyncCtx,
+    s: &mut PassSummary,
+    failed: Vec<(Due, String)>,
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    let mut quarantine = Vec::new();
+    for (d, reason) in failed {
+        tracing::warn!(call = %d.facts.id, %reason, "the rules script failed; the call is quarantined");
+        let (l, q) = quarantine_item(&d.item, "unitalk", reason);
+        quarantine.push(q);
+        rows.push(l);
+    }
+    s.quarantined += quarantine.len() as u64;
+    ctx.store.lock().apply(&rows, &quarantine, None, now)?;
     Ok(())
 }
 

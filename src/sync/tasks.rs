@@ -89,6 +89,7 @@ async fn task_round(
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();
+    let mut script_failed = Vec::new();
     for d in due {
         let l = &d.item.ledger;
         let ledger_entity = l
@@ -131,6 +132,13 @@ async fn task_round(
             entity.as_ref(),
             operator_name(&d.facts),
         );
+        let commands = match scripted(ctx, &d.facts, &d.item.raw, vec![command]) {
+            Ok(c) => c,
+            Err(e) => {
+                script_failed.push((d, e));
+                continue;
+            }
+        };
         facts.insert(
             d.facts.id.clone(),
             (d.facts.clone(), d.item.content_hash.clone()),
@@ -138,12 +146,13 @@ async fn task_round(
         plans.push((
             CallPlan {
                 call_id: d.facts.id.clone(),
-                commands: vec![command],
+                commands,
             },
             l,
         ));
     }
     settle_unassigned(ctx, s, unassigned, now)?;
+    settle_script_errors(ctx, s, script_failed, now)?;
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|(p, _)| describe_plan(p)));

@@ -21,6 +21,7 @@ pub(super) async fn push_telephony(
     let mut plans = Vec::new();
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();
+    let mut script_failed = Vec::new();
     for d in due {
         let l = &d.item.ledger;
         if l.stage == Stage::Finished && !plan::needs_recording(&d.facts, l) {
@@ -34,6 +35,13 @@ pub(super) async fn push_telephony(
         if commands.is_empty() {
             continue;
         }
+        let commands = match scripted(ctx, &d.facts, &d.item.raw, commands) {
+            Ok(c) => c,
+            Err(e) => {
+                script_failed.push((d, e));
+                continue;
+            }
+        };
         let non_idempotent = commands
             .iter()
             .any(|c| c.method != "telephony.externalCall.attachRecord");
@@ -53,6 +61,7 @@ pub(super) async fn push_telephony(
         ));
     }
     settle_unassigned(ctx, s, unassigned, now)?;
+    settle_script_errors(ctx, s, script_failed, now)?;
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));

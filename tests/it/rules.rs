@@ -801,3 +801,116 @@ async fn a_notification_whose_answer_was_lost_is_never_sent_twice() {
     assert_eq!(env.sims.bitrix24.notifications().len(), 1);
     assert_eq!(env.sims.bitrix24.tasks().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_script_filters_rewrites_and_shapes_and_a_failing_script_quarantines_only_its_call()
+{
+    let mut s = scenario();
+    let spam = s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380931234567",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().group = Some("Robots".into());
+    let short = s.add_call(
+        n("2026-11-21 10:05:00"),
+        "IN",
+        "0XX501112233",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let broken = s.add_call(
+        n("2026-11-21 10:10:00"),
+        "IN",
+        "380671110666",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let fine = s.add_call(
+        n("2026-11-21 10:15:00"),
+        "IN",
+        "380671110777",
+        &["102"],
+        "ANSWER",
+        30,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    std::fs::write(
+        env.dir.path().join("rules.rhai"),
+        r#"
+        // Robot queues never reach the CRM.
+        fn filter(c) { if c.group == "Robots" { return "robot queue"; } true }
+        // Numbers typed with an XX placeholder prefix.
+        fn client_number(c, n) { if n.starts_with("0XX") { "+380" + n.sub_string(3) } else { n } }
+        // Shape the task; one client's calls make the script fail.
+        fn task(c, f) {
+            if c.client == "+380671110666" { throw "no task rules for this client"; }
+            f.TITLE = "Script: call back " + c.client + " (" + c.raw.state + ")";
+            f
+        }
+        "#,
+    )
+    .unwrap();
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[rules]\nscript = \"rules.rhai\"\n",
+    );
+    let ctx = env.ctx().await;
+    let summary = pass(&ctx).await.unwrap();
+    assert_eq!(summary.skipped, 1, "{summary}");
+    assert_eq!(writes_for(&env, spam), 0);
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&spam.to_string())
+        .unwrap()
+        .unwrap();
+    assert!(row.reason.unwrap().contains("robot queue"));
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0].title, "Script: call back +380501112233 (NOANSWER)");
+    assert_eq!(
+        tasks[0].xml_id.as_deref(),
+        Some(format!("unitalk-{short}").as_str())
+    );
+    let row = ctx
+        .store
+        .lock()
+        .ledger_row(&broken.to_string())
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.stage, Stage::Quarantined);
+    assert!(row
+        .reason
+        .unwrap()
+        .contains("no task rules for this client"));
+    assert_eq!(writes_for(&env, fine), 1, "the pass went on");
+    assert_eq!(summary.quarantined, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_that_does_not_compile_is_a_config_error_naming_the_line() {
+    let env = TestEnv::start(scenario()).await;
+    std::fs::write(
+        env.dir.path().join("rules.rhai"),
+        "fn filter(c) {\n  if c.group == \n}\n",
+    )
+    .unwrap();
+    env.write_config("telephony", "[rules]\nscript = \"rules.rhai\"\n");
+    let out = env.ubsync(&["check", "--offline"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("rules.script") && t.contains("rules.rhai") && t.contains("line"),
+        "{t}"
+    );
+}
