@@ -439,10 +439,11 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
         }
         JobKind::Lines => {
             let mut s = PassSummary::default();
-            crate::sync::refresh_lines(ctx, &mut s)
-                .await
-                .map(|_| None)
-                .map_err(|e| e.to_string())
+            let r = match crate::sync::refresh_lines(ctx, &mut s).await {
+                Ok(()) => crate::sync::alert_lines(ctx, &mut s).await,
+                Err(e) => Err(e),
+            };
+            r.map(|_| None).map_err(|e| e.to_string())
         }
         JobKind::Reconcile => {
             let day = (started.with_timezone(&tz) - Duration::days(1)).date_naive();

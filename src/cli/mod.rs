@@ -21,6 +21,7 @@ use crate::sync::{run_pass, PassOptions, SyncCtx, SyncError};
 use crate::unitalk::{UnitalkClient, UnitalkError};
 
 pub mod inspect;
+mod lines;
 mod progress;
 mod ranges;
 mod rules_test;
@@ -185,6 +186,18 @@ pub enum Command {
     /// Manage the Bitrix24 OAuth tokens of the local application (telephony mode).
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Each Unitalk inner line: its status and since when, its operator, and the Bitrix24 user
+    /// it maps to (UF_PHONE_INNER), flagging lines without a user and Bitrix24 users whose
+    /// extension is no Unitalk line. Reads the state file (a pass or the daemon's `lines` job
+    /// refreshes it) and, unless --offline, lists the portal's users.
+    Lines {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Read only the state file; do not ask Bitrix24 for its users.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Try the business rules ([rules], [tasks]) on calls already in the state file.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -445,6 +458,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => run_daemon(&cli.config, listen, install_listen).await,
         Command::Backfill { from, to } => backfill(&cli.config, &from, &to).await,
         Command::Reconcile { from, to, dry_run } => reconcile(&cli.config, from, to, dry_run).await,
+        Command::Lines { json, offline } => {
+            lines::lines(&load_config(&cli.config)?, json, offline).await
+        }
         Command::Rules(RulesCommand::Test {
             from,
             to,

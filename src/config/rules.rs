@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::validate::Validator;
 use crate::rules::{
-    AfterHours, Cond, Fields, Filter, Hours, InvalidNumber, Leads, LeadsFor, Notify, NumberSet,
-    Responsible, Rewrite, Rules, Template, Who,
+    AfterHours, Cond, Fields, Filter, Hours, InvalidNumber, Leads, LeadsFor, Lines, Notify,
+    NumberSet, Responsible, Rewrite, Rules, Template, Who,
 };
 use crate::sync::call::Way;
 
@@ -32,6 +32,15 @@ pub(super) struct RawRules {
     pub(super) notify: Option<RawNotify>,
     pub(super) script: Option<String>,
     pub(super) script_max_operations: Option<i64>,
+    pub(super) lines: Option<RawLines>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawLines {
+    pub(super) offline: Option<Vec<String>>,
+    pub(super) alert_after: Option<String>,
+    pub(super) supervisors: Option<Vec<i64>>,
+    pub(super) skip_offline_operator: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -472,6 +481,35 @@ impl Validator {
         out
     }
 
+    fn lines(&mut self, raw: Option<RawLines>, notify: &Notify) -> Lines {
+        let mut l = Lines::default();
+        let Some(raw) = raw else { return l };
+        if let Some(o) = raw.offline {
+            l.offline = o.iter().map(|s| s.trim().to_uppercase()).collect();
+        }
+        if let Some(a) = raw.alert_after {
+            l.alert_after = chrono::Duration::from_std(self.duration(
+                "rules.lines.alert_after",
+                Some(a),
+                "10m",
+                ("1m", "7days"),
+            ))
+            .ok();
+        }
+        l.supervisors = raw
+            .supervisors
+            .unwrap_or_else(|| notify.supervisors.clone());
+        if l.alert_after.is_some() && l.supervisors.is_empty() {
+            self.fail(
+                "rules.lines.supervisors",
+                "line alerts need someone to tell",
+                "list Bitrix24 user ids, e.g. supervisors = [1] (or set rules.notify.supervisors)",
+            );
+        }
+        l.skip_offline_operator = raw.skip_offline_operator.unwrap_or(false);
+        l
+    }
+
     fn notify(&mut self, raw: Option<RawNotify>) -> Notify {
         let d = Notify::default();
         let Some(raw) = raw else { return d };
@@ -603,6 +641,7 @@ impl Validator {
             lead: self.field_map("lead", raw.fields.lead),
         };
         let notify = self.notify(raw.notify);
+        let lines = self.lines(raw.lines, &notify);
         let max_ops = match raw.script_max_operations {
             None => 1_000_000,
             Some(n) if (1_000..=1_000_000_000).contains(&n) => n as u64,
@@ -630,6 +669,7 @@ impl Validator {
             }
         });
         Rules {
+            lines,
             script,
             notify,
             fields,

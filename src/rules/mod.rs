@@ -271,6 +271,41 @@ impl Default for Notify {
     }
 }
 
+/// Inner lines: which statuses mean "offline", alerts to supervisors, and whether an offline
+/// operator is passed over as a responsible.
+#[derive(Debug, Clone)]
+pub struct Lines {
+    /// Unitalk statuses (upper case) that mean the line cannot take calls.
+    pub offline: Vec<String>,
+    /// Alert when a line has been offline this long (inside working hours, when set); `None`: no
+    /// alerts.
+    pub alert_after: Option<chrono::Duration>,
+    pub supervisors: Vec<i64>,
+    /// The responsible order skips the operator of an offline line.
+    pub skip_offline_operator: bool,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self {
+            offline: ["OFFLINE", "UNREGISTERED", "UNAVAILABLE", "NOT_REGISTERED"]
+                .map(String::from)
+                .to_vec(),
+            alert_after: None,
+            supervisors: Vec::new(),
+            skip_offline_operator: false,
+        }
+    }
+}
+
+impl Lines {
+    pub fn is_offline(&self, status: &str) -> bool {
+        self.offline
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(status.trim()))
+    }
+}
+
 /// Field name → template.
 pub type FieldMap = Vec<(String, Template)>;
 
@@ -310,6 +345,7 @@ pub struct Rules {
     pub notify: Notify,
     /// `rules.script`, compiled.
     pub script: Option<script::Script>,
+    pub lines: Lines,
 }
 
 impl Rules {

@@ -211,5 +211,15 @@ CREATE TABLE notify_client (
 );
 "#;
 
+/// Migration 9: how long a line has had its status, and whether supervisors were told.
+const V9: &str = r#"
+-- status_since: the observation time of the first observation with the current status (a line
+-- offline for N minutes is alerted on); alerted: 1 once supervisors were told it is offline
+-- (cleared, with a "back" notice, when it is seen online again).
+ALTER TABLE line_status ADD COLUMN status_since TEXT;
+ALTER TABLE line_status ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
+UPDATE line_status SET status_since = observed_at;
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];

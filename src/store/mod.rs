@@ -13,6 +13,7 @@ pub mod files;
 pub mod followups;
 pub mod history;
 pub mod ledger;
+pub mod lines;
 mod migrations;
 
 use std::path::{Path, PathBuf};
@@ -411,9 +412,12 @@ impl Store {
         raw: Option<&str>,
     ) -> Result<bool> {
         let n = self.conn.execute(
-            "INSERT INTO line_status (line, status, observed_at, raw) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO line_status (line, status, observed_at, raw, status_since)
+             VALUES (?1, ?2, ?3, ?4, ?3)
              ON CONFLICT(line) DO UPDATE SET status = excluded.status,
-                 observed_at = excluded.observed_at, raw = excluded.raw
+                 observed_at = excluded.observed_at, raw = excluded.raw,
+                 status_since = CASE WHEN line_status.status = excluded.status
+                                     THEN line_status.status_since ELSE excluded.observed_at END
              WHERE excluded.observed_at > line_status.observed_at",
             params![line, status, ts(observed_at), raw],
         )?;

@@ -15,6 +15,7 @@ mod activity;
 pub mod call;
 mod client_tasks;
 mod followup;
+mod line_alerts;
 mod notify;
 pub mod plan;
 mod probe;
@@ -27,6 +28,7 @@ pub mod window;
 
 use activity::{entity_responsibles, push_activity};
 pub use followup::SWEEP_STREAM;
+pub use line_alerts::alert_lines;
 use probe::probe_in_flight;
 pub use pull::estimate_calls;
 pub use pull::refresh_lines;
@@ -239,6 +241,7 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     refresh_lines(ctx, s).await?;
     let now = trusted_now(ctx);
     if !opts.dry_run {
+        alert_lines(ctx, s).await?;
         verify_policy(ctx, now)?;
     }
     let mut stored = ctx.store.lock().cursor(&opts.stream)?;

@@ -90,6 +90,22 @@ async fn task_round(
     let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
     let mut unassigned = Vec::new();
     let mut script_failed = Vec::new();
+    // `rules.lines.skip_offline_operator`: an operator whose line is offline gets no task.
+    let offline_lines: HashSet<String> = if cfg.rules.lines.skip_offline_operator {
+        ctx.store
+            .lock()
+            .lines()?
+            .into_iter()
+            .filter(|l| {
+                l.status
+                    .as_deref()
+                    .is_some_and(|s| cfg.rules.lines.is_offline(s))
+            })
+            .map(|l| l.line)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     for d in due {
         let l = &d.item.ledger;
         let ledger_entity = l
@@ -110,6 +126,7 @@ async fn task_round(
             .facts
             .operator_line
             .as_ref()
+            .filter(|line| !offline_lines.contains(*line))
             .and_then(|line| users.get(line).copied());
         let responsible = cfg.rules.responsible.pick(
             &d.facts,

@@ -914,3 +914,145 @@ async fn a_script_that_does_not_compile_is_a_config_error_naming_the_line() {
         "{t}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_shows_statuses_operators_and_users_and_flags_the_mismatches() {
+    let env = TestEnv::start(scenario()).await;
+    env.sims.unitalk.set_line_status("103", "OFFLINE");
+    env.sims
+        .bitrix24
+        .add_user(ubsync::sim::bitrix24::PortalUser {
+            id: 40,
+            name: "Olha".into(),
+            last_name: "Stray".into(),
+            email: "o@example.com".into(),
+            inner: Some("109".into()),
+            active: true,
+        });
+    env.write_config("activity", "[sync]\nstart = \"2026-11-22\"\n");
+    let ctx = env.ctx().await;
+    // A missed call on 101 resolves its user; 102 and 103 are not looked up yet.
+    let mut more = Scenario::empty(KYIV);
+    more.add_call(
+        n("2026-11-22 13:00:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        10,
+        None,
+    );
+    env.sims.unitalk.add_calls(more.calls);
+    env.clock.advance(Duration::hours(2));
+    pass(&ctx).await.unwrap();
+    let out = env.ubsync(&["lines"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let row = |line: &str| {
+        t.lines()
+            .find(|l| l.trim_start().starts_with(line))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        row("101").contains("ONLINE") && row("101").split_whitespace().any(|w| w == "10"),
+        "{t}"
+    );
+    assert!(
+        row("103").contains("OFFLINE") && row("103").contains("offline"),
+        "{t}"
+    );
+    assert!(row("102").contains("not looked up yet"), "{t}");
+    assert!(
+        t.contains("Bitrix24 user 40 (Olha Stray) has UF_PHONE_INNER \"109\""),
+        "{t}"
+    );
+    let out = env.ubsync(&["lines", "--json", "--offline"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l101 = v["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["line"] == "101")
+        .unwrap();
+    assert_eq!(l101["bitrix24_user_id"], 10);
+    assert!(v["users_without_a_line"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_offline_past_the_limit_alerts_supervisors_once_and_again_when_back_never_on_flapping(
+) {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config(
+        "activity",
+        "[sync]\nstart = \"2026-11-22\"\n[rules.lines]\nalert_after = \"10m\"\nsupervisors = [1]\n",
+    );
+    let ctx = env.ctx().await;
+    let alerts = |env: &TestEnv| {
+        env.sims
+            .bitrix24
+            .notifications()
+            .iter()
+            .filter_map(|n| n["MESSAGE"].as_str().map(String::from))
+            .filter(|m| m.starts_with("Inner line"))
+            .collect::<Vec<_>>()
+    };
+    // Flapping: offline for 5 minutes at a time never alerts.
+    for _ in 0..3 {
+        env.sims.unitalk.set_line_status("101", "OFFLINE");
+        pass(&ctx).await.unwrap();
+        env.clock.advance(Duration::minutes(5));
+        pass(&ctx).await.unwrap();
+        env.sims.unitalk.set_line_status("101", "ONLINE");
+        pass(&ctx).await.unwrap();
+        env.clock.advance(Duration::minutes(1));
+    }
+    assert!(alerts(&env).is_empty(), "{:?}", alerts(&env));
+    // Offline for good: one alert after ten minutes, however many passes.
+    env.sims.unitalk.set_line_status("102", "UNREGISTERED");
+    pass(&ctx).await.unwrap();
+    for _ in 0..4 {
+        env.clock.advance(Duration::minutes(4));
+        pass(&ctx).await.unwrap();
+    }
+    let a = alerts(&env);
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert!(
+        a[0].starts_with("Inner line 102") && a[0].contains("unregistered"),
+        "{a:?}"
+    );
+    env.sims.unitalk.set_line_status("102", "ONLINE");
+    pass(&ctx).await.unwrap();
+    pass(&ctx).await.unwrap();
+    let a = alerts(&env);
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert!(a[1].contains("is back"), "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_whose_line_is_offline_can_be_passed_over_for_the_task() {
+    let mut s = scenario();
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380671112345",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.sims.unitalk.set_line_status("101", "OFFLINE");
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\ncrm_create = false\n[rules.lines]\nskip_offline_operator = true\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(
+        tasks[0].responsible_id, 1,
+        "the default user, not the offline operator 10"
+    );
+}
