@@ -161,6 +161,9 @@ pub(super) struct RawHours {
     #[serde(default)]
     pub(super) holidays: Vec<String>,
     pub(super) after_hours: Option<String>,
+    /// Other calendars per operator group; unset keys come from the portal's calendar.
+    #[serde(default)]
+    pub(super) groups: std::collections::BTreeMap<String, RawHours>,
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -307,6 +310,38 @@ impl Validator {
             return None;
         }
         Some(Filter { name, any, conds })
+    }
+
+    /// The portal's calendar and the groups' (each group's unset keys taken from the portal's).
+    fn calendars(
+        &mut self,
+        raw: Option<RawHours>,
+        default_tz: Tz,
+    ) -> (Option<Hours>, std::collections::HashMap<String, Hours>) {
+        let Some(mut raw) = raw else {
+            return (None, Default::default());
+        };
+        let groups = std::mem::take(&mut raw.groups);
+        let mut by_group = std::collections::HashMap::new();
+        for (name, g) in groups {
+            let merged = RawHours {
+                timezone: g.timezone.or(raw.timezone.clone()),
+                days: g.days.or(raw.days.clone()),
+                open: g.open.or(raw.open.clone()),
+                close: g.close.or(raw.close.clone()),
+                holidays: if g.holidays.is_empty() {
+                    raw.holidays.clone()
+                } else {
+                    g.holidays
+                },
+                after_hours: g.after_hours.or(raw.after_hours.clone()),
+                groups: Default::default(),
+            };
+            if let Some(h) = self.hours(merged, default_tz) {
+                by_group.insert(name.trim().to_lowercase(), h);
+            }
+        }
+        (self.hours(raw, default_tz), by_group)
     }
 
     fn hours(&mut self, raw: RawHours, default_tz: Tz) -> Option<Hours> {
@@ -632,7 +667,7 @@ impl Validator {
             .enumerate()
             .filter_map(|(i, f)| self.filter("rules.skip_task", i, f, base_dir))
             .collect();
-        let hours = raw.hours.and_then(|h| self.hours(h, default_tz));
+        let (hours, hours_by_group) = self.calendars(raw.hours, default_tz);
         let responsible = self.responsible(raw.responsible);
         let leads = self.leads(raw.leads, legacy);
         let fields = Fields {
@@ -669,6 +704,7 @@ impl Validator {
             }
         });
         Rules {
+            hours_by_group,
             lines,
             script,
             notify,

@@ -339,6 +339,8 @@ pub struct Rules {
     pub rewrite: Vec<Rewrite>,
     pub invalid_number: InvalidNumber,
     pub hours: Option<Hours>,
+    /// Calendars of operator groups (`lastGroupName`, lower case) that keep other hours.
+    pub hours_by_group: std::collections::HashMap<String, Hours>,
     pub responsible: Responsible,
     pub leads: Leads,
     pub fields: Fields,
@@ -363,6 +365,14 @@ impl Rules {
             .iter()
             .find(|r| r.matches(f))
             .map(|r| r.name.as_str())
+    }
+
+    /// The calendar of a call: its group's, else the portal's.
+    pub fn hours_for(&self, f: &CallFacts) -> Option<&Hours> {
+        f.group
+            .as_ref()
+            .and_then(|g| self.hours_by_group.get(&g.trim().to_lowercase()))
+            .or(self.hours.as_ref())
     }
 
     /// The client number after the rewrite rules (the first one that matches applies).
@@ -510,6 +520,44 @@ mod tests {
         let mut by_name = NumberSet::default();
         by_name.exact.insert("site.ua".into());
         assert!(Cond::OuterLine(by_name).holds(&site));
+    }
+
+    #[test]
+    fn the_responsible_is_the_first_source_of_the_order_with_a_user() {
+        let f = call("+380501112233", Way::In, CallState::NoAnswer, 0);
+        let mut r = Responsible::default();
+        r.lines.insert("380443334455".into(), 12);
+        r.groups.insert("sales".into(), 15);
+        assert_eq!(r.pick(&f, Some(7), Some(10), Some(1)), Some(7), "crm first");
+        assert_eq!(r.pick(&f, None, Some(10), Some(1)), Some(10));
+        assert_eq!(
+            r.pick(&f, None, None, Some(1)),
+            Some(12),
+            "the company line's user"
+        );
+        r.lines.clear();
+        assert_eq!(
+            r.pick(&f, None, None, Some(1)),
+            Some(15),
+            "the group's user"
+        );
+        r.groups.clear();
+        assert_eq!(r.pick(&f, None, None, Some(1)), Some(1));
+        assert_eq!(
+            r.pick(&f, None, None, None),
+            None,
+            "nobody: the call waits or is quarantined"
+        );
+        r.order = vec![Who::Default, Who::Operator];
+        assert_eq!(r.pick(&f, Some(7), Some(10), Some(1)), Some(1));
+    }
+
+    #[test]
+    fn lead_creation_follows_the_direction_policy() {
+        assert!(LeadsFor::All.allows(Way::In) && LeadsFor::All.allows(Way::Out));
+        assert!(LeadsFor::Incoming.allows(Way::In) && !LeadsFor::Incoming.allows(Way::Out));
+        assert!(!LeadsFor::Outgoing.allows(Way::In) && LeadsFor::Outgoing.allows(Way::Out));
+        assert!(!LeadsFor::None.allows(Way::In) && !LeadsFor::None.allows(Way::Out));
     }
 
     #[test]

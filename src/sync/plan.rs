@@ -204,7 +204,7 @@ pub fn needs_task(cfg: &Config, f: &CallFacts, l: &LedgerRow) -> bool {
 /// When a missed call's task is due: at once, or (working hours with `after_hours = "wait"`)
 /// at the next opening after the call.
 pub fn task_due_at(cfg: &Config, f: &CallFacts) -> DateTime<Utc> {
-    match &cfg.rules.hours {
+    match cfg.rules.hours_for(f) {
         Some(h) if h.after_hours == crate::rules::AfterHours::Wait => {
             h.next_open(f.started_at).unwrap_or(f.started_at)
         }
@@ -217,8 +217,7 @@ pub fn task_due_at(cfg: &Config, f: &CallFacts) -> DateTime<Utc> {
 pub fn task_deadline(cfg: &Config, f: &CallFacts) -> DateTime<Utc> {
     let base = cfg
         .rules
-        .hours
-        .as_ref()
+        .hours_for(f)
         .and_then(|h| h.next_open(f.started_at))
         .unwrap_or(f.started_at);
     base + Duration::minutes(cfg.tasks.deadline_minutes as i64)

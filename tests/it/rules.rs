@@ -1056,3 +1056,53 @@ async fn an_operator_whose_line_is_offline_can_be_passed_over_for_the_task() {
         "the default user, not the offline operator 10"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_group_can_keep_its_own_hours() {
+    let mut s = scenario();
+    // Saturday 03:00 in Kyiv, both: the night desk works, the office does not.
+    s.add_call(
+        n("2026-11-21 03:00:00"),
+        "IN",
+        "380671116001",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s.calls.last_mut().unwrap().group = Some("Night desk".into());
+    s.add_call(
+        n("2026-11-21 03:00:00"),
+        "IN",
+        "380671116002",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-21\"\n[tasks]\ndeadline_minutes = 30\n[rules.hours]\nopen = \"09:00\"\nclose = \"18:00\"\n[rules.hours.groups.\"night desk\"]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\nopen = \"00:00\"\nclose = \"23:59\"\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let tasks = env.sims.bitrix24.tasks();
+    let deadline = |phone: &str| {
+        tasks
+            .iter()
+            .find(|t| t.description.contains(phone))
+            .and_then(|t| t.deadline.clone())
+            .unwrap()
+    };
+    assert!(
+        deadline("+380671116001").starts_with("2026-11-21T03:30:00"),
+        "{}",
+        deadline("+380671116001")
+    );
+    assert!(
+        deadline("+380671116002").starts_with("2026-11-23T09:30:00"),
+        "{}",
+        deadline("+380671116002")
+    );
+}
