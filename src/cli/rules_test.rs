@@ -99,7 +99,7 @@ fn decide(cfg: &Config, store: &Store, known: &HashSet<String>, id: &str, raw: &
             "title": cfg.tasks.title.render(&values),
             "deadline": rfc3339_in(plan::task_deadline(cfg, &f), tz),
             "created_from": rfc3339_in(plan::task_due_at(cfg, &f), tz),
-            "description": plan::task_description(cfg, &f, f.operator_line.as_deref()),
+            "description": plan::task_description(cfg, &f, f.operator_line.as_deref(), None),
         });
         if let Some((by, _)) = reached {
             t = json!({"decision": "none", "why": format!("the client was reached after it (call {by})")});

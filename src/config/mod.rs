@@ -162,6 +162,18 @@ pub struct Bitrix24Config {
 }
 
 impl Bitrix24Config {
+    /// The portal's origin (`https://portal.bitrix24.ua`), for links to CRM cards. Never a
+    /// path: a webhook's path holds its code.
+    pub fn portal_origin(&self) -> Option<String> {
+        let u = match (self.mode, &self.portal_url, &self.webhook_url) {
+            (Mode::Telephony, Some(u), _) => u.clone(),
+            (_, _, Some(w)) => w.expose(),
+            (_, Some(u), None) => u.clone(),
+            _ => return None,
+        };
+        Some(u.origin().ascii_serialization()).filter(|o| o != "null")
+    }
+
     /// The portal's base address in whichever mode is configured, for display.
     pub fn portal_display(&self) -> String {
         match (self.mode, &self.portal_url, &self.webhook_url) {

@@ -21,6 +21,9 @@ pub(super) struct RawRules {
     #[serde(default)]
     pub(super) rewrite: Vec<RawRewrite>,
     #[serde(default)]
+    pub(super) rewrite_line: Vec<RawRewrite>,
+    pub(super) crm_order: Option<Vec<String>>,
+    #[serde(default)]
     pub(super) skip: Vec<RawFilter>,
     #[serde(default)]
     pub(super) skip_task: Vec<RawFilter>,
@@ -616,6 +619,29 @@ impl Validator {
         }
     }
 
+    fn rewrites(&mut self, at: &str, raw: Vec<RawRewrite>) -> Vec<Rewrite> {
+        let mut out = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let key = format!("{at}[{i}]");
+            match (r.pattern, r.replace) {
+                (Some(p), Some(replace)) => match Regex::new(&p) {
+                    Ok(pattern) => out.push(Rewrite { pattern, replace }),
+                    Err(e) => self.fail(
+                        &format!("{key}.pattern"),
+                        format!("`{p}` is not a regular expression ({e})"),
+                        "fix the expression",
+                    ),
+                },
+                _ => self.fail(
+                    &key,
+                    "needs both `pattern` and `replace`",
+                    "write pattern = \"^8(0\\\\d{9})$\", replace = \"+38$1\"",
+                ),
+            }
+        }
+        out
+    }
+
     pub(super) fn rules(
         &mut self,
         raw: RawRules,
@@ -636,22 +662,19 @@ impl Validator {
                 InvalidNumber::Quarantine
             }
         };
-        let mut rewrite = Vec::new();
-        for (i, r) in raw.rewrite.into_iter().enumerate() {
-            let key = format!("rules.rewrite[{i}]");
-            match (r.pattern, r.replace) {
-                (Some(p), Some(replace)) => match Regex::new(&p) {
-                    Ok(pattern) => rewrite.push(Rewrite { pattern, replace }),
-                    Err(e) => self.fail(
-                        &format!("{key}.pattern"),
-                        format!("`{p}` is not a regular expression ({e})"),
-                        "fix the expression",
-                    ),
-                },
-                _ => self.fail(
-                    &key,
-                    "needs both `pattern` and `replace`",
-                    "write pattern = \"^8(0\\\\d{9})$\", replace = \"+38$1\"",
+        let rewrite = self.rewrites("rules.rewrite", raw.rewrite);
+        let rewrite_line = self.rewrites("rules.rewrite_line", raw.rewrite_line);
+        let mut crm_order = Vec::new();
+        for k in raw
+            .crm_order
+            .unwrap_or_else(|| vec!["contact".into(), "company".into(), "lead".into()])
+        {
+            match k.trim().to_uppercase().as_str() {
+                t @ ("CONTACT" | "COMPANY" | "LEAD") => crm_order.push(t.to_string()),
+                other => self.fail(
+                    "rules.crm_order",
+                    format!("`{other}` is not a CRM entity type"),
+                    "list some of \"contact\", \"company\", \"lead\"",
                 ),
             }
         }
@@ -704,6 +727,8 @@ impl Validator {
             }
         });
         Rules {
+            crm_order,
+            rewrite_line,
             hours_by_group,
             lines,
             script,

@@ -330,7 +330,7 @@ impl Fields {
 }
 
 /// Every rule of the `[rules]` section.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Rules {
     /// Calls matching one of these are never pushed.
     pub skip: Vec<Filter>,
@@ -345,9 +345,34 @@ pub struct Rules {
     pub leads: Leads,
     pub fields: Fields,
     pub notify: Notify,
+    /// CRM entity types in the order a client number is matched (`CONTACT`, `COMPANY`, `LEAD`).
+    pub crm_order: Vec<String>,
+    /// Inner-line rewrites, applied to the operator's line before the Bitrix24 user lookup.
+    pub rewrite_line: Vec<Rewrite>,
     /// `rules.script`, compiled.
     pub script: Option<script::Script>,
     pub lines: Lines,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            skip: Vec::new(),
+            skip_task: Vec::new(),
+            rewrite: Vec::new(),
+            invalid_number: InvalidNumber::default(),
+            hours: None,
+            hours_by_group: Default::default(),
+            responsible: Responsible::default(),
+            leads: Leads::default(),
+            fields: Fields::default(),
+            notify: Notify::default(),
+            crm_order: ["CONTACT", "COMPANY", "LEAD"].map(String::from).to_vec(),
+            rewrite_line: Vec::new(),
+            script: None,
+            lines: Lines::default(),
+        }
+    }
 }
 
 impl Rules {
@@ -373,6 +398,25 @@ impl Rules {
             .as_ref()
             .and_then(|g| self.hours_by_group.get(&g.trim().to_lowercase()))
             .or(self.hours.as_ref())
+    }
+
+    /// Where an entity type comes in `crm_order` (unlisted types last).
+    pub fn crm_rank(&self, kind: &str) -> usize {
+        self.crm_order
+            .iter()
+            .position(|k| k.eq_ignore_ascii_case(kind))
+            .unwrap_or(self.crm_order.len())
+    }
+
+    /// The operator's inner line after the line rewrites (the first that matches applies).
+    pub fn rewrite_inner(&self, line: &str) -> String {
+        let line = line.trim();
+        for r in &self.rewrite_line {
+            if r.pattern.is_match(line) {
+                return r.pattern.replace(line, r.replace.as_str()).into_owned();
+            }
+        }
+        line.to_string()
     }
 
     /// The client number after the rewrite rules (the first one that matches applies).

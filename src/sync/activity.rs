@@ -52,7 +52,8 @@ pub(super) async fn find_entities(
             let Some(Value::Object(m)) = found.results.get(&format!("d{ci}_{i}")) else {
                 continue;
             };
-            for kind in ["CONTACT", "COMPANY", "LEAD"] {
+            for kind in &ctx.cfg.rules.crm_order {
+                let kind = kind.as_str();
                 let id = m
                     .get(kind)
                     .and_then(Value::as_array)
@@ -383,7 +384,15 @@ pub(super) async fn entity_responsibles(
                 let Some(Value::Array(list)) = found.results.get(&format!("s{i}")) else {
                     continue;
                 };
-                for e in list {
+                // The configured type order decides between entities of one number.
+                let mut list = list.clone();
+                list.sort_by_key(|e| {
+                    e.get("CRM_ENTITY_TYPE")
+                        .and_then(as_text)
+                        .map(|k| ctx.cfg.rules.crm_rank(&k))
+                        .unwrap_or(usize::MAX)
+                });
+                for e in &list {
                     let (Some(kind), Some(id), Some(resp)) = (
                         e.get("CRM_ENTITY_TYPE").and_then(as_text),
                         e.get("CRM_ENTITY_ID").and_then(as_i64),

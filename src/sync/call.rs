@@ -192,6 +192,7 @@ pub fn classify(
             Some(call.from.clone()).filter(|f| inner(f)),
         ),
     };
+    let operator = operator.map(|l| rules.rewrite_inner(&l));
     let mut client_raw = rules.rewrite_client(&client_raw);
     if let Some(script) = &rules.script {
         // The call as the script sees it, before its number is read.

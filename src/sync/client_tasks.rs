@@ -27,6 +27,14 @@ fn task_facts(
     Some((owner, all))
 }
 
+/// The CRM entity a client task is bound to (recorded on its own call).
+fn owner_entity(t: &ClientTask) -> Option<Entity> {
+    Some(Entity {
+        kind: t.owner.crm_entity_type.clone()?,
+        id: t.owner.crm_entity_id?,
+    })
+}
+
 /// Folds missed calls into their client's open task.
 pub(super) async fn push_followups(
     ctx: &SyncCtx,
@@ -47,7 +55,8 @@ pub(super) async fn push_followups(
         again.push(d.facts.clone());
         again.sort_by_key(|f| f.started_at);
         let reached = None;
-        let text = plan::folded_description(&ctx.cfg, &owner, &again, reached);
+        let text =
+            plan::folded_description(&ctx.cfg, &owner, owner_entity(t).as_ref(), &again, reached);
         plans.push((
             CallPlan {
                 call_id: d.facts.id.clone(),
@@ -138,7 +147,8 @@ pub(super) async fn close_reached(
             else {
                 continue;
             };
-            let text = plan::folded_description(cfg, &owner, &again, Some(&b));
+            let text =
+                plan::folded_description(cfg, &owner, owner_entity(&t).as_ref(), &again, Some(&b));
             let id = t.owner.call_id.clone();
             plans.push((
                 CallPlan {

@@ -46,6 +46,21 @@ pub struct Entity {
 }
 
 impl Entity {
+    /// The entity's card in the portal (`{origin}/crm/contact/details/797/`).
+    pub fn link(&self, cfg: &Config) -> Option<String> {
+        let kind = match self.kind.as_str() {
+            "CONTACT" => "contact",
+            "COMPANY" => "company",
+            "LEAD" => "lead",
+            _ => return None,
+        };
+        Some(format!(
+            "{}/crm/{kind}/details/{}/",
+            cfg.bitrix24.portal_origin()?,
+            self.id
+        ))
+    }
+
     /// `UF_CRM_TASK` binding: `C_5`, `L_5`, `CO_5`.
     pub fn binding(&self) -> Option<String> {
         let prefix = match self.kind.as_str() {
@@ -298,12 +313,22 @@ pub fn activity_add(
 
 /// A missed call's task description: `tasks.description` (or the call summary), always ending
 /// with the call's `unitalk-<id>`, by which a task whose creation went unanswered is found.
-pub fn task_description(cfg: &Config, f: &CallFacts, operator: Option<&str>) -> String {
+pub fn task_description(
+    cfg: &Config,
+    f: &CallFacts,
+    operator: Option<&str>,
+    entity: Option<&Entity>,
+) -> String {
     let tz = cfg.bitrix24.timezone;
     match &cfg.tasks.description {
         Some(t) => format!(
             "{}\n\n[{}]",
-            t.render(&crate::rules::values(f, tz, operator, None)),
+            t.render(&crate::rules::values(
+                f,
+                tz,
+                operator,
+                entity.and_then(|e| e.link(cfg))
+            )),
             f.external_id
         ),
         None => describe(f, tz, operator),
@@ -316,6 +341,7 @@ pub fn task_description(cfg: &Config, f: &CallFacts, operator: Option<&str>) -> 
 pub fn folded_description(
     cfg: &Config,
     owner: &CallFacts,
+    owner_entity: Option<&Entity>,
     again: &[CallFacts],
     reached_by: Option<&CallFacts>,
 ) -> String {
@@ -326,7 +352,7 @@ pub fn folded_description(
             .format("%Y-%m-%d %H:%M:%S %Z")
             .to_string()
     };
-    let mut text = task_description(cfg, owner, owner.operator_line.as_deref());
+    let mut text = task_description(cfg, owner, owner.operator_line.as_deref(), owner_entity);
     if !again.is_empty() {
         text.push_str("\n\nThe client called again:");
         for f in again {
@@ -376,10 +402,10 @@ pub fn task_add(
     operator: Option<&str>,
 ) -> Command {
     let tz = cfg.bitrix24.timezone;
-    let values = crate::rules::values(f, tz, operator, None);
+    let values = crate::rules::values(f, tz, operator, entity.and_then(|e| e.link(cfg)));
     let mut fields = json!({
         "TITLE": cfg.tasks.title.render(&values),
-        "DESCRIPTION": task_description(cfg, f, operator),
+        "DESCRIPTION": task_description(cfg, f, operator, entity),
         "RESPONSIBLE_ID": responsible,
         "DEADLINE": rfc3339_in(task_deadline(cfg, f), tz),
         "XML_ID": f.external_id,

@@ -142,6 +142,11 @@ async fn task_round(
         l.responsible_id = Some(responsible);
         l.client = Some(d.facts.client_number.clone());
         l.task_comment = false;
+        // The entity the task is bound to (a later folded description names the same card).
+        if let (None, Some(e)) = (&l.crm_entity_type, &entity) {
+            l.crm_entity_type = Some(e.kind.clone());
+            l.crm_entity_id = Some(e.id);
+        }
         let command = plan::task_add(
             cfg,
             &d.facts,

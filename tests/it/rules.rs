@@ -1106,3 +1106,44 @@ async fn an_operator_group_can_keep_its_own_hours() {
         deadline("+380671116002")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_order_inner_line_rewrites_and_crm_links_shape_what_is_written() {
+    let mut s = scenario().with_client(CrmKind::Lead, 900, "+380501112233", 10);
+    // The PBX reports the line with a site prefix: 8101 is line 101.
+    s.add_call(
+        n("2026-11-21 10:00:00"),
+        "IN",
+        "380501112233",
+        &["8101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "activity",
+        "[sync]\nstart = \"2026-11-21\"\n[tasks]\ntitle = \"Call back {client}: {crm_link}\"\n[rules]\ncrm_order = [\"lead\", \"contact\"]\n[[rules.rewrite_line]]\npattern = \"^8(\\\\d{3})$\"\nreplace = \"$1\"\n",
+    );
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    let acts = env.sims.bitrix24.activities();
+    let a = acts
+        .iter()
+        .find(|a| a.originator_id.as_deref() == Some("ubsync"))
+        .unwrap();
+    assert_eq!(
+        (a.owner_type_id, a.owner_id),
+        (1, 900),
+        "the lead comes first"
+    );
+    assert_eq!(a.responsible_id, 10, "line 8101 read as 101, user 10");
+    let t = &env.sims.bitrix24.tasks()[0];
+    assert!(t.title.ends_with("/crm/lead/details/900/"), "{}", t.title);
+    assert!(
+        t.title
+            .starts_with("Call back +380501112233: http://127.0.0.1:"),
+        "{}",
+        t.title
+    );
+}
