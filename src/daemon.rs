@@ -52,6 +52,14 @@ pub struct Metrics {
     limiter_wait: Counter<f64, AtomicU64>,
     unitalk_units: Counter,
     cursor_lag: Gauge,
+    /// With webhooks on: calls by the path that saw them first (`webhook`, `poll`: the poller's
+    /// are the ones webhooks missed or had not delivered yet).
+    first_seen: Family<PathLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: String,
 }
 
 impl Default for Metrics {
@@ -71,8 +79,17 @@ impl Default for Metrics {
             limiter_wait: Counter::default(),
             unitalk_units: Counter::default(),
             cursor_lag: Gauge::default(),
+            first_seen: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "calls_first_seen",
+            "With webhooks on: calls by the path that delivered them first (webhook or poll)",
+            m.first_seen.clone(),
+        );
+        for path in ["webhook", "poll"] {
+            let _ = m.first_seen.get_or_create(&PathLabel { path: path.into() });
+        }
         registry.register("passes", "Job runs, by job", m.passes.clone());
         registry.register("failures", "Failed job runs, by job", m.failures.clone());
         registry.register(
@@ -243,6 +260,14 @@ async fn healthz(State(sh): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
+    if let Ok(counts) = sh.ctx.store.lock().seen_counts() {
+        for (path, n) in counts {
+            sh.metrics
+                .first_seen
+                .get_or_create(&PathLabel { path })
+                .set(n);
+        }
+    }
     if let Ok(Some(c)) = sh.ctx.store.lock().cursor(HISTORY_STREAM) {
         sh.metrics
             .cursor_lag
@@ -295,12 +320,20 @@ pub async fn run(
         logged_first_pass: Default::default(),
     });
 
+    let (kick_tx, mut kick_rx) = mpsc::channel::<()>(1);
     if let Some(listener) = listener {
+        let inbound = crate::inbound::Inbound {
+            store: shared.ctx.store.clone(),
+            clock: shared.ctx.clock.clone(),
+            unitalk_secret: shared.ctx.cfg.webhooks.unitalk_secret.clone().map(Arc::new),
+            kick: kick_tx.clone(),
+        };
         let mut app = Router::new()
             .route("/healthz", get(healthz))
             .route("/metrics", get(metrics))
             .route("/status", get(status))
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .merge(crate::inbound::router(inbound));
         if shared.ctx.cfg.http.install {
             app = app.merge(crate::bitrix24::install::router(install_state(&shared)?));
         }
@@ -362,7 +395,12 @@ pub async fn run(
     loop {
         tokio::select! {
             t = rx.recv() => if t.is_none() { break },
+            _ = kick_rx.recv() => {}
             _ = cancel.cancelled() => break,
+        }
+        // Events first: a webhook's call reaches Bitrix24 within seconds, not at the next sync.
+        if shared.ctx.store.lock().inbox_waiting().unwrap_or(0) > 0 {
+            run_events(&shared).await;
         }
         let now = shared.ctx.clock.now();
         for (i, job) in schedule.jobs.iter().enumerate() {
@@ -393,6 +431,42 @@ pub async fn run(
     let _ = scheduler.shutdown().await;
     tracing::info!("ubsync daemon stopped");
     Ok(())
+}
+
+/// Processes the waiting events and pushes what they brought (no pull), in the run log as
+/// `events`.
+async fn run_events(sh: &Shared) {
+    let ctx = &sh.ctx;
+    let run_id = ctx.store.lock().begin_run("events", ctx.clock.now()).ok();
+    let opts = PassOptions {
+        events_only: true,
+        ..PassOptions::default()
+    };
+    let r = run_pass(ctx, &opts).await;
+    let now = ctx.clock.now();
+    match &r {
+        Ok(s) => {
+            tracing::info!("events: {s}");
+            if let Some(id) = run_id {
+                let _ = ctx.store.lock().finish_run(
+                    id,
+                    now,
+                    "ok",
+                    serde_json::to_value(s).ok().as_ref(),
+                    None,
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "processing events failed; the next sync pass takes them up");
+            if let Some(id) = run_id {
+                let _ = ctx
+                    .store
+                    .lock()
+                    .finish_run(id, now, "failed", None, Some(&e.to_string()));
+            }
+        }
+    }
 }
 
 async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod inbound;
 pub mod lock;
 pub mod netdiag;
 pub mod phpquery;

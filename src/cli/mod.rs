@@ -134,7 +134,7 @@ pub enum Command {
     /// (the daemon's jobs included; a run killed mid-way shows as "running (or killed)").
     Runs {
         /// Only runs of this kind.
-        #[arg(long, value_parser = ["sync", "backfill", "reconcile", "retry"])]
+        #[arg(long, value_parser = ["sync", "backfill", "reconcile", "retry", "events"])]
         kind: Option<String>,
         /// How many runs to show.
         #[arg(long, default_value_t = 20)]

@@ -29,6 +29,8 @@ use validate::Validator;
 
 /// Environment variable that may carry the Unitalk API key instead of the file.
 pub const ENV_UNITALK_API_KEY: &str = "UBSYNC_UNITALK_API_KEY";
+/// The Unitalk webhook path secret, from the environment.
+pub const ENV_UNITALK_WEBHOOK_SECRET: &str = "UBSYNC_UNITALK_WEBHOOK_SECRET";
 /// Environment variable that may carry the Bitrix24 application's client secret.
 pub const ENV_BITRIX24_CLIENT_SECRET: &str = "UBSYNC_BITRIX24_CLIENT_SECRET";
 /// Environment variable that may carry the Bitrix24 incoming webhook URL.
@@ -56,6 +58,20 @@ pub struct Config {
     pub recordings: RecordingsConfig,
     /// Business rules (`[rules]`).
     pub rules: crate::rules::Rules,
+    /// Events in (`[webhooks]`).
+    pub webhooks: WebhooksConfig,
+}
+
+/// Events in: Unitalk's call webhooks.
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    /// The secret in `POST /unitalk/webhook/<secret>` (Unitalk does not sign payloads: the path
+    /// is the credential). `None`: the route is not served.
+    pub unitalk_secret: Option<SecretString>,
+    /// The webhook call field that is the history record's `id` (`dbid` by default).
+    pub unitalk_id_field: String,
+    /// Calls seen by both paths are the same call when they start within this many seconds.
+    pub twin_slack_secs: i64,
 }
 
 /// How a recording reaches Bitrix24 (telephony mode).
@@ -394,6 +410,9 @@ impl Config {
         if let Some(w) = &self.bitrix24.webhook_url {
             crate::redact::register(w.code());
             crate::redact::register(w.url.expose_secret());
+        }
+        if let Some(s) = &self.webhooks.unitalk_secret {
+            crate::redact::register(s.expose_secret());
         }
     }
 

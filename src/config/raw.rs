@@ -26,6 +26,16 @@ pub(super) struct RawConfig {
     pub(super) recordings: RawRecordings,
     #[serde(default)]
     pub(super) rules: super::rules::RawRules,
+    #[serde(default)]
+    pub(super) webhooks: RawWebhooks,
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct RawWebhooks {
+    pub(super) unitalk_secret: Option<String>,
+    pub(super) unitalk_secret_file: Option<String>,
+    pub(super) unitalk_id_field: Option<String>,
+    pub(super) twin_slack: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

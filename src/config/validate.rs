@@ -563,6 +563,52 @@ impl Validator {
             },
         };
         let rules = self.rules(raw.rules, b24_tz, base_dir, legacy);
+        let unitalk_secret = match secret_source(
+            env,
+            ENV_UNITALK_WEBHOOK_SECRET,
+            raw.webhooks.unitalk_secret_file.clone(),
+            "unitalk_webhook_secret",
+            raw.webhooks.unitalk_secret.clone(),
+        ) {
+            Ok(v) => v.filter(|k| !k.trim().is_empty()),
+            Err(e) => {
+                self.fail(
+                    "webhooks.unitalk_secret_file",
+                    e,
+                    "point it at a readable file holding only the secret",
+                );
+                None
+            }
+        };
+        if let Some(sec) = &unitalk_secret {
+            if sec.len() < 24
+                || !sec
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                self.fail(
+                    "webhooks.unitalk_secret",
+                    "must be at least 24 letters, digits, - or _ (it is the only credential of the webhook URL)",
+                    "generate one: openssl rand -hex 24",
+                );
+            }
+        }
+        let webhooks = WebhooksConfig {
+            unitalk_secret: unitalk_secret.map(SecretString::from),
+            unitalk_id_field: raw
+                .webhooks
+                .unitalk_id_field
+                .clone()
+                .unwrap_or_else(|| "dbid".into()),
+            twin_slack_secs: self
+                .duration(
+                    "webhooks.twin_slack",
+                    raw.webhooks.twin_slack.clone(),
+                    "5s",
+                    ("0s", "5m"),
+                )
+                .as_secs() as i64,
+        };
         if !self.problems.is_empty() {
             return None;
         }
@@ -571,6 +617,7 @@ impl Validator {
             return None;
         }
         Some(Config {
+            webhooks,
             recordings,
             schedule_file,
             schedule_explicit,

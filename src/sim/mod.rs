@@ -12,6 +12,7 @@
 pub mod bitrix24;
 pub mod scenario;
 pub mod unitalk;
+pub mod unitalk_webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -101,6 +101,8 @@ struct UnitalkState {
     /// Calls that land right after the n-th `/history/get` request is answered.
     arrivals: Vec<(usize, SimCall)>,
     paging: Paging,
+    /// Calls whose webhooks were delivered.
+    delivered: std::collections::HashSet<u64>,
 }
 
 /// Handle to a running (or runnable) Unitalk simulator.
@@ -134,6 +136,7 @@ impl UnitalkSim {
                 requests: Vec::new(),
                 arrivals: Vec::new(),
                 paging: Paging::default(),
+                delivered: Default::default(),
             })),
             clock,
         }
@@ -141,6 +144,34 @@ impl UnitalkSim {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, UnitalkState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ended calls whose webhooks were not delivered yet (marked delivered now), with their
+    /// `date` as Unitalk writes it.
+    pub(crate) fn take_undelivered(&self) -> Vec<(SimCall, String)> {
+        let now = self.clock.now();
+        let mut st = self.lock();
+        let tz = st.tz;
+        let due: Vec<SimCall> = st
+            .calls
+            .iter()
+            .filter(|c| call_end(c, tz) <= now && !st.delivered.contains(&c.id))
+            .cloned()
+            .collect();
+        for c in &due {
+            st.delivered.insert(c.id);
+        }
+        due.into_iter()
+            .map(|c| {
+                let d = c.date.format("%Y-%m-%d %H:%M:%S").to_string();
+                (c, d)
+            })
+            .collect()
+    }
+
+    /// Forgets which calls' webhooks were delivered (the next round sends them all again).
+    pub fn forget_delivered(&self) {
+        self.lock().delivered.clear();
     }
 
     /// Changes how `/history/get` pages (see [`Paging`]).

@@ -221,5 +221,30 @@ ALTER TABLE line_status ADD COLUMN alerted INTEGER NOT NULL DEFAULT 0;
 UPDATE line_status SET status_since = observed_at;
 "#;
 
+/// Migration 10: events in (Unitalk webhooks, Bitrix24 events) and which path saw a call first.
+const V10: &str = r#"
+-- Every accepted inbound event, persisted before it is answered and processed from here
+-- (Bitrix24 never re-delivers; Unitalk's retries are unknown). processed_at: NULL until done.
+CREATE TABLE inbox (
+    id            INTEGER PRIMARY KEY,
+    source        TEXT NOT NULL CHECK (source IN ('unitalk', 'bitrix24')),
+    body          TEXT NOT NULL,
+    content_type  TEXT,
+    received_at   TEXT NOT NULL,
+    processed_at  TEXT,
+    outcome       TEXT
+);
+CREATE INDEX inbox_pending ON inbox (processed_at, id);
+-- With webhooks on: the path that saw a call first (webhook or poll) and its fingerprint
+-- (direction, client digits), to catch one call seen by both paths under different ids.
+CREATE TABLE seen_by (
+    call_id      TEXT PRIMARY KEY,
+    path         TEXT NOT NULL CHECK (path IN ('webhook', 'poll')),
+    fingerprint  TEXT NOT NULL,
+    started_at   TEXT NOT NULL
+);
+CREATE INDEX seen_by_fingerprint ON seen_by (fingerprint, started_at);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];

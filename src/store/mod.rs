@@ -12,6 +12,7 @@ pub mod crm;
 pub mod files;
 pub mod followups;
 pub mod history;
+pub mod inbox;
 pub mod ledger;
 pub mod lines;
 mod migrations;

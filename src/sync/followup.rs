@@ -107,6 +107,7 @@ pub async fn recheck_recordings(ctx: &SyncCtx, s: &mut PassSummary) -> Result<()
         let records = pull_window(ctx, w).await?;
         s.pulled += records.len() as u64;
         s.recording_rechecks += 1;
+        let records = super::events::sift_twins(ctx, &records, "poll")?;
         observe(ctx, &records, s)?;
         let checked: Vec<(String, DateTime<Utc>)> = due
             .iter()
@@ -149,6 +150,7 @@ pub async fn sweep_long_calls(
         let records = pull_window(ctx, w).await?;
         s.pulled += records.len() as u64;
         s.swept_windows += 1;
+        let records = super::events::sift_twins(ctx, &records, "poll")?;
         observe(ctx, &records, s)?;
     }
     ctx.store.lock().set_cursor(SWEEP_STREAM, now, now)?;

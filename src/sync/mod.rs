@@ -14,6 +14,7 @@
 mod activity;
 pub mod call;
 mod client_tasks;
+mod events;
 mod followup;
 mod line_alerts;
 mod notify;
@@ -102,6 +103,9 @@ pub struct PassOptions {
     pub range: Option<(DateTime<Utc>, DateTime<Utc>)>,
     /// Called after every window.
     pub progress: Option<ProgressFn>,
+    /// Only the events waiting in the inbox, then a push (the daemon, after a webhook): no
+    /// pull from Unitalk.
+    pub events_only: bool,
 }
 
 impl Default for PassOptions {
@@ -111,6 +115,7 @@ impl Default for PassOptions {
             stream: HISTORY_STREAM.into(),
             range: None,
             progress: None,
+            events_only: false,
         }
     }
 }
@@ -238,6 +243,11 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
     let cfg = &ctx.cfg;
     check_identity(ctx)?;
+    if opts.events_only {
+        events::process_unitalk(ctx, s)?;
+        return push_due(ctx, opts, s).await;
+    }
+    events::process_unitalk(ctx, s)?;
     refresh_lines(ctx, s).await?;
     let now = trusted_now(ctx);
     if !opts.dry_run {
@@ -310,6 +320,7 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
         let records = pull_window(ctx, w).await?;
         s.pulled += records.len() as u64;
         let before = s.new + s.changed;
+        let records = events::sift_twins(ctx, &records, "poll")?;
         let hold = observe(ctx, &records, s)?;
         staged += s.new + s.changed - before;
         // A dry run records nothing, so an early push would plan the same calls twice.

@@ -50,6 +50,8 @@ pub struct PassSummary {
     pub cursor_rewound: bool,
     /// Calls looked up in Bitrix24 before their first registration (verify-first).
     pub verified: u64,
+    /// New calls Unitalk webhooks brought (before the poller saw them).
+    pub from_webhooks: u64,
     /// Calls that reached Bitrix24 in this pass.
     pub pushed: u64,
     pub recordings: u64,

@@ -10,7 +10,7 @@ use crate::harness::{text, TestEnv, ONE_TASK_EACH};
 const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
 
 /// Yesterday in Kyiv: every call of that day has ended, whatever time CI runs.
-fn yesterday() -> chrono::NaiveDate {
+pub(crate) fn yesterday() -> chrono::NaiveDate {
     (Clock::system().now().with_timezone(&KYIV) - Duration::days(1)).date_naive()
 }
 
@@ -18,7 +18,7 @@ fn at(hms: &str) -> NaiveDateTime {
     NaiveDateTime::parse_from_str(&format!("{} {hms}", yesterday()), "%Y-%m-%d %H:%M:%S").unwrap()
 }
 
-fn scenario() -> Scenario {
+pub(crate) fn scenario() -> Scenario {
     let mut s = Scenario::empty(KYIV)
         .with_operator(10, "101")
         .with_operator(11, "102")
@@ -53,7 +53,7 @@ fn scenario() -> Scenario {
     s
 }
 
-async fn env(s: Scenario) -> TestEnv {
+pub(crate) async fn env(s: Scenario) -> TestEnv {
     let env = TestEnv::with(s, Bitrix24SimConfig::default(), Clock::system()).await;
     env.write_config(
         "telephony",
@@ -477,7 +477,9 @@ async fn get(env: &TestEnv, url: &str) -> (u16, String) {
 }
 
 /// Waits (bounded, polling) until `f` holds.
-async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(mut f: F) -> bool {
+pub(crate) async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
+    mut f: F,
+) -> bool {
     for _ in 0..200 {
         if f().await {
             return true;
@@ -487,7 +489,7 @@ async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
     false
 }
 
-async fn start_daemon(env: &TestEnv) -> (tokio::process::Child, String) {
+pub(crate) async fn start_daemon(env: &TestEnv) -> (tokio::process::Child, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
         .arg("--config")

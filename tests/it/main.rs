@@ -19,3 +19,4 @@ mod security;
 mod sim_bitrix24;
 mod sim_unitalk;
 mod unitalk_paging;
+mod webhooks;

@@ -1,0 +1,223 @@
+//! Events in, processed from the store's inbox. A Unitalk call webhook whose call has ended
+//! goes through the same observe → ledger → push path as a polled record, keyed by the same
+//! identity (`webhooks.unitalk_id_field` of the webhook call is the history `id`). One call seen
+//! by both paths under different ids (same direction and client, starting within
+//! `webhooks.twin_slack`) is logged loudly and kept once.
+
+use super::*;
+
+/// Most events processed per round.
+const BATCH: usize = 200;
+
+/// `direction|client digits`: what both paths agree on for one call.
+pub(crate) fn fingerprint(c: &crate::unitalk::Call) -> String {
+    let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+    let client = match c.direction {
+        crate::unitalk::Direction::Out => c.to.first().map(|t| digits(t)).unwrap_or_default(),
+        _ => digits(&c.from),
+    };
+    format!("{}|{client}", c.direction.as_str())
+}
+
+/// The call object of a webhook body: Standard JSON (`{"event", "call": {...}}`) or the
+/// form-encoded `call_*` variables. Returns the event name and the call.
+pub(crate) fn webhook_call(
+    body: &str,
+    content_type: Option<&str>,
+) -> Result<(String, Value), String> {
+    let form = content_type.is_some_and(|t| t.contains("x-www-form-urlencoded"))
+        || (!body.trim_start().starts_with('{') && body.contains('='));
+    if !form {
+        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON ({e})"))?;
+        let event = v
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_uppercase();
+        let call = v
+            .get("call")
+            .cloned()
+            .filter(Value::is_object)
+            .ok_or("no `call` object")?;
+        return Ok((event, call));
+    }
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if pairs.is_empty() {
+        return Err("an empty form".into());
+    }
+    let mut call = serde_json::Map::new();
+    let mut to = Vec::new();
+    let mut event = String::new();
+    for (k, v) in pairs {
+        let k = k.to_lowercase();
+        if k == "event" {
+            event = v.to_uppercase();
+            continue;
+        }
+        let Some(field) = k.strip_prefix("call_") else {
+            continue;
+        };
+        if field.starts_with("to") {
+            to.push(Value::String(v));
+            continue;
+        }
+        let name = match field {
+            "id" => "id",
+            "dbid" => "dbid",
+            "from" => "from",
+            "outernumber" => "outerNumber",
+            "secondstalk" => "secondsTalk",
+            "secondsfulltime" => "secondsFullTime",
+            "direction" => "direction",
+            "date" => "date",
+            "state" => "state",
+            "link" => "link",
+            "lastgroupname" => "lastGroupName",
+            "source" => "source",
+            "cause" => "cause",
+            _ => continue,
+        };
+        call.insert(name.into(), Value::String(v));
+    }
+    call.insert("to".into(), Value::Array(to));
+    Ok((event, Value::Object(call)))
+}
+
+/// Whether an event carries a call that has ended (only then are its durations and state
+/// final).
+fn is_final(event: &str, call: &Value) -> bool {
+    match event {
+        "CALL_END" => true,
+        "" => call
+            .get("state")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty() && !s.eq_ignore_ascii_case("DIALING")),
+        _ => false,
+    }
+}
+
+/// Processes waiting Unitalk webhook events; returns how many calls they brought.
+pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64, SyncError> {
+    if ctx.cfg.webhooks.unitalk_secret.is_none() {
+        return Ok(0);
+    }
+    let items = ctx.store.lock().inbox_pending("unitalk", BATCH)?;
+    let field = ctx.cfg.webhooks.unitalk_id_field.clone();
+    let mut brought = 0;
+    for item in items {
+        let outcome = match webhook_call(&item.body, item.content_type.as_deref()) {
+            Err(e) => {
+                ctx.store.lock().apply(
+                    &[],
+                    &[NewQuarantine {
+                        source: "unitalk",
+                        call_id: None,
+                        raw: item.body.clone(),
+                        reason: format!("unreadable Unitalk webhook: {e}"),
+                    }],
+                    None,
+                    ctx.clock.now(),
+                )?;
+                s.quarantined += 1;
+                format!("quarantined: {e}")
+            }
+            Ok((event, _))
+                if !matches!(
+                    event.as_str(),
+                    "" | "CALL_END" | "CALL_NEW" | "CALL_ANSWER" | "CALL_REDIRECT"
+                ) =>
+            {
+                format!("ignored: unknown event {event}")
+            }
+            Ok((event, call)) if !is_final(&event, &call) => {
+                format!("ignored: {event} (not final)")
+            }
+            Ok((_, mut call)) => {
+                let id = call.get(&field).cloned().filter(|v| !v.is_null());
+                match id {
+                    None => {
+                        let reason = format!(
+                            "the webhook call has no `{field}`, so it cannot be named as history names it (webhooks.unitalk_id_field)"
+                        );
+                        tracing::warn!(%reason, "quarantining a Unitalk webhook");
+                        ctx.store.lock().apply(
+                            &[],
+                            &[NewQuarantine {
+                                source: "unitalk",
+                                call_id: None,
+                                raw: item.body.clone(),
+                                reason: reason.clone(),
+                            }],
+                            None,
+                            ctx.clock.now(),
+                        )?;
+                        s.quarantined += 1;
+                        format!("quarantined: {reason}")
+                    }
+                    Some(id) => {
+                        call["id"] = id;
+                        brought += observe_from(ctx, &[call], s, "webhook", item.received_at)?;
+                        "observed".to_string()
+                    }
+                }
+            }
+        };
+        ctx.store
+            .lock()
+            .inbox_done(item.id, &outcome, ctx.clock.now())?;
+    }
+    s.from_webhooks += brought;
+    Ok(brought)
+}
+
+/// Keeps only the records not already known under another id from the other path; records the
+/// path of the new ones. Returns the records to observe.
+pub(super) fn sift_twins(
+    ctx: &SyncCtx,
+    records: &[Value],
+    path: &str,
+) -> Result<Vec<Value>, SyncError> {
+    if ctx.cfg.webhooks.unitalk_secret.is_none() {
+        return Ok(records.to_vec());
+    }
+    let slack = ctx.cfg.webhooks.twin_slack_secs;
+    let mut out = Vec::with_capacity(records.len());
+    for raw in records {
+        let Ok(c) = parse(ctx, raw) else {
+            out.push(raw.clone());
+            continue;
+        };
+        let store = ctx.store.lock();
+        if store.seen(&c.id)? {
+            out.push(raw.clone());
+            continue;
+        }
+        let fp = fingerprint(&c);
+        if let Some(other) = store.twin(&c.id, &fp, c.started_at, slack)? {
+            tracing::error!(
+                call = %c.id, other = %other, path,
+                "the same call seems to arrive under two ids (webhook and history); it is kept once. Check webhooks.unitalk_id_field (history `id` should equal the webhook's field)"
+            );
+            continue;
+        }
+        store.seen_by_add(&c.id, path, &fp, c.started_at)?;
+        out.push(raw.clone());
+    }
+    Ok(out)
+}
+
+/// Observes webhook records at the time they were received.
+fn observe_from(
+    ctx: &SyncCtx,
+    records: &[Value],
+    s: &mut PassSummary,
+    path: &str,
+    _received: DateTime<Utc>,
+) -> Result<u64, SyncError> {
+    let records = sift_twins(ctx, records, path)?;
+    let before = s.new;
+    pull::observe(ctx, &records, s)?;
+    Ok(s.new - before)
+}
