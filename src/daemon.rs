@@ -326,6 +326,21 @@ pub async fn run(
             store: shared.ctx.store.clone(),
             clock: shared.ctx.clock.clone(),
             unitalk_secret: shared.ctx.cfg.webhooks.unitalk_secret.clone().map(Arc::new),
+            b24_events: shared.ctx.cfg.webhooks.bitrix24_events,
+            portal_key: shared
+                .ctx
+                .cfg
+                .bitrix24
+                .portal_url
+                .as_ref()
+                .map(crate::bitrix24::portal_key),
+            app_token: shared
+                .ctx
+                .cfg
+                .webhooks
+                .application_token
+                .clone()
+                .map(Arc::new),
             kick: kick_tx.clone(),
         };
         let mut app = Router::new()
@@ -383,6 +398,15 @@ pub async fn run(
         });
     }
     tracing::info!(jobs = schedule.jobs.len(), timezone = %schedule.timezone, "ubsync daemon started");
+    if shared.ctx.cfg.webhooks.bitrix24_events {
+        match crate::sync::bind_events(&shared.ctx).await {
+            Ok(added) if added.is_empty() => tracing::info!("Bitrix24 events already bound"),
+            Ok(added) => tracing::info!(events = ?added, "bound Bitrix24 events"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not bind the Bitrix24 events; click-to-call and callbacks will not arrive until this succeeds (it is tried at every start)")
+            }
+        }
+    }
 
     let tz = schedule.timezone;
     let now = shared.ctx.clock.now();

@@ -1,5 +1,5 @@
 //! Events in over HTTP (served by `ubsync run --listen` only when configured):
-//! `POST /unitalk/webhook/<secret>`. Unitalk does not sign its payloads, so the secret in the
+//! `POST /unitalk/webhook/<secret>` and `POST /bitrix24/events`. Unitalk does not sign its payloads, so the secret in the
 //! path is the credential: compared in constant time, a wrong one is a plain 404 that touches
 //! nothing. An accepted event is persisted in the store's inbox before it is answered, then
 //! processed from there by the daemon's worker (which pushes within seconds).
@@ -25,6 +25,12 @@ pub struct Inbound {
     pub store: SharedStore,
     pub clock: Clock,
     pub unitalk_secret: Option<Arc<SecretString>>,
+    /// Serve `POST /bitrix24/events`.
+    pub b24_events: bool,
+    /// The store key of the portal's tokens (whose `application_token` events must carry).
+    pub portal_key: Option<String>,
+    /// The configured application token, when the install callback stored none.
+    pub app_token: Option<Arc<SecretString>>,
     /// Wakes the worker: an event waits.
     pub kick: mpsc::Sender<()>,
 }
@@ -81,11 +87,60 @@ async fn unitalk_webhook(
     }
 }
 
+/// `POST /bitrix24/events`: a form-encoded event whose `auth[application_token]` must be the
+/// application's (checked in constant time before anything is stored).
+async fn bitrix24_event(State(st): State<Inbound>, body: Bytes) -> Response {
+    if body.len() > MAX_BODY {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "too large\n").into_response();
+    }
+    let text = String::from_utf8_lossy(&body).to_string();
+    let fields = crate::phpquery::parse(&text);
+    let given = fields
+        .get("auth")
+        .and_then(|a| a.get("application_token"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let stored = st
+        .portal_key
+        .as_ref()
+        .and_then(|k| st.store.lock().tokens(k).ok().flatten())
+        .and_then(|t| t.application_token);
+    let want = stored.or_else(|| st.app_token.as_ref().map(|t| t.expose_secret().to_string()));
+    let Some(want) = want else {
+        tracing::error!("a Bitrix24 event arrived, but no application token is known to check it: install the application through its install callback (`ubsync auth serve`) or set webhooks.application_token");
+        return (StatusCode::FORBIDDEN, "forbidden\n").into_response();
+    };
+    if given.is_empty() || !bool::from(given.as_bytes().ct_eq(want.as_bytes())) {
+        tracing::warn!("a Bitrix24 event with a wrong or missing application_token was refused");
+        return (StatusCode::FORBIDDEN, "forbidden\n").into_response();
+    }
+    let saved = st.store.lock().inbox_add(
+        "bitrix24",
+        &text,
+        Some("application/x-www-form-urlencoded"),
+        st.clock.now(),
+    );
+    match saved {
+        Ok(_) => {
+            let _ = st.kick.try_send(());
+            (StatusCode::OK, "ok\n").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a Bitrix24 event could not be stored");
+            (StatusCode::SERVICE_UNAVAILABLE, "cannot store the event\n").into_response()
+        }
+    }
+}
+
 /// The inbound routes (empty when nothing is configured).
 pub fn router(st: Inbound) -> Router {
     let mut r = Router::new();
     if st.unitalk_secret.is_some() {
         r = r.route("/unitalk/webhook/{secret}", post(unitalk_webhook));
+    }
+    if st.b24_events {
+        r = r.route("/bitrix24/events", post(bitrix24_event));
     }
     r.with_state(st)
 }

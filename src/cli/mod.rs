@@ -341,7 +341,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 SyncError::Bitrix24(b) => bitrix24_code(b),
                 SyncError::Store(StoreError::Busy(_)) | SyncError::Cancelled => EXIT_TEMPFAIL,
                 SyncError::Store(_) => 1,
-                SyncError::IdentityChanged { .. } => EXIT_CONFIG,
+                SyncError::IdentityChanged { .. } | SyncError::Uninstalled { .. } => EXIT_CONFIG,
             };
         }
         if cause.downcast_ref::<ConfigError>().is_some()
@@ -560,6 +560,7 @@ fn forget_install(path: &std::path::Path) -> anyhow::Result<u8> {
     let portal = crate::bitrix24::portal_key(cfg.bitrix24.portal_url.as_ref().expect("validated"));
     let store = Store::open(&cfg.state.path)?;
     let had = store.forget_tokens(&portal)?;
+    store.delete_fact(crate::sync::FACT_UNINSTALLED)?;
     crate::say!(
         "{}; the next install callback (or `auth set-refresh-token`) starts afresh",
         if had {

@@ -62,9 +62,19 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
 }
 
-/// Events in: Unitalk's call webhooks.
+/// Events in: Unitalk's call webhooks, and Bitrix24's click-to-call and callback events.
 #[derive(Debug, Clone)]
 pub struct WebhooksConfig {
+    /// Serve `POST /bitrix24/events` and bind the telephony events to `bitrix24_handler`.
+    pub bitrix24_events: bool,
+    /// The public address Bitrix24 posts events to (behind the reverse proxy).
+    pub bitrix24_handler: Option<Url>,
+    /// The application token events must carry when the install callback did not store one.
+    pub application_token: Option<SecretString>,
+    /// A click with no matching Unitalk call after this long is finished as cancelled.
+    pub click_ttl: Duration,
+    /// Who takes a CRM callback request whose entity has no responsible.
+    pub callback_user_id: Option<i64>,
     /// The secret in `POST /unitalk/webhook/<secret>` (Unitalk does not sign payloads: the path
     /// is the credential). `None`: the route is not served.
     pub unitalk_secret: Option<SecretString>,
@@ -412,6 +422,9 @@ impl Config {
             crate::redact::register(w.url.expose_secret());
         }
         if let Some(s) = &self.webhooks.unitalk_secret {
+            crate::redact::register(s.expose_secret());
+        }
+        if let Some(s) = &self.webhooks.application_token {
             crate::redact::register(s.expose_secret());
         }
     }

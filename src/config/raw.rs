@@ -36,6 +36,11 @@ pub(super) struct RawWebhooks {
     pub(super) unitalk_secret_file: Option<String>,
     pub(super) unitalk_id_field: Option<String>,
     pub(super) twin_slack: Option<String>,
+    pub(super) bitrix24_events: Option<bool>,
+    pub(super) bitrix24_handler: Option<String>,
+    pub(super) application_token: Option<String>,
+    pub(super) click_ttl: Option<String>,
+    pub(super) callback_user_id: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -593,7 +593,59 @@ impl Validator {
                 );
             }
         }
+        let bitrix24_events = raw.webhooks.bitrix24_events.unwrap_or(false);
+        if bitrix24_events && mode != Mode::Telephony {
+            self.fail(
+                "webhooks.bitrix24_events",
+                "click-to-call and callback events need the local application (telephony mode)",
+                "set bitrix24.mode = \"telephony\" or turn the events off",
+            );
+        }
+        let bitrix24_handler = match raw.webhooks.bitrix24_handler.clone() {
+            Some(h) => match Url::parse(h.trim()) {
+                Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && b24_http) => Some(u),
+                Ok(u)
+                    if u.host_str()
+                        .is_some_and(|h| h == "127.0.0.1" || h == "localhost") =>
+                {
+                    Some(u)
+                }
+                _ => {
+                    self.fail(
+                        "webhooks.bitrix24_handler",
+                        format!("`{h}` is not an https:// address"),
+                        "give the public HTTPS address of your reverse proxy's /bitrix24/events",
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        if bitrix24_events && bitrix24_handler.is_none() && raw.webhooks.bitrix24_handler.is_none()
+        {
+            self.fail(
+                "webhooks.bitrix24_handler",
+                "missing: Bitrix24 needs a public address to post the events to",
+                "set it to https://<your reverse proxy>/bitrix24/events",
+            );
+        }
+        let click_ttl = self.duration(
+            "webhooks.click_ttl",
+            raw.webhooks.click_ttl.clone(),
+            "10m",
+            ("1m", "25m"),
+        );
         let webhooks = WebhooksConfig {
+            bitrix24_events,
+            bitrix24_handler,
+            application_token: raw
+                .webhooks
+                .application_token
+                .clone()
+                .filter(|t| !t.trim().is_empty())
+                .map(SecretString::from),
+            click_ttl,
+            callback_user_id: raw.webhooks.callback_user_id,
             unitalk_secret: unitalk_secret.map(SecretString::from),
             unitalk_id_field: raw
                 .webhooks

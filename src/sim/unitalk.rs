@@ -103,6 +103,25 @@ struct UnitalkState {
     paging: Paging,
     /// Calls whose webhooks were delivered.
     delivered: std::collections::HashSet<u64>,
+    /// How `/phones/directCall` behaves.
+    direct: DirectCallMode,
+    /// The `directCall` requests received: (sip, number, meta).
+    direct_calls: Vec<(String, String, String)>,
+}
+
+/// How `/phones/directCall` answers.
+#[derive(Debug, Clone, Default)]
+pub enum DirectCallMode {
+    /// The operator and the client talk for `talk` seconds; the call shows in history when it
+    /// ends (`OUT`, `from` = the line, `to` = [number]).
+    #[default]
+    Answered,
+    /// The client does not pick up (`NOANSWER`).
+    NoAnswer,
+    /// Nothing happens: nobody picks up and no call is recorded.
+    Silent,
+    /// `{"status":"Error","message":...}`.
+    Refuse(String),
 }
 
 /// Handle to a running (or runnable) Unitalk simulator.
@@ -137,6 +156,8 @@ impl UnitalkSim {
                 arrivals: Vec::new(),
                 paging: Paging::default(),
                 delivered: Default::default(),
+                direct: DirectCallMode::default(),
+                direct_calls: Vec::new(),
             })),
             clock,
         }
@@ -167,6 +188,16 @@ impl UnitalkSim {
                 (c, d)
             })
             .collect()
+    }
+
+    /// Sets how `/phones/directCall` answers.
+    pub fn set_direct_call(&self, mode: DirectCallMode) {
+        self.lock().direct = mode;
+    }
+
+    /// The `directCall` requests received: (sip, number, meta).
+    pub fn direct_calls(&self) -> Vec<(String, String, String)> {
+        self.lock().direct_calls.clone()
     }
 
     /// Forgets which calls' webhooks were delivered (the next round sends them all again).
@@ -244,6 +275,8 @@ impl UnitalkSim {
             .route("/api/history/get", post(history_get))
             .route("/api/users/list", post(users_list))
             .route("/api/phones/inner", post(phones_inner))
+            .route("/api/phones/directCall", post(direct_call))
+            .route("/phones/directCall", post(direct_call))
             .route("/history/get", post(history_get))
             .route("/users/list", post(users_list))
             .route("/phones/inner", post(phones_inner))
@@ -445,6 +478,70 @@ fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
         }
     }
     v
+}
+
+async fn direct_call(State(sim): State<UnitalkSim>, headers: HeaderMap, body: Bytes) -> Response {
+    let body = body_value(&body);
+    if let Err(r) = admit(&sim, "/phones/directCall", &headers, &body).await {
+        return r;
+    }
+    let text = |k: &str| match body.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    let (sip, number, meta) = (text("sip"), text("number"), text("meta"));
+    let now = sim.clock.now();
+    let mut st = sim.lock();
+    st.direct_calls.push((sip.clone(), number.clone(), meta));
+    if sip.is_empty() || number.is_empty() {
+        return error("sip and number are required");
+    }
+    let state = match st.direct.clone() {
+        DirectCallMode::Refuse(m) => return error(&m),
+        DirectCallMode::Silent => {
+            return Json(json!({"status": "Success", "result": "{}"})).into_response()
+        }
+        DirectCallMode::Answered => "ANSWER",
+        DirectCallMode::NoAnswer => "NOANSWER",
+    };
+    let id = st
+        .calls
+        .iter()
+        .map(|c| c.id)
+        .max()
+        .unwrap_or(1000)
+        .max(900_000)
+        + 1;
+    let talk = if state == "ANSWER" { 30 } else { 0 };
+    let outer = st
+        .calls
+        .first()
+        .map(|c| c.outer_number.clone())
+        .unwrap_or_else(|| "380443334455".into());
+    // The call has just ended: it is in history (and its webhook can be sent) at once.
+    let date = (now - Duration::seconds(talk as i64 + 10))
+        .with_timezone(&st.tz)
+        .naive_local();
+    st.calls.push(SimCall {
+        id,
+        date,
+        direction: "OUT".into(),
+        from: sip,
+        to: vec![number],
+        outer_number: outer,
+        seconds_full: talk + 10,
+        seconds_talk: talk,
+        state: state.into(),
+        cause: Some(16),
+        link: (talk > 0).then(|| format!("https://rec/dc-{id}.mp3")),
+        link_delay: Duration::zero(),
+        source: "REGULAR".into(),
+        raw_override: None,
+        group: None,
+    });
+    Json(json!({"status": "Success", "result": format!("{{\"phonecall_id\": {id}}}")}))
+        .into_response()
 }
 
 async fn users_list(State(sim): State<UnitalkSim>, headers: HeaderMap, body: Bytes) -> Response {

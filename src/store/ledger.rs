@@ -202,7 +202,11 @@ pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
     })
 }
 
-fn save_ledger(conn: &rusqlite::Connection, l: &LedgerRow, now: DateTime<Utc>) -> Result<()> {
+pub(super) fn save_ledger(
+    conn: &rusqlite::Connection,
+    l: &LedgerRow,
+    now: DateTime<Utc>,
+) -> Result<()> {
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO ledger ({LEDGER_COLUMNS}, updated_at)

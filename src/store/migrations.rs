@@ -246,5 +246,32 @@ CREATE TABLE seen_by (
 CREATE INDEX seen_by_fingerprint ON seen_by (fingerprint, started_at);
 "#;
 
+/// Migration 11: click-to-call and CRM callback requests.
+const V11: &str = r#"
+-- A click on a number in a CRM card (kind 'click': Bitrix24 registered the call, key = its
+-- CALL_ID) or a callback form (kind 'callback': key = the EXTERNAL_CALL_ID ubsync registers,
+-- b24_call_id once registered). state: new → dialing (Unitalk asked to ring; set before asking,
+-- so a crash never rings twice) → claimed (the Unitalk call that came of it is the ledger's
+-- call for this CALL_ID) | cancelled (no line, Unitalk refused, or no call within the TTL:
+-- finished as 603-S) | ignored (a repeat).
+CREATE TABLE clicks (
+    key              TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL CHECK (kind IN ('click', 'callback')),
+    b24_call_id      TEXT,
+    user_id          INTEGER,
+    inner_line       TEXT,
+    number           TEXT NOT NULL,
+    line_number      TEXT,
+    crm_entity_type  TEXT,
+    crm_entity_id    INTEGER,
+    requested_at     TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    unitalk_call_id  TEXT,
+    reason           TEXT,
+    updated_at       TEXT NOT NULL
+);
+CREATE INDEX clicks_state ON clicks (state);
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];

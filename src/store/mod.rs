@@ -7,6 +7,7 @@
 //! newer ubsync is refused rather than misread. Every multi-row change goes through one
 //! transaction, so a crash leaves the file at a state some pass actually reached.
 
+pub mod clicks;
 pub mod client_tasks;
 pub mod crm;
 pub mod files;

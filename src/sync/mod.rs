@@ -13,6 +13,7 @@
 
 mod activity;
 pub mod call;
+mod clicks;
 mod client_tasks;
 mod events;
 mod followup;
@@ -28,6 +29,7 @@ mod telephony;
 pub mod window;
 
 use activity::{entity_responsibles, push_activity};
+pub use clicks::{bind_events, FACT_UNINSTALLED};
 pub use followup::SWEEP_STREAM;
 pub use line_alerts::alert_lines;
 use probe::probe_in_flight;
@@ -75,6 +77,8 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("interrupted; the next pass continues where this one stopped")]
     Cancelled,
+    #[error("Bitrix24 reported the application uninstalled from the portal ({at}); install it again (`ubsync auth serve`, then add the application in the portal), then remove the state fact with `ubsync auth forget-install`")]
+    Uninstalled { at: String },
     #[error("unitalk.call_id_field is `{configured}`, but this state file's calls are keyed by `{stored}`: changing it would push every call to Bitrix24 again. Set it back to \"{stored}\", or start a new state file (then `ubsync reconcile` before trusting it)")]
     IdentityChanged { stored: String, configured: String },
 }
@@ -243,11 +247,18 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
     let cfg = &ctx.cfg;
     check_identity(ctx)?;
+    events::process_unitalk(ctx, s)?;
+    clicks::process_bitrix24(ctx, s)?;
+    let uninstalled = ctx.store.lock().fact(clicks::FACT_UNINSTALLED)?;
+    if let Some(at) = uninstalled {
+        return Err(SyncError::Uninstalled { at });
+    }
+    if !opts.dry_run {
+        clicks::advance(ctx, s).await?;
+    }
     if opts.events_only {
-        events::process_unitalk(ctx, s)?;
         return push_due(ctx, opts, s).await;
     }
-    events::process_unitalk(ctx, s)?;
     refresh_lines(ctx, s).await?;
     let now = trusted_now(ctx);
     if !opts.dry_run {
@@ -763,6 +774,8 @@ async fn push_round(
             }
         }
         probe_in_flight(ctx, s).await?;
+        // Outgoing calls that came of a click take its CALL_ID before anything is planned.
+        clicks::claim(ctx, s)?;
     }
     settle_finished(ctx)?;
     // A call still in flight (its probe got no answer) is never planned again: it waits for a

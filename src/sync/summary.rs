@@ -50,6 +50,14 @@ pub struct PassSummary {
     pub cursor_rewound: bool,
     /// Calls looked up in Bitrix24 before their first registration (verify-first).
     pub verified: u64,
+    /// Click-to-call and callback requests received.
+    pub clicks: u64,
+    /// Clicks Unitalk was asked to ring.
+    pub clicks_dialed: u64,
+    /// Clicks whose Unitalk call was found (finished under the click's CALL_ID).
+    pub clicks_claimed: u64,
+    /// Clicks finished as cancelled (no line, refused, or no call within the TTL).
+    pub clicks_cancelled: u64,
     /// New calls Unitalk webhooks brought (before the poller saw them).
     pub from_webhooks: u64,
     /// Calls that reached Bitrix24 in this pass.
@@ -141,6 +149,13 @@ impl fmt::Display for PassSummary {
                 f,
                 "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
+        if self.clicks + self.clicks_dialed + self.clicks_claimed + self.clicks_cancelled > 0 {
+            write!(
+                f,
+                "; click-to-call: {} requests, {} rung, {} matched, {} cancelled",
+                self.clicks, self.clicks_dialed, self.clicks_claimed, self.clicks_cancelled
             )?;
         }
         if self.notifications > 0 {

@@ -62,6 +62,12 @@ impl UnitalkError {
     }
 }
 
+/// A request body.
+enum Payload {
+    Json(Value),
+    Form(Vec<(String, String)>),
+}
+
 /// Unitalk's price of one request (§1.4), from its processing time.
 pub fn request_units(elapsed: std::time::Duration) -> u64 {
     match elapsed.as_millis() {
@@ -150,16 +156,28 @@ impl UnitalkClient {
 
     /// POSTs `body` to `path` and returns the JSON answer, errors classified.
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, UnitalkError> {
+        self.send(path, Payload::Json(body)).await
+    }
+
+    async fn send(&self, path: &str, body: Payload) -> Result<Value, UnitalkError> {
         let _one_at_a_time = self.gate.lock().await;
         let url = self.base.join(path).expect("static paths are valid");
         let started = Instant::now();
-        let sent = self
+        let req = self
             .http
             .post(url)
-            .header("Authorization", self.cfg.api_key.expose_secret())
-            .json(&body)
-            .send()
-            .await;
+            .header("Authorization", self.cfg.api_key.expose_secret());
+        let req = match &body {
+            Payload::Json(v) => req.json(v),
+            Payload::Form(pairs) => req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(
+                    url::form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs(pairs)
+                        .finish(),
+                ),
+        };
+        let sent = req.send().await;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let resp = sent.map_err(|e| self.transport_error(e))?;
         let status = resp.status();
@@ -229,6 +247,27 @@ impl UnitalkClient {
                 })
             }
         }
+    }
+
+    /// `POST /phones/directCall` (form body, as the known clients send it): Unitalk rings the
+    /// inner line `sip` first, then `number`. `meta` travels with the call (whether Unitalk
+    /// echoes it anywhere is unconfirmed). Not idempotent: a second request rings again.
+    pub async fn direct_call(
+        &self,
+        sip: &str,
+        number: &str,
+        meta: &str,
+    ) -> Result<(), UnitalkError> {
+        self.send(
+            "phones/directCall",
+            Payload::Form(vec![
+                ("sip".into(), sip.into()),
+                ("number".into(), number.into()),
+                ("meta".into(), meta.into()),
+            ]),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// One page of `/history/get` over `[from, to]` (wall-clock strings in Unitalk's zone).

@@ -490,11 +490,20 @@ pub(crate) async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Outpu
 }
 
 pub(crate) async fn start_daemon(env: &TestEnv) -> (tokio::process::Child, String) {
+    start_daemon_on(env, "127.0.0.1:0").await
+}
+
+/// The daemon on `listen` (tests that must name the address in the config first pick a free
+/// port and pass it here).
+pub(crate) async fn start_daemon_on(
+    env: &TestEnv,
+    listen: &str,
+) -> (tokio::process::Child, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ubsync"))
         .arg("--config")
         .arg(env.dir.path().join("ubsync.toml"))
-        .args(["run", "--listen", "127.0.0.1:0"])
+        .args(["run", "--listen", listen])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -7,6 +7,7 @@ mod chaos;
 mod cli_check;
 mod cli_errors;
 mod cli_sync;
+mod clicks;
 mod config_validation;
 mod faults;
 mod official_client;

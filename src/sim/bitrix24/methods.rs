@@ -441,6 +441,9 @@ pub(crate) fn dispatch(
         "crm.activity.add" => activity_add(st, caller, p),
         "crm.activity.list" => activity_list(st, p),
         "tasks.task.add" => task_add(st, caller, p, now),
+        "event.bind" => super::events::bind(st, p),
+        "event.get" => super::events::get(st),
+        "event.unbind" => super::events::unbind(st, p),
         "tasks.task.getfields" => Ok(ApiOk::new(super::fields::task_fields())),
         "crm.activity.fields" => Ok(ApiOk::new(super::fields::crm_fields(false))),
         "crm.lead.fields" => Ok(ApiOk::new(super::fields::crm_fields(true))),
@@ -543,6 +546,24 @@ fn resolve_user(st: &PortalState, p: &Map<String, Value>) -> Result<u64, ApiErro
     };
     user.map(|u| u.id)
         .ok_or_else(|| core("User is not found or is not active"))
+}
+
+/// What the portal does itself when a user clicks a number: a registration without
+/// `EXTERNAL_CALL_ID`. Returns its `CALL_ID`.
+pub(super) fn register_internal(
+    st: &mut PortalState,
+    p: &Map<String, Value>,
+    now: DateTime<Utc>,
+) -> String {
+    register(st, &Caller::App { user_id: 1 }, p, now)
+        .ok()
+        .and_then(|ok| {
+            ok.result
+                .get("CALL_ID")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_default()
 }
 
 fn register(

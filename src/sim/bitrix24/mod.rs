@@ -21,6 +21,7 @@
 //! 503 storms, answers slower than the client's timeout, a connection dropped after the write was
 //! committed, and forced `expired_token`.
 
+pub mod events;
 mod fields;
 mod methods;
 
@@ -248,6 +249,8 @@ type OperatingBuckets = Vec<(DateTime<Utc>, f64)>;
 pub(crate) struct PortalState {
     pub cfg: Bitrix24SimConfig,
     pub base_url: String,
+    /// Bound events: (EVENT, handler URL; empty for offline).
+    pub events: Vec<(String, String)>,
     pub data: methods::PortalData,
     access_tokens: HashMap<String, AccessToken>,
     refresh_tokens: HashMap<String, u64>,
@@ -274,6 +277,7 @@ impl Bitrix24Sim {
             state: Arc::new(Mutex::new(PortalState {
                 cfg,
                 base_url: "http://127.0.0.1".into(),
+                events: Vec::new(),
                 data,
                 access_tokens: HashMap::new(),
                 refresh_tokens: HashMap::new(),

@@ -1,0 +1,177 @@
+//! The simulated portal's events: `event.bind` / `event.get` / `event.unbind`, and the
+//! deliveries a real portal makes — a click on a number in a CRM card (`ONEXTERNALCALLSTART`,
+//! after registering the call itself, without `EXTERNAL_CALL_ID`) and a CRM callback form
+//! (`ONEXTERNALCALLBACKSTART`, no `CALL_ID`) — POSTed form-encoded with PHP bracket keys.
+
+use serde_json::{json, Map, Value};
+
+use super::{ApiError, ApiOk, ApiResult, Bitrix24Sim, PortalState};
+use crate::phpquery;
+use crate::sim::scenario::CrmKind;
+
+/// The application token the simulated portal sends with events (and with the install
+/// callback).
+pub const SIM_APPLICATION_TOKEN: &str = "sim-application-token";
+
+fn text(p: &Map<String, Value>, k: &str) -> Option<String> {
+    p.iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(k))
+        .and_then(|(_, v)| match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        })
+}
+
+pub(super) fn bind(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
+    let Some(event) = text(p, "event").map(|e| e.to_uppercase()) else {
+        return Err(ApiError::new(
+            400,
+            "ERROR_EVENT_NOT_FOUND",
+            "Event not found",
+        ));
+    };
+    if !matches!(
+        event.as_str(),
+        "ONEXTERNALCALLSTART" | "ONEXTERNALCALLBACKSTART" | "ONAPPUNINSTALL" | "ONAPPINSTALL"
+    ) {
+        return Err(ApiError::new(
+            400,
+            "ERROR_EVENT_NOT_FOUND",
+            "Event not found",
+        ));
+    }
+    let handler = text(p, "handler").unwrap_or_default();
+    let offline = text(p, "event_type").is_some_and(|t| t.eq_ignore_ascii_case("offline"));
+    if handler.is_empty() && !offline {
+        return Err(ApiError::new(400, "WRONG_HANDLER_URL", "Wrong handler URL"));
+    }
+    if st.events.iter().any(|(e, h)| *e == event && *h == handler) {
+        return Err(ApiError::new(
+            400,
+            "ERROR_EVENT_ALREADY_BOUND",
+            "Handler already binded",
+        ));
+    }
+    st.events.push((event, handler));
+    Ok(ApiOk::new(json!(true)))
+}
+
+pub(super) fn get(st: &PortalState) -> ApiResult {
+    Ok(ApiOk::new(Value::Array(
+        st.events
+            .iter()
+            .map(|(e, h)| json!({"event": e, "handler": h, "auth_type": "0", "offline": if h.is_empty() { 1 } else { 0 }}))
+            .collect(),
+    )))
+}
+
+pub(super) fn unbind(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
+    let event = text(p, "event")
+        .map(|e| e.to_uppercase())
+        .unwrap_or_default();
+    let handler = text(p, "handler");
+    let before = st.events.len();
+    st.events
+        .retain(|(e, h)| !(*e == event && handler.as_ref().is_none_or(|x| x == h)));
+    Ok(ApiOk::new(json!({"count": before - st.events.len()})))
+}
+
+impl Bitrix24Sim {
+    /// The events bound, as (event, handler).
+    pub fn bound_events(&self) -> Vec<(String, String)> {
+        self.lock().events.clone()
+    }
+
+    /// POSTs `event` with `data` to every handler bound for it; returns the statuses.
+    pub async fn deliver_event(&self, event: &str, data: Value, token: &str) -> Vec<u16> {
+        let (handlers, domain, member) = {
+            let st = self.lock();
+            let handlers: Vec<String> = st
+                .events
+                .iter()
+                .filter(|(e, h)| e == event && !h.is_empty())
+                .map(|(_, h)| h.clone())
+                .collect();
+            let domain = st
+                .base_url
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_string();
+            (handlers, domain, st.member_id.clone())
+        };
+        let body = json!({
+            "event": event,
+            "event_handler_id": "1055",
+            "data": data,
+            "ts": self.clock.now().timestamp().to_string(),
+            "auth": {"domain": domain, "member_id": member, "application_token": token, "status": "L"},
+        });
+        let form = phpquery::build(body.as_object().expect("object"));
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("a plain HTTP client");
+        let mut out = Vec::new();
+        for h in handlers {
+            let r = http
+                .post(&h)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form.clone())
+                .send()
+                .await;
+            out.push(r.map(|r| r.status().as_u16()).unwrap_or(0));
+        }
+        out
+    }
+
+    /// A user clicks `number` in a CRM card: the portal registers the call (no
+    /// `EXTERNAL_CALL_ID`) and sends `ONEXTERNALCALLSTART`. Returns the `CALL_ID`.
+    pub async fn click_to_call(
+        &self,
+        user_id: u64,
+        number: &str,
+        crm: Option<(CrmKind, u64)>,
+    ) -> String {
+        let call_id = {
+            let mut st = self.lock();
+            let now = self.clock.now();
+            let mut p = Map::new();
+            p.insert("USER_ID".into(), json!(user_id));
+            p.insert("PHONE_NUMBER".into(), json!(number));
+            p.insert("TYPE".into(), json!(1));
+            if let Some((k, id)) = crm {
+                p.insert("CRM_ENTITY_TYPE".into(), json!(k.as_str()));
+                p.insert("CRM_ENTITY_ID".into(), json!(id));
+            }
+            super::methods::register_internal(&mut st, &p, now)
+        };
+        let mut data = json!({
+            "PHONE_NUMBER": number, "PHONE_NUMBER_INTERNATIONAL": number, "EXTENSION": "",
+            "USER_ID": user_id.to_string(), "CALL_LIST_ID": "0", "LINE_NUMBER": "", "IS_MOBILE": "0",
+            "CALL_ID": call_id,
+        });
+        if let Some((k, id)) = crm {
+            data["CRM_ENTITY_TYPE"] = json!(k.as_str());
+            data["CRM_ENTITY_ID"] = json!(id.to_string());
+        }
+        self.deliver_event("ONEXTERNALCALLSTART", data, SIM_APPLICATION_TOKEN)
+            .await;
+        call_id
+    }
+
+    /// A visitor fills in a CRM callback form: `ONEXTERNALCALLBACKSTART` (no `CALL_ID`).
+    pub async fn callback_request(
+        &self,
+        number: &str,
+        crm: Option<(CrmKind, u64)>,
+        text: &str,
+    ) -> Vec<u16> {
+        let mut data = json!({"PHONE_NUMBER": number, "TEXT": text, "VOICE": "ruinternalfemale", "LINE_NUMBER": ""});
+        if let Some((k, id)) = crm {
+            data["CRM_ENTITY_TYPE"] = json!(k.as_str());
+            data["CRM_ENTITY_ID"] = json!(id.to_string());
+        }
+        self.deliver_event("ONEXTERNALCALLBACKSTART", data, SIM_APPLICATION_TOKEN)
+            .await
+    }
+}

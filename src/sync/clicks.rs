@@ -1,0 +1,455 @@
+//! Click-to-call and CRM callback requests (Bitrix24 events, processed from the inbox).
+//!
+//! A click: Bitrix24 has registered the call and sends its `CALL_ID`; ubsync asks Unitalk to
+//! ring the user's inner line and then the number (`phones/directCall`), and the outgoing call
+//! that comes of it (from that line, to that number, soon after the click) claims the click: its
+//! ledger row takes the click's `CALL_ID`, so it is finished and its recording attached, never
+//! registered. A callback form: ubsync picks the operator, registers the call (`TYPE=4`,
+//! `EXTERNAL_CALL_ID = unitalk-cb-<id>`) and goes on the same way. A click that cannot ring or
+//! finds no call within `webhooks.click_ttl` is finished as cancelled (`603-S`), so no card hangs.
+
+use super::*;
+use crate::store::clicks::Click;
+
+/// The portal fact set when `ONAPPUNINSTALL` arrives.
+pub const FACT_UNINSTALLED: &str = "bitrix24.uninstalled";
+
+/// A repeat click on the same number by the same user within this is one click.
+const DEBOUNCE_SECS: i64 = 5;
+
+/// How early before the click the Unitalk call may start (clock skew).
+const SKEW_SECS: i64 = 60;
+
+fn digits(s: &str) -> String {
+    s.chars().filter(char::is_ascii_digit).collect()
+}
+
+fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// Processes waiting Bitrix24 events into click rows (and the uninstall fact).
+pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    if !ctx.cfg.webhooks.bitrix24_events {
+        return Ok(());
+    }
+    let items = ctx.store.lock().inbox_pending("bitrix24", 200)?;
+    let country = ctx.cfg.sync.default_country;
+    for item in items {
+        let form = Value::Object(crate::phpquery::parse(&item.body));
+        let event = field(&form, "event").unwrap_or("").to_uppercase();
+        let data = form.get("data").cloned().unwrap_or(Value::Null);
+        let number = field(&data, "PHONE_NUMBER_INTERNATIONAL")
+            .or(field(&data, "PHONE_NUMBER"))
+            .unwrap_or("")
+            .to_string();
+        let e164 = call::normalize_phone(&number, country).unwrap_or_else(|_| number.clone());
+        let crm = (
+            field(&data, "CRM_ENTITY_TYPE").map(str::to_uppercase),
+            field(&data, "CRM_ENTITY_ID").and_then(|v| v.parse().ok()),
+        );
+        let now = ctx.clock.now();
+        let outcome = match event.as_str() {
+            "ONEXTERNALCALLSTART" => match field(&data, "CALL_ID") {
+                None => "ignored: no CALL_ID".to_string(),
+                Some(call_id) => {
+                    let user = field(&data, "USER_ID").and_then(|u| u.parse::<i64>().ok());
+                    let store = ctx.store.lock();
+                    let repeat = match user {
+                        Some(u) => store.click_recent(
+                            u,
+                            &e164,
+                            item.received_at - Duration::seconds(DEBOUNCE_SECS),
+                        )?,
+                        None => false,
+                    };
+                    let click = Click {
+                        key: call_id.to_string(),
+                        kind: "click".into(),
+                        b24_call_id: Some(call_id.to_string()),
+                        user_id: user,
+                        inner_line: None,
+                        number: e164.clone(),
+                        line_number: field(&data, "LINE_NUMBER").map(String::from),
+                        crm_entity_type: crm.0.clone(),
+                        crm_entity_id: crm.1,
+                        requested_at: item.received_at,
+                        // A second click within seconds: its card is closed, nothing rings twice.
+                        state: if repeat { "cancelling" } else { "new" }.into(),
+                        unitalk_call_id: None,
+                        reason: repeat.then(|| "a repeat click within 5 s".to_string()),
+                    };
+                    if store.click_add(&click, now)? {
+                        s.clicks += 1;
+                        format!("click {call_id}")
+                    } else {
+                        format!("ignored: CALL_ID {call_id} seen before")
+                    }
+                }
+            },
+            "ONEXTERNALCALLBACKSTART" => {
+                if number.is_empty() {
+                    "ignored: no PHONE_NUMBER".to_string()
+                } else {
+                    let key = format!("unitalk-cb-{:016x}", rand::random::<u64>());
+                    if let Some(t) = field(&data, "TEXT") {
+                        tracing::info!(callback = %key, number = %e164, text = t, "callback request (its whisper text has no Unitalk equivalent and is only logged)");
+                    }
+                    let click = Click {
+                        key: key.clone(),
+                        kind: "callback".into(),
+                        b24_call_id: None,
+                        user_id: None,
+                        inner_line: None,
+                        number: e164.clone(),
+                        line_number: field(&data, "LINE_NUMBER").map(String::from),
+                        crm_entity_type: crm.0.clone(),
+                        crm_entity_id: crm.1,
+                        requested_at: item.received_at,
+                        state: "new".into(),
+                        unitalk_call_id: None,
+                        reason: None,
+                    };
+                    ctx.store.lock().click_add(&click, now)?;
+                    s.clicks += 1;
+                    format!("callback {key}")
+                }
+            }
+            "ONAPPUNINSTALL" => {
+                tracing::error!("Bitrix24 says the application was uninstalled from the portal; sync stops until it is installed again");
+                ctx.store
+                    .lock()
+                    .set_fact(FACT_UNINSTALLED, &crate::store::ts(now), now)?;
+                "application uninstalled".to_string()
+            }
+            other => format!("ignored: event {other}"),
+        };
+        ctx.store.lock().inbox_done(item.id, &outcome, now)?;
+    }
+    Ok(())
+}
+
+/// The inner line of Bitrix24 user `user`: from the operators ubsync knows, else `user.get`.
+async fn line_of(ctx: &SyncCtx, user: i64) -> Result<Option<String>, SyncError> {
+    let known = ctx
+        .store
+        .lock()
+        .operator_map(ctx.clock.now(), Duration::days(3650))?;
+    if let Some((line, _)) = known.iter().find(|(_, u)| **u == Some(Some(user))) {
+        return Ok(Some(line.clone()));
+    }
+    let found = lookup(
+        ctx,
+        vec![Command::new(
+            "u",
+            "user.get",
+            json!({"filter": {"ID": user, "ACTIVE": true}, "select": ["ID", "UF_PHONE_INNER"]}),
+        )],
+    )
+    .await?;
+    Ok(found
+        .results
+        .get("u")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(|u| u.get("UF_PHONE_INNER"))
+        .and_then(as_text)
+        .filter(|l| !l.trim().is_empty()))
+}
+
+/// Who takes a callback request: the CRM responsible of its number (in `rules.crm_order`),
+/// else `webhooks.callback_user_id`, else `bitrix24.default_user_id`.
+async fn callback_user(ctx: &SyncCtx, c: &Click) -> Result<Option<i64>, SyncError> {
+    let found = lookup(
+        ctx,
+        vec![Command::new(
+            "s",
+            "telephony.externalCall.searchCrmEntities",
+            json!({"PHONE_NUMBER": c.number}),
+        )],
+    )
+    .await?;
+    let mut list = found
+        .results
+        .get("s")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    list.sort_by_key(|e| {
+        e.get("CRM_ENTITY_TYPE")
+            .and_then(as_text)
+            .map(|k| ctx.cfg.rules.crm_rank(&k))
+            .unwrap_or(usize::MAX)
+    });
+    let crm = list
+        .iter()
+        .find(|e| {
+            c.crm_entity_id.is_none()
+                || (e.get("CRM_ENTITY_ID").and_then(as_i64) == c.crm_entity_id)
+        })
+        .or(list.first())
+        .and_then(|e| e.get("ASSIGNED_BY_ID").and_then(as_i64));
+    Ok(crm.or(ctx.cfg.webhooks.callback_user_id).or(ctx
+        .cfg
+        .bitrix24
+        .default_user_id
+        .map(|u| u as i64)))
+}
+
+/// Moves clicks on: new ones ring (callbacks are registered first), failed and expired ones are
+/// finished as cancelled.
+pub(super) async fn advance(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    if !ctx.cfg.webhooks.bitrix24_events {
+        return Ok(());
+    }
+    let new = ctx.store.lock().clicks_in("new")?;
+    for mut c in new {
+        let now = ctx.clock.now();
+        if c.kind == "callback" {
+            let Some(user) = callback_user(ctx, &c).await? else {
+                c.state = "cancelled".into();
+                c.reason = Some("no operator: the number has no CRM responsible and neither webhooks.callback_user_id nor bitrix24.default_user_id is set".into());
+                ctx.store.lock().click_save(&c, now)?;
+                continue;
+            };
+            c.user_id = Some(user);
+            if c.b24_call_id.is_none() {
+                let mut p = json!({
+                    "USER_ID": user, "PHONE_NUMBER": c.number, "TYPE": 4, "SHOW": 1,
+                    "EXTERNAL_CALL_ID": c.key, "CRM_CREATE": 0,
+                    "CALL_START_DATE": crate::timezone::rfc3339_in(now, ctx.cfg.bitrix24.timezone),
+                });
+                if let (Some(t), Some(id)) = (&c.crm_entity_type, c.crm_entity_id) {
+                    p["CRM_ENTITY_TYPE"] = json!(t);
+                    p["CRM_ENTITY_ID"] = json!(id);
+                }
+                if let Some(l) = &c.line_number {
+                    p["LINE_NUMBER"] = json!(l);
+                }
+                // A repeat within 30 minutes with the same EXTERNAL_CALL_ID returns the same
+                // call: a lost answer is simply asked again next round.
+                let out = write_untracked(
+                    ctx,
+                    vec![Command::new("cb", "telephony.externalCall.register", p)],
+                )
+                .await?;
+                match out
+                    .results
+                    .get("cb")
+                    .and_then(|r| r.get("CALL_ID"))
+                    .and_then(as_text)
+                {
+                    Some(id) => c.b24_call_id = Some(id),
+                    None => {
+                        tracing::warn!(callback = %c.key, error = ?out.errors.get("cb").map(|e| &e.description), "the callback could not be registered; trying again");
+                        ctx.store.lock().click_save(&c, now)?;
+                        continue;
+                    }
+                }
+            }
+        }
+        let Some(user) = c.user_id else {
+            c.state = "cancelling".into();
+            c.reason = Some("the event named no user".into());
+            ctx.store.lock().click_save(&c, now)?;
+            continue;
+        };
+        let Some(line) = line_of(ctx, user).await? else {
+            c.state = "cancelling".into();
+            c.reason = Some(format!(
+                "Bitrix24 user {user} has no inner line (UF_PHONE_INNER), so Unitalk cannot ring them"
+            ));
+            ctx.store.lock().click_save(&c, now)?;
+            continue;
+        };
+        // Dialing is recorded before Unitalk is asked: a crash in between never rings twice.
+        c.inner_line = Some(line.clone());
+        c.state = "dialing".into();
+        ctx.store.lock().click_save(&c, now)?;
+        let meta = c.b24_call_id.clone().unwrap_or_default();
+        match ctx
+            .unitalk
+            .direct_call(&line, &digits(&c.number), &meta)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(call = %meta, line = %line, number = %c.number, "Unitalk rings the operator, then the client");
+                s.clicks_dialed += 1;
+            }
+            Err(e) => {
+                c.state = "cancelling".into();
+                c.reason = Some(format!("Unitalk did not place the call: {e}"));
+                ctx.store.lock().click_save(&c, ctx.clock.now())?;
+            }
+        }
+    }
+    cancel_due(ctx, s).await
+}
+
+/// Finishes as cancelled the clicks that failed and those no call claimed within the TTL, and
+/// tells their users why.
+async fn cancel_due(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let now = ctx.clock.now();
+    let ttl = secs(ctx.cfg.webhooks.click_ttl);
+    let mut due = ctx.store.lock().clicks_in("cancelling")?;
+    due.extend(
+        ctx.store
+            .lock()
+            .clicks_in("dialing")?
+            .into_iter()
+            .filter(|c| c.requested_at + ttl <= now)
+            .map(|mut c| {
+                c.reason = Some(format!(
+                    "no Unitalk call from line {} to {} within {} minutes",
+                    c.inner_line.as_deref().unwrap_or("?"),
+                    c.number,
+                    ttl.num_minutes()
+                ));
+                c
+            }),
+    );
+    if due.is_empty() {
+        return Ok(());
+    }
+    let mut commands = Vec::new();
+    for (i, c) in due.iter().enumerate() {
+        let (Some(call_id), Some(user)) = (&c.b24_call_id, c.user_id) else {
+            continue;
+        };
+        commands.push(Command::new(
+            format!("x{i}"),
+            "telephony.externalCall.finish",
+            json!({"CALL_ID": call_id, "USER_ID": user, "DURATION": 0, "STATUS_CODE": "603-S"}),
+        ));
+    }
+    // Finishing twice changes nothing (only the first finish counts): a lost answer is sent
+    // again next round.
+    let out = write_untracked(ctx, commands).await?;
+    let mut notes = Vec::new();
+    for (i, mut c) in due.into_iter().enumerate() {
+        let k = format!("x{i}");
+        if c.b24_call_id.is_some() && !(out.results.contains_key(&k) || out.errors.contains_key(&k))
+        {
+            continue;
+        }
+        let why = c.reason.clone().unwrap_or_default();
+        tracing::warn!(click = %c.key, reason = %why, "a click-to-call was cancelled");
+        if let Some(u) = c
+            .user_id
+            .filter(|_| c.state == "cancelling" || c.kind == "click")
+        {
+            notes.push(Command::new(
+                format!("m{i}"),
+                "im.notify.personal.add",
+                json!({"USER_ID": u, "MESSAGE": format!("The call to {} could not be placed: {why}", c.number), "TAG": format!("UBSYNC_CLICK_{}", c.key)}),
+            ));
+        }
+        c.state = "cancelled".into();
+        ctx.store.lock().click_save(&c, now)?;
+        s.clicks_cancelled += 1;
+    }
+    if !notes.is_empty() {
+        if let Err(e) = write_untracked(ctx, notes).await {
+            tracing::warn!(error = %e, "could not tell users why their calls were cancelled");
+        }
+    }
+    Ok(())
+}
+
+/// Lets the outgoing calls that came of clicks claim them: a pending `OUT` call from the
+/// click's line to its number, starting between a minute before the click and the TTL after,
+/// takes the click's `CALL_ID` (so it is finished, never registered).
+pub(super) fn claim(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    if !ctx.cfg.webhooks.bitrix24_events {
+        return Ok(());
+    }
+    let mut dialing = ctx.store.lock().clicks_in("dialing")?;
+    if dialing.is_empty() {
+        return Ok(());
+    }
+    let now = ctx.clock.now();
+    let ttl = secs(ctx.cfg.webhooks.click_ttl);
+    let known = known_lines(ctx)?;
+    let items = ctx.store.lock().work_due(now)?;
+    for item in items {
+        if item.ledger.stage != Stage::Pending || item.ledger.b24_call_id.is_some() {
+            continue;
+        }
+        let Some(f) = stored_facts(ctx, &known, &item.raw) else {
+            continue;
+        };
+        if f.way != call::Way::Out {
+            continue;
+        }
+        let Some(i) = dialing.iter().position(|c| {
+            c.inner_line.as_deref() == f.operator_line.as_deref()
+                && !digits(&c.number).is_empty()
+                && digits(&c.number) == digits(&f.client_number)
+                && f.started_at >= c.requested_at - Duration::seconds(SKEW_SECS)
+                && f.started_at <= c.requested_at + ttl
+        }) else {
+            continue;
+        };
+        let c = dialing.remove(i);
+        let mut row = item.ledger.clone();
+        row.b24_call_id = c.b24_call_id.clone();
+        row.stage = Stage::Registered;
+        row.responsible_id = c.user_id;
+        tracing::info!(call = %f.id, b24_call = ?c.b24_call_id, "a Unitalk call claims its click-to-call: finished under the click's CALL_ID");
+        ctx.store.lock().claim_click(&c, &row, now)?;
+        s.clicks_claimed += 1;
+        if dialing.is_empty() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The events ubsync handles.
+pub const EVENTS: &[&str] = &[
+    "ONEXTERNALCALLSTART",
+    "ONEXTERNALCALLBACKSTART",
+    "ONAPPUNINSTALL",
+];
+
+/// Binds the telephony events to `webhooks.bitrix24_handler`, idempotently (`event.get` first):
+/// handlers vanish when the application is updated or reinstalled, so this runs whenever the
+/// daemon starts. Returns the events newly bound.
+pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
+    let Some(handler) = ctx
+        .cfg
+        .webhooks
+        .bitrix24_handler
+        .as_ref()
+        .map(|u| u.to_string())
+    else {
+        return Ok(Vec::new());
+    };
+    let bound = ctx.b24.call("event.get", json!({})).await?;
+    let have: Vec<(String, String)> = bound
+        .result
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.get("event").and_then(as_text)?.to_uppercase(),
+                e.get("handler").and_then(as_text).unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let mut added = Vec::new();
+    for ev in EVENTS {
+        if have.iter().any(|(e, h)| e == ev && *h == handler) {
+            continue;
+        }
+        ctx.b24
+            .call("event.bind", json!({"event": ev, "handler": handler}))
+            .await?;
+        added.push(ev.to_string());
+    }
+    Ok(added)
+}
