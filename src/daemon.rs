@@ -416,11 +416,22 @@ pub async fn run(
         .map(|j| j.next_after(now, tz))
         .collect();
     let mut failures = vec![0u32; schedule.jobs.len()];
+    // The offline route polls for events every few seconds (each poll is one request).
+    let mut last_offline_poll: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             t = rx.recv() => if t.is_none() { break },
             _ = kick_rx.recv() => {}
             _ = cancel.cancelled() => break,
+        }
+        if shared.ctx.cfg.webhooks.bitrix24_events
+            && shared.ctx.cfg.webhooks.bitrix24_offline
+            && last_offline_poll.is_none_or(|t| t.elapsed() >= OFFLINE_POLL)
+        {
+            last_offline_poll = Some(std::time::Instant::now());
+            if let Err(e) = crate::sync::poll_offline(&shared.ctx).await {
+                tracing::warn!(error = %e, "could not read Bitrix24's offline events; trying again");
+            }
         }
         // Events first: a webhook's call reaches Bitrix24 within seconds, not at the next sync.
         if shared.ctx.store.lock().inbox_waiting().unwrap_or(0) > 0 {
@@ -456,6 +467,10 @@ pub async fn run(
     tracing::info!("ubsync daemon stopped");
     Ok(())
 }
+
+/// How often the offline route asks `event.offline.get` (one request; at the standard plan's
+/// 2 requests a second that is a tenth of the budget... of one second in ten).
+const OFFLINE_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Processes the waiting events and pushes what they brought (no pull), in the run log as
 /// `events`.

@@ -167,6 +167,16 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
             return Ok(worst);
         }
     }
+    if let Some((status, text)) = check_events(&cfg, &b24).await {
+        verdict("events", status, &text);
+    }
+    if cfg.webhooks.unitalk_secret.is_some() {
+        verdict(
+            "webhooks",
+            "ok",
+            "Unitalk call webhooks accepted at POST /unitalk/webhook/<secret> on `ubsync run --listen`",
+        );
+    }
     if let Some((status, text)) = check_field_mapping(&cfg, &b24).await {
         verdict("fields", status, &text);
         if status == "FAIL" {
@@ -174,6 +184,64 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
         }
     }
     Ok(worst)
+}
+
+/// Which route Bitrix24's telephony events take, why, and whether they are bound.
+async fn check_events(cfg: &Config, b24: &Bitrix24Client) -> Option<(&'static str, String)> {
+    let w = &cfg.webhooks;
+    if !w.bitrix24_events {
+        return None;
+    }
+    let bound: Vec<String> = match b24.call("event.get", serde_json::json!({})).await {
+        Ok(env) => env
+            .result
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| {
+                e.get("event")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_uppercase)
+            })
+            .collect(),
+        Err(e) => {
+            return Some((
+                "WARN",
+                format!("cannot list the bound events (event.get): {e}"),
+            ))
+        }
+    };
+    let missing: Vec<&str> = crate::sync::clicks_events()
+        .iter()
+        .copied()
+        .filter(|e| !bound.iter().any(|b| b == e))
+        .collect();
+    let route = if w.bitrix24_offline {
+        "offline: ubsync polls event.offline.get every 5 s (no inbound address; needs an administrator's tokens)".to_string()
+    } else {
+        format!(
+            "online: Bitrix24 posts to {} (set by webhooks.bitrix24_handler)",
+            w.bitrix24_handler
+                .as_ref()
+                .map(|u| u.as_str())
+                .unwrap_or("?")
+        )
+    };
+    Some(if missing.is_empty() {
+        (
+            "ok",
+            format!("{route}; click-to-call, callback and uninstall events bound"),
+        )
+    } else {
+        (
+            "WARN",
+            format!(
+                "{route}; not bound yet: {} (the daemon binds them when it starts)",
+                missing.join(", ")
+            ),
+        )
+    })
 }
 
 /// `[rules.fields]` checked against the portal's field lists: every mapped field must exist.

@@ -65,8 +65,11 @@ pub struct Config {
 /// Events in: Unitalk's call webhooks, and Bitrix24's click-to-call and callback events.
 #[derive(Debug, Clone)]
 pub struct WebhooksConfig {
-    /// Serve `POST /bitrix24/events` and bind the telephony events to `bitrix24_handler`.
+    /// Handle the telephony events (click-to-call, callbacks, uninstall).
     pub bitrix24_events: bool,
+    /// Online (Bitrix24 POSTs to `bitrix24_handler`) or offline (`event.offline.get`, no inbound
+    /// address needed).
+    pub bitrix24_offline: bool,
     /// The public address Bitrix24 posts events to (behind the reverse proxy).
     pub bitrix24_handler: Option<Url>,
     /// The application token events must carry when the install callback did not store one.

@@ -37,6 +37,7 @@ pub(super) struct RawWebhooks {
     pub(super) unitalk_id_field: Option<String>,
     pub(super) twin_slack: Option<String>,
     pub(super) bitrix24_events: Option<bool>,
+    pub(super) bitrix24_route: Option<String>,
     pub(super) bitrix24_handler: Option<String>,
     pub(super) application_token: Option<String>,
     pub(super) click_ttl: Option<String>,

@@ -621,12 +621,24 @@ impl Validator {
             },
             None => None,
         };
-        if bitrix24_events && bitrix24_handler.is_none() && raw.webhooks.bitrix24_handler.is_none()
-        {
+        let bitrix24_offline = match raw.webhooks.bitrix24_route.as_deref() {
+            None => raw.webhooks.bitrix24_handler.is_none(),
+            Some("offline") => true,
+            Some("online") => false,
+            Some(other) => {
+                self.fail(
+                    "webhooks.bitrix24_route",
+                    format!("`{other}` is not a route"),
+                    "use \"online\" (Bitrix24 posts to bitrix24_handler) or \"offline\" (ubsync polls event.offline.get; needs an administrator's tokens)",
+                );
+                false
+            }
+        };
+        if bitrix24_events && !bitrix24_offline && raw.webhooks.bitrix24_handler.is_none() {
             self.fail(
                 "webhooks.bitrix24_handler",
-                "missing: Bitrix24 needs a public address to post the events to",
-                "set it to https://<your reverse proxy>/bitrix24/events",
+                "missing: the online route needs a public address Bitrix24 posts the events to",
+                "set it to https://<your reverse proxy>/bitrix24/events, or use bitrix24_route = \"offline\"",
             );
         }
         let click_ttl = self.duration(
@@ -637,6 +649,7 @@ impl Validator {
         );
         let webhooks = WebhooksConfig {
             bitrix24_events,
+            bitrix24_offline,
             bitrix24_handler,
             application_token: raw
                 .webhooks

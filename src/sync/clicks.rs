@@ -38,7 +38,12 @@ pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(),
     let items = ctx.store.lock().inbox_pending("bitrix24", 200)?;
     let country = ctx.cfg.sync.default_country;
     for item in items {
-        let form = Value::Object(crate::phpquery::parse(&item.body));
+        // Online events are forms; offline ones were stored as JSON.
+        let form = if item.body.trim_start().starts_with('{') {
+            serde_json::from_str(&item.body).unwrap_or(Value::Null)
+        } else {
+            Value::Object(crate::phpquery::parse(&item.body))
+        };
         let event = field(&form, "event").unwrap_or("").to_uppercase();
         let data = form.get("data").cloned().unwrap_or(Value::Null);
         let number = field(&data, "PHONE_NUMBER_INTERNATIONAL")
@@ -418,14 +423,11 @@ pub const EVENTS: &[&str] = &[
 /// handlers vanish when the application is updated or reinstalled, so this runs whenever the
 /// daemon starts. Returns the events newly bound.
 pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
-    let Some(handler) = ctx
-        .cfg
-        .webhooks
-        .bitrix24_handler
-        .as_ref()
-        .map(|u| u.to_string())
-    else {
-        return Ok(Vec::new());
+    let offline = ctx.cfg.webhooks.bitrix24_offline;
+    let handler = match ctx.cfg.webhooks.bitrix24_handler.as_ref() {
+        _ if offline => String::new(),
+        Some(u) => u.to_string(),
+        None => return Ok(Vec::new()),
     };
     let bound = ctx.b24.call("event.get", json!({})).await?;
     let have: Vec<(String, String)> = bound
@@ -437,7 +439,11 @@ pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
         .filter_map(|e| {
             Some((
                 e.get("event").and_then(as_text)?.to_uppercase(),
-                e.get("handler").and_then(as_text).unwrap_or_default(),
+                if e.get("offline").and_then(as_i64) == Some(1) {
+                    String::new()
+                } else {
+                    e.get("handler").and_then(as_text).unwrap_or_default()
+                },
             ))
         })
         .collect();
@@ -446,10 +452,98 @@ pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
         if have.iter().any(|(e, h)| e == ev && *h == handler) {
             continue;
         }
-        ctx.b24
-            .call("event.bind", json!({"event": ev, "handler": handler}))
-            .await?;
+        let params = if offline {
+            json!({"event": ev, "event_type": "offline"})
+        } else {
+            json!({"event": ev, "handler": handler})
+        };
+        ctx.b24.call("event.bind", params).await?;
         added.push(ev.to_string());
     }
     Ok(added)
+}
+
+/// The portal fact caching `feature.get rest_offline_extended`.
+const FACT_OFFLINE_EXTENDED: &str = "bitrix24.rest_offline_extended";
+
+/// Most `event.offline.get` pages read per poll.
+const OFFLINE_PAGES: usize = 10;
+
+/// The offline route: reads `event.offline.get` into the inbox. Where the plan has the
+/// reserve-then-confirm mode (`feature.get rest_offline_extended`), events are reserved
+/// (`clear=0`), stored, then cleared: none is lost to a crash. Elsewhere they are removed as they
+/// are read (`clear=1`); a crash between the read and the store loses those (logged).
+/// Returns how many events were stored.
+pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
+    if !(ctx.cfg.webhooks.bitrix24_events && ctx.cfg.webhooks.bitrix24_offline) {
+        return Ok(0);
+    }
+    let cached = ctx.store.lock().fact(FACT_OFFLINE_EXTENDED)?;
+    let extended = match cached {
+        Some(v) => v == "Y",
+        None => {
+            let f = ctx
+                .b24
+                .call("feature.get", json!({"CODE": "rest_offline_extended"}))
+                .await?;
+            let on = f.result.get("value").and_then(as_text).as_deref() == Some("Y");
+            let now = ctx.clock.now();
+            ctx.store
+                .lock()
+                .set_fact(FACT_OFFLINE_EXTENDED, if on { "Y" } else { "N" }, now)?;
+            if !on {
+                tracing::warn!("this plan has no reserve-then-confirm offline events: each is removed as it is read, so one read just before a crash is lost");
+            }
+            on
+        }
+    };
+    let mut stored = 0;
+    for _ in 0..OFFLINE_PAGES {
+        let env = ctx
+            .b24
+            .call(
+                "event.offline.get",
+                json!({"clear": if extended { 0 } else { 1 }, "limit": 50}),
+            )
+            .await?;
+        let events = env
+            .result
+            .get("events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let now = ctx.clock.now();
+        let mut ids = Vec::new();
+        for e in &events {
+            let body = json!({
+                "event": e.get("EVENT_NAME").cloned().unwrap_or(Value::Null),
+                "data": e.get("EVENT_DATA").cloned().unwrap_or(Value::Null),
+                "offline_id": e.get("ID").cloned().unwrap_or(Value::Null),
+            });
+            ctx.store.lock().inbox_add(
+                "bitrix24",
+                &body.to_string(),
+                Some("application/json"),
+                now,
+            )?;
+            stored += 1;
+            if let Some(id) = e.get("ID").and_then(as_text) {
+                ids.push(id);
+            }
+        }
+        if extended && !events.is_empty() {
+            if let Some(process) = env.result.get("process_id").and_then(as_text) {
+                ctx.b24
+                    .call(
+                        "event.offline.clear",
+                        json!({"process_id": process, "id": ids}),
+                    )
+                    .await?;
+            }
+        }
+        if events.len() < 50 {
+            break;
+        }
+    }
+    Ok(stored)
 }

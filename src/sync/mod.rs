@@ -29,7 +29,12 @@ mod telephony;
 pub mod window;
 
 use activity::{entity_responsibles, push_activity};
-pub use clicks::{bind_events, FACT_UNINSTALLED};
+pub use clicks::{bind_events, poll_offline, FACT_UNINSTALLED};
+
+/// The Bitrix24 events ubsync binds.
+pub fn clicks_events() -> &'static [&'static str] {
+    clicks::EVENTS
+}
 pub use followup::SWEEP_STREAM;
 pub use line_alerts::alert_lines;
 use probe::probe_in_flight;
@@ -248,6 +253,9 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     let cfg = &ctx.cfg;
     check_identity(ctx)?;
     events::process_unitalk(ctx, s)?;
+    if !opts.dry_run && !opts.events_only {
+        clicks::poll_offline(ctx).await?;
+    }
     clicks::process_bitrix24(ctx, s)?;
     let uninstalled = ctx.store.lock().fact(clicks::FACT_UNINSTALLED)?;
     if let Some(at) = uninstalled {

@@ -48,6 +48,12 @@ async fn start(env: &TestEnv, token: &str) -> (tokio::process::Child, String) {
 async fn a_click_rings_the_operator_and_becomes_one_finished_call_with_its_recording() {
     let env = env(scenario()).await;
     let (mut child, base) = start(&env, SIM_APPLICATION_TOKEN).await;
+    let out = env.ubsync(&["check"]).await;
+    let t = crate::harness::text(&out);
+    assert!(
+        t.contains("online: Bitrix24 posts to http://127.0.0.1:") && t.contains("events bound"),
+        "{t}"
+    );
     let call_id = env
         .sims
         .bitrix24
@@ -310,4 +316,68 @@ async fn a_click_nobody_answers_is_finished_as_cancelled_after_the_ttl_and_a_rep
             .count(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_route_needs_no_inbound_address_and_loses_no_click() {
+    use chrono::Duration;
+    for extended in [true, false] {
+        let env = TestEnv::start(
+            ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101"),
+        )
+        .await;
+        env.sims.bitrix24.set_offline_extended(extended);
+        env.write_config(
+            "telephony",
+            "[sync]\nstart = \"2026-11-22\"\n[webhooks]\nbitrix24_events = true\nbitrix24_route = \"offline\"\n",
+        );
+        let ctx = env.ctx().await;
+        let added = ubsync::sync::bind_events(&ctx).await.unwrap();
+        assert_eq!(added.len(), 3);
+        assert!(
+            env.sims
+                .bitrix24
+                .bound_events()
+                .iter()
+                .all(|(_, h)| h.is_empty()),
+            "offline bindings"
+        );
+        assert!(
+            ubsync::sync::bind_events(&ctx).await.unwrap().is_empty(),
+            "binding again changes nothing"
+        );
+        let call_id = env
+            .sims
+            .bitrix24
+            .click_to_call(10, "+380671239999", None)
+            .await;
+        assert_eq!(env.sims.bitrix24.offline_queue_len(), 1);
+        let first = crate::harness::pass(&ctx).await.unwrap();
+        assert_eq!(first.clicks, 1, "{first}");
+        assert_eq!(env.sims.bitrix24.offline_queue_len(), 0, "read and cleared");
+        assert_eq!(env.sims.unitalk.direct_calls().len(), 1);
+        // The call Unitalk placed is pulled once it has settled, and finishes the click.
+        env.clock.advance(Duration::minutes(5));
+        let later = crate::harness::pass(&ctx).await.unwrap();
+        assert_eq!(later.clicks_claimed, 1, "{later}");
+        let stat = env
+            .sims
+            .bitrix24
+            .stats()
+            .into_iter()
+            .find(|r| r.call_id == call_id)
+            .expect("finished");
+        assert_eq!(stat.duration, 30, "extended = {extended}");
+        assert!(env
+            .sims
+            .bitrix24
+            .calls()
+            .iter()
+            .all(|c| c.external_call_id.is_none()
+                || !c
+                    .external_call_id
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("unitalk-9000")));
+    }
 }

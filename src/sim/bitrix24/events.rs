@@ -76,7 +76,112 @@ pub(super) fn unbind(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult 
     Ok(ApiOk::new(json!({"count": before - st.events.len()})))
 }
 
+/// `event.offline.get`: with `clear=1` (default) the events are removed as they are read; with
+/// `clear=0` they are reserved under a `process_id` until `event.offline.clear`.
+pub(super) fn offline_get(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
+    let clear = p
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("clear"))
+        .map(|(_, v)| !matches!(v, Value::Number(n) if n.as_i64() == Some(0)) && v != "0")
+        .unwrap_or(true);
+    let limit = p
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("limit"))
+        .and_then(|(_, v)| {
+            v.as_u64()
+                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        })
+        .unwrap_or(50) as usize;
+    if !clear && !st.offline_extended {
+        return Err(ApiError::new(
+            400,
+            "ERROR_FEATURE_NOT_AVAILABLE",
+            "Not available on this plan",
+        ));
+    }
+    let process = format!(
+        "p{}",
+        st.offline.len() + st.events.len() + rand::random::<u16>() as usize
+    );
+    let mut events = Vec::new();
+    for (id, ev, data, reserved) in st.offline.iter_mut() {
+        if events.len() == limit {
+            break;
+        }
+        if reserved.is_some() {
+            continue;
+        }
+        events.push(json!({"ID": id.to_string(), "TIMESTAMP_X": "", "EVENT_NAME": ev, "EVENT_DATA": data, "EVENT_ADDITIONAL": {}, "MESSAGE_ID": format!("m{id}")}));
+        if !clear {
+            *reserved = Some(process.clone());
+        }
+    }
+    if clear {
+        let ids: Vec<String> = events
+            .iter()
+            .filter_map(|e| e["ID"].as_str().map(String::from))
+            .collect();
+        st.offline.retain(|(id, ..)| !ids.contains(&id.to_string()));
+    }
+    Ok(ApiOk::new(
+        json!({"process_id": if clear { Value::Null } else { json!(process) }, "events": events}),
+    ))
+}
+
+/// `event.offline.clear {process_id, id[]}`.
+pub(super) fn offline_clear(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
+    let process = text(p, "process_id").unwrap_or_default();
+    let ids: Vec<String> = match p
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("id"))
+        .map(|(_, v)| v)
+    {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect(),
+        Some(Value::Object(o)) => o
+            .values()
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    st.offline.retain(|(id, _, _, r)| {
+        !(r.as_deref() == Some(process.as_str())
+            && (ids.is_empty() || ids.contains(&id.to_string())))
+    });
+    Ok(ApiOk::new(json!(true)))
+}
+
+/// `feature.get {CODE}`.
+pub(super) fn feature_get(st: &PortalState, p: &Map<String, Value>) -> ApiResult {
+    let code = text(p, "CODE").unwrap_or_default();
+    let on = match code.as_str() {
+        "rest_offline_extended" => st.offline_extended,
+        _ => false,
+    };
+    Ok(ApiOk::new(json!({"value": if on { "Y" } else { "N" }})))
+}
+
 impl Bitrix24Sim {
+    /// Whether `event.offline.get` may reserve (the plan has `rest_offline_extended`).
+    pub fn set_offline_extended(&self, on: bool) {
+        self.lock().offline_extended = on;
+    }
+
+    /// Events waiting in the offline queue.
+    pub fn offline_queue_len(&self) -> usize {
+        self.lock().offline.len()
+    }
+
     /// The events bound, as (event, handler).
     pub fn bound_events(&self) -> Vec<(String, String)> {
         self.lock().events.clone()
@@ -85,7 +190,12 @@ impl Bitrix24Sim {
     /// POSTs `event` with `data` to every handler bound for it; returns the statuses.
     pub async fn deliver_event(&self, event: &str, data: Value, token: &str) -> Vec<u16> {
         let (handlers, domain, member) = {
-            let st = self.lock();
+            let mut st = self.lock();
+            // Offline bindings queue the event for `event.offline.get`.
+            if st.events.iter().any(|(e, h)| e == event && h.is_empty()) {
+                let id = st.offline.iter().map(|(i, ..)| *i).max().unwrap_or(100) + 1;
+                st.offline.push((id, event.to_string(), data.clone(), None));
+            }
             let handlers: Vec<String> = st
                 .events
                 .iter()

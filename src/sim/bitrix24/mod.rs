@@ -251,6 +251,10 @@ pub(crate) struct PortalState {
     pub base_url: String,
     /// Bound events: (EVENT, handler URL; empty for offline).
     pub events: Vec<(String, String)>,
+    /// The offline-event queue: (id, event, data, reserved by process id).
+    pub offline: Vec<(u64, String, Value, Option<String>)>,
+    /// Whether `feature.get rest_offline_extended` says the reserve-then-clear mode exists.
+    pub offline_extended: bool,
     pub data: methods::PortalData,
     access_tokens: HashMap<String, AccessToken>,
     refresh_tokens: HashMap<String, u64>,
@@ -278,6 +282,8 @@ impl Bitrix24Sim {
                 cfg,
                 base_url: "http://127.0.0.1".into(),
                 events: Vec::new(),
+                offline: Vec::new(),
+                offline_extended: true,
                 data,
                 access_tokens: HashMap::new(),
                 refresh_tokens: HashMap::new(),
