@@ -59,6 +59,14 @@ fn events(c: &SimCall, dbid_offset: u64, date: &str) -> Vec<Value> {
     out
 }
 
+/// The `CALL_END` event of `c` (Standard JSON), `dbid` = `id + dbid_offset`.
+pub fn end_event(c: &SimCall, dbid_offset: u64) -> Value {
+    let date = c.date.format("%Y-%m-%d %H:%M:%S").to_string();
+    events(c, dbid_offset, &date)
+        .pop()
+        .expect("every call has an end event")
+}
+
 fn form(ev: &Value) -> String {
     let mut f = url::form_urlencoded::Serializer::new(String::new());
     f.append_pair("event", ev["event"].as_str().unwrap_or(""));
