@@ -381,3 +381,41 @@ async fn the_offline_route_needs_no_inbound_address_and_loses_no_click() {
                     .starts_with("unitalk-9000")));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uninstall_event_stops_the_sync_with_what_to_do() {
+    let env = env(scenario()).await;
+    let (mut child, _) = start(&env, SIM_APPLICATION_TOKEN).await;
+    let statuses = env
+        .sims
+        .bitrix24
+        .deliver_event(
+            "ONAPPUNINSTALL",
+            serde_json::json!({"CLEAN": "0"}),
+            SIM_APPLICATION_TOKEN,
+        )
+        .await;
+    assert_eq!(statuses, vec![200]);
+    let db = env.dir.path().join("state/ubsync.db");
+    assert!(
+        eventually(|| async {
+            ubsync::store::Store::open(&db)
+                .ok()
+                .and_then(|s| s.fact(ubsync::sync::FACT_UNINSTALLED).ok().flatten())
+                .is_some()
+        })
+        .await
+    );
+    child.kill().await.unwrap();
+    let out = env.ubsync(&["sync"]).await;
+    let t = crate::harness::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("uninstalled") && t.contains("auth forget-install"),
+        "{t}"
+    );
+    assert!(
+        env.sims.bitrix24.calls().is_empty(),
+        "nothing pushed after the uninstall"
+    );
+}
