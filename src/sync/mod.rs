@@ -17,6 +17,7 @@ mod clicks;
 mod client_tasks;
 mod events;
 mod followup;
+pub mod ledger;
 mod line_alerts;
 mod notify;
 pub mod plan;
