@@ -192,7 +192,7 @@ fn client_of(c: &SimCall) -> String {
 
 /// Checks missed-call tasks with one open task per client (the defaults): every missed incoming
 /// call is in exactly one task — its own (`XML_ID`, for `responsible`) or folded into its
-/// client's task (named in the description) — or needed none because the client was reached
+/// client's task (named in the description)
 /// after it; a task whose client was reached after its last call is completed; no client has
 /// two open tasks. Returns whether it holds and a line saying so.
 pub fn check_tasks(
@@ -216,7 +216,6 @@ pub fn check_tasks(
     let mut problems = Vec::new();
     let mut owned = 0;
     let mut folded = 0;
-    let mut not_needed = 0;
     let mut open_by_client: HashMap<String, u32> = HashMap::new();
     for c in pushed
         .iter()
@@ -252,7 +251,6 @@ pub fn check_tasks(
                 }
             }
             (0, 1) => folded += 1,
-            (0, 0) if reached_after(&client_of(c), c.date) => not_needed += 1,
             (o, n) => problems.push(format!("call {}: {o} own tasks, named in {n}", c.id)),
         }
     }
@@ -267,7 +265,7 @@ pub fn check_tasks(
     (
         problems.is_empty(),
         format!(
-            "{} missed-call tasks for the right person ({folded} repeat calls folded in, {not_needed} needed none: client reached; problems: {problems:?})",
+            "{} missed-call tasks for the right person ({folded} repeat calls folded in; problems: {problems:?})",
             tasks.len()
         ),
     )

@@ -85,9 +85,10 @@ impl Store {
             .next())
     }
 
-    /// Every open task whose call started at or after `since`, newest first.
+    /// Every open task whose call ubsync first saw at or after `since` (a backfilled call of
+    /// last year counts from when it was pulled), newest first.
     pub fn open_client_tasks(&self, since: DateTime<Utc>) -> Result<Vec<ClientTask>> {
-        self.open_tasks_where("AND c.started_at >= ?1", params![ts(since)])
+        self.open_tasks_where("AND c.first_seen_at >= ?1", params![ts(since)])
     }
 
     /// The first call in Bitrix24 that reached `client` after `after`: its id and record.

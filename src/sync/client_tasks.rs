@@ -6,7 +6,8 @@
 use super::*;
 use crate::store::client_tasks::ClientTask;
 
-/// How far back open tasks are watched for the call-back that completes them.
+/// How long after ubsync first saw its call an open task is watched for the call-back that
+/// completes it.
 const WATCH_DAYS: i64 = 30;
 
 /// The stored facts of a task's calls, the owner first.

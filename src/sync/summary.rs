@@ -68,8 +68,6 @@ pub struct PassSummary {
     pub tasks_folded: u64,
     /// Client tasks completed by a call-back (`tasks.close_on_callback`).
     pub tasks_closed: u64,
-    /// Missed calls that needed no task: the client was reached after them.
-    pub tasks_not_needed: u64,
     /// Missed-call notifications sent (`rules.notify`).
     pub notifications: u64,
     pub leads: u64,
@@ -161,11 +159,11 @@ impl fmt::Display for PassSummary {
         if self.notifications > 0 {
             write!(f, "; {} missed-call notifications", self.notifications)?;
         }
-        if self.tasks_folded + self.tasks_closed + self.tasks_not_needed > 0 {
+        if self.tasks_folded + self.tasks_closed > 0 {
             write!(
                 f,
-                "; client tasks: {} calls added to an open task, {} completed by a call-back, {} not needed (client reached)",
-                self.tasks_folded, self.tasks_closed, self.tasks_not_needed
+                "; client tasks: {} calls added to an open task, {} completed by a call-back",
+                self.tasks_folded, self.tasks_closed
             )?;
         }
         if self.faults_survived > 0 {

@@ -19,10 +19,9 @@ pub(super) async fn push_tasks(
     users: &HashMap<String, i64>,
 ) -> Result<(), SyncError> {
     for _ in 0..TASK_ROUNDS {
-        let before = (s.tasks, s.tasks_folded, s.tasks_not_needed);
+        let before = (s.tasks, s.tasks_folded);
         let deferred = task_round(ctx, opts, s, users).await?;
-        if deferred == 0 || opts.dry_run || (s.tasks, s.tasks_folded, s.tasks_not_needed) == before
-        {
+        if deferred == 0 || opts.dry_run || (s.tasks, s.tasks_folded) == before {
             break;
         }
     }
@@ -55,7 +54,7 @@ async fn task_round(
             due.push(Due { item, facts: f });
         }
     }
-    let due = decide(ctx, opts, s, due, now)?;
+    let due = decide(ctx, opts, s, due)?;
     let deferred = due.deferred;
     if !due.followups.is_empty() {
         client_tasks::push_followups(ctx, opts, s, due.followups).await?;
@@ -218,15 +217,15 @@ struct Decided {
     deferred: usize,
 }
 
-/// Decides, call by call (oldest first): no task when the client was reached after the call
-/// (recorded at once); with `tasks.one_per_client`, one action per client per round — folded
-/// into the client's open task, or a new task while no other is being created for them.
+/// Decides, call by call (oldest first): with `tasks.one_per_client`, one action per client per
+/// round — folded into the client's open task, or a new task while no other is being created
+/// for them. (A client already reached after the call still gets the task, completed at once
+/// by `close_reached`: the CRM shows the missed call and who called back.)
 fn decide(
     ctx: &SyncCtx,
     opts: &PassOptions,
     s: &mut PassSummary,
     due: Vec<Due>,
-    now: DateTime<Utc>,
 ) -> Result<Decided, SyncError> {
     let cfg = &ctx.cfg;
     let mut out = Decided {
@@ -234,22 +233,11 @@ fn decide(
         followups: Vec::new(),
         deferred: 0,
     };
-    let mut settled = Vec::new();
     let mut clients = HashSet::new();
     {
         let store = ctx.store.lock();
         for d in due {
             let client = d.facts.client_number.clone();
-            if cfg.tasks.close_on_callback {
-                if let Some((by, _)) = store.reached_after(&client, d.facts.started_at)? {
-                    let mut l = d.item.ledger.clone();
-                    l.task_closed_by = Some(by);
-                    l.task_closed_at = Some(now);
-                    settled.push(plan::settle_stage(cfg, &d.facts, l, &d.item.content_hash));
-                    s.tasks_not_needed += 1;
-                    continue;
-                }
-            }
             if cfg.tasks.one_per_client {
                 if !clients.insert(client.clone())
                     || store.task_in_flight_for(&client, &d.item.ledger.call_id)?
@@ -273,9 +261,6 @@ fn decide(
             }
             out.own.push(d);
         }
-    }
-    if !settled.is_empty() {
-        ctx.store.lock().apply(&settled, &[], None, now)?;
     }
     Ok(out)
 }

@@ -273,7 +273,7 @@ async fn three_missed_calls_make_one_task_and_the_call_back_completes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missed_call_answered_back_before_its_task_needs_none() {
+async fn a_missed_call_answered_back_before_its_task_gets_it_completed_at_once() {
     let mut s = scenario();
     let missed = s.add_call(
         n("2026-11-21 10:00:00"),
@@ -297,8 +297,17 @@ async fn a_missed_call_answered_back_before_its_task_needs_none() {
     env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
     let ctx = env.ctx().await;
     let summary = pass(&ctx).await.unwrap();
-    assert!(env.sims.bitrix24.tasks().is_empty(), "{summary}");
-    assert_eq!(summary.tasks_not_needed, 1);
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1, "{summary}");
+    assert_eq!(tasks[0].status, 5, "completed: the client was called back");
+    assert!(
+        tasks[0]
+            .description
+            .contains("Client reached: outgoing call"),
+        "{}",
+        tasks[0].description
+    );
+    assert_eq!((summary.tasks, summary.tasks_closed), (1, 1), "{summary}");
     let row = ctx
         .store
         .lock()
@@ -307,6 +316,7 @@ async fn a_missed_call_answered_back_before_its_task_needs_none() {
         .unwrap();
     assert_eq!(row.stage, Stage::Done);
     assert!(row.task_closed_by.is_some());
+    assert_eq!(pass(&ctx).await.unwrap().bitrix24_requests, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
