@@ -64,11 +64,20 @@ pub fn status_json(store: &Store, now: DateTime<Utc>) -> anyhow::Result<Value> {
             "since": utc(q.created_at)})).collect::<Vec<_>>(),
         "inner_lines": store.line_statuses()?.iter().map(|(l, s, t)| json!({
             "line": l, "status": s, "observed_at": utc(*t)})).collect::<Vec<_>>(),
+        "events": {
+            "waiting": store.inbox_waiting()?,
+            "first_seen": store.seen_counts()?.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "clicks": store.clicks()?.iter().fold(std::collections::BTreeMap::<String, u64>::new(), |mut m, c| {
+                *m.entry(c.state.clone()).or_default() += 1;
+                m
+            }),
+            "uninstalled": store.fact(crate::sync::FACT_UNINSTALLED)?,
+        },
     }))
 }
 
 /// The jobs the run log records.
-pub const JOBS: [&str; 4] = ["sync", "backfill", "reconcile", "retry"];
+pub const JOBS: [&str; 5] = ["sync", "backfill", "reconcile", "retry", "events"];
 
 /// What a run did: its summary line, else its stored summary, else its error.
 fn what_happened(r: &RunRecord) -> String {
@@ -150,6 +159,25 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
             .map(|t| local(t, tz))
             .unwrap_or_else(|| "never".into())
     );
+    let clicks = store.clicks()?;
+    let seen = store.seen_counts()?;
+    if !clicks.is_empty() || !seen.is_empty() || store.inbox_waiting()? > 0 {
+        let n = |st: &str| clicks.iter().filter(|c| c.state == st).count();
+        crate::say!(
+            "events      {} waiting; first seen by webhook {}, by poll {}; clicks: {} matched, {} dialing, {} cancelled",
+            store.inbox_waiting()?,
+            seen.iter().find(|(p, _)| p == "webhook").map_or(0, |(_, n)| *n),
+            seen.iter().find(|(p, _)| p == "poll").map_or(0, |(_, n)| *n),
+            n("claimed"),
+            n("dialing"),
+            n("cancelled")
+        );
+    }
+    if let Some(at) = store.fact(crate::sync::FACT_UNINSTALLED)? {
+        crate::say!(
+            "bitrix24    the application was uninstalled from the portal ({at}): sync is stopped"
+        );
+    }
     let quarantined = store.quarantined()?;
     crate::say!("quarantine  {} open", quarantined.len());
     if !quarantined.is_empty() {

@@ -192,19 +192,8 @@ async fn check_events(cfg: &Config, b24: &Bitrix24Client) -> Option<(&'static st
     if !w.bitrix24_events {
         return None;
     }
-    let bound: Vec<String> = match b24.call("event.get", serde_json::json!({})).await {
-        Ok(env) => env
-            .result
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|e| {
-                e.get("event")
-                    .and_then(|v| v.as_str())
-                    .map(str::to_uppercase)
-            })
-            .collect(),
+    let bound: Vec<String> = match crate::sync::bound_events(b24).await {
+        Ok(b) => b.into_iter().map(|(e, _)| e).collect(),
         Err(e) => {
             return Some((
                 "WARN",

@@ -412,6 +412,30 @@ pub(super) fn claim(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
     Ok(())
 }
 
+/// The events bound in the portal (`event.get`): (EVENT, handler; empty for an offline one).
+pub async fn bound_events(
+    b24: &crate::bitrix24::Bitrix24Client,
+) -> Result<Vec<(String, String)>, Bitrix24Error> {
+    let bound = b24.call("event.get", json!({})).await?;
+    Ok(bound
+        .result
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.get("event").and_then(as_text)?.to_uppercase(),
+                if e.get("offline").and_then(as_i64) == Some(1) {
+                    String::new()
+                } else {
+                    e.get("handler").and_then(as_text).unwrap_or_default()
+                },
+            ))
+        })
+        .collect())
+}
+
 /// The events ubsync handles.
 pub const EVENTS: &[&str] = &[
     "ONEXTERNALCALLSTART",
@@ -429,24 +453,7 @@ pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
         Some(u) => u.to_string(),
         None => return Ok(Vec::new()),
     };
-    let bound = ctx.b24.call("event.get", json!({})).await?;
-    let have: Vec<(String, String)> = bound
-        .result
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| {
-            Some((
-                e.get("event").and_then(as_text)?.to_uppercase(),
-                if e.get("offline").and_then(as_i64) == Some(1) {
-                    String::new()
-                } else {
-                    e.get("handler").and_then(as_text).unwrap_or_default()
-                },
-            ))
-        })
-        .collect();
+    let have = bound_events(&ctx.b24).await?;
     let mut added = Vec::new();
     for ev in EVENTS {
         if have.iter().any(|(e, h)| e == ev && *h == handler) {

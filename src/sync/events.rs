@@ -98,6 +98,29 @@ fn is_final(event: &str, call: &Value) -> bool {
     }
 }
 
+/// Quarantines a webhook body with `reason`; returns the inbox outcome.
+fn quarantine_webhook(
+    ctx: &SyncCtx,
+    s: &mut PassSummary,
+    body: &str,
+    reason: String,
+) -> Result<String, SyncError> {
+    tracing::warn!(%reason, "quarantining a Unitalk webhook");
+    ctx.store.lock().apply(
+        &[],
+        &[NewQuarantine {
+            source: "unitalk",
+            call_id: None,
+            raw: body.to_string(),
+            reason: reason.clone(),
+        }],
+        None,
+        ctx.clock.now(),
+    )?;
+    s.quarantined += 1;
+    Ok(format!("quarantined: {reason}"))
+}
+
 /// Processes waiting Unitalk webhook events; returns how many calls they brought.
 pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64, SyncError> {
     if ctx.cfg.webhooks.unitalk_secret.is_none() {
@@ -108,21 +131,12 @@ pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64,
     let mut brought = 0;
     for item in items {
         let outcome = match webhook_call(&item.body, item.content_type.as_deref()) {
-            Err(e) => {
-                ctx.store.lock().apply(
-                    &[],
-                    &[NewQuarantine {
-                        source: "unitalk",
-                        call_id: None,
-                        raw: item.body.clone(),
-                        reason: format!("unreadable Unitalk webhook: {e}"),
-                    }],
-                    None,
-                    ctx.clock.now(),
-                )?;
-                s.quarantined += 1;
-                format!("quarantined: {e}")
-            }
+            Err(e) => quarantine_webhook(
+                ctx,
+                s,
+                &item.body,
+                format!("unreadable Unitalk webhook: {e}"),
+            )?,
             Ok((event, _))
                 if !matches!(
                     event.as_str(),
@@ -141,20 +155,7 @@ pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64,
                         let reason = format!(
                             "the webhook call has no `{field}`, so it cannot be named as history names it (webhooks.unitalk_id_field)"
                         );
-                        tracing::warn!(%reason, "quarantining a Unitalk webhook");
-                        ctx.store.lock().apply(
-                            &[],
-                            &[NewQuarantine {
-                                source: "unitalk",
-                                call_id: None,
-                                raw: item.body.clone(),
-                                reason: reason.clone(),
-                            }],
-                            None,
-                            ctx.clock.now(),
-                        )?;
-                        s.quarantined += 1;
-                        format!("quarantined: {reason}")
+                        quarantine_webhook(ctx, s, &item.body, reason)?
                     }
                     Some(id) => {
                         call["id"] = id;

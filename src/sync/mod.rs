@@ -30,7 +30,7 @@ mod telephony;
 pub mod window;
 
 use activity::{entity_responsibles, push_activity};
-pub use clicks::{bind_events, poll_offline, FACT_UNINSTALLED};
+pub use clicks::{bind_events, bound_events, poll_offline, FACT_UNINSTALLED};
 
 /// The Bitrix24 events ubsync binds.
 pub fn clicks_events() -> &'static [&'static str] {
