@@ -8,15 +8,17 @@
 //! Pushing works from the ledger: calls whose outcome is unknown are probed first, then the
 //! remaining chains go out in batches, each call marked in flight before its batch is sent and
 //! every command's outcome recorded in one transaction afterwards. Decisions live in the pure
-//! modules [`call`], [`window`] and [`plan`]; this module only moves data between them and the
-//! upstreams.
+//! modules [`call`], [`window`], [`plan`] and [`ledger`]; `gather` classifies due work and does
+//! the read-only lookups, `execute` is the only writer to Bitrix24; this module orders the pass.
 
 mod activity;
 pub mod call;
 mod clicks;
 mod client_tasks;
 mod events;
+mod execute;
 mod followup;
+mod gather;
 pub mod ledger;
 mod line_alerts;
 mod notify;
@@ -36,7 +38,9 @@ pub use clicks::{bind_events, bound_events, poll_offline, FACT_UNINSTALLED};
 pub fn clicks_events() -> &'static [&'static str] {
     clicks::EVENTS
 }
+use execute::{describe_plan, lookup, note_paused, send_plans, survivable, write_untracked};
 pub use followup::SWEEP_STREAM;
+use gather::{no_user_reason, operator_name, resolve_operators, understand, user_for};
 pub use line_alerts::alert_lines;
 use probe::probe_in_flight;
 pub use pull::estimate_calls;
@@ -423,273 +427,6 @@ fn quarantine_item(
     (l, q)
 }
 
-/// Sends a batch. Rate limits are waited out inside the client; here a refused connection (the
-/// request certainly did not execute) is retried with growing delays. An outcome-unknown failure
-/// is returned at once: it must be probed, not re-sent. Cancellation abandons the request in
-/// flight; its calls stay marked in flight and the next pass probes them.
-async fn send(ctx: &SyncCtx, commands: &[Command]) -> Result<BatchOutcome, SyncError> {
-    let mut attempt = 0;
-    loop {
-        let result = tokio::select! {
-            r = ctx.b24.batch(commands, false) => r,
-            _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
-        };
-        match result {
-            Ok(out) => return Ok(out),
-            Err(
-                e @ Bitrix24Error::Unavailable {
-                    outcome_unknown: false,
-                    ..
-                },
-            ) if attempt < 5 => {
-                let delay = ctx.b24.backoff(attempt);
-                tracing::warn!(error = %e, attempt, "batch not delivered; retrying");
-                ctx.b24
-                    .stats
-                    .retried
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                attempt += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Sends writes that are not tracked in the ledger (leads) in batches of 50: a lost answer is
-/// an error, never a second send (the next pass's lookup finds what was created).
-async fn write_untracked(ctx: &SyncCtx, commands: Vec<Command>) -> Result<BatchOutcome, SyncError> {
-    let mut all = BatchOutcome::default();
-    for chunk in commands.chunks(crate::bitrix24::batch::MAX_COMMANDS) {
-        let out = send(ctx, chunk).await?;
-        all.results.extend(out.results);
-        all.errors.extend(out.errors);
-    }
-    Ok(all)
-}
-
-/// Sends lookups (read-only commands) in batches of 50 and merges their outcomes. Only reads:
-/// one whose answer was lost is asked again.
-async fn lookup(ctx: &SyncCtx, commands: Vec<Command>) -> Result<BatchOutcome, SyncError> {
-    let mut all = BatchOutcome::default();
-    for chunk in commands.chunks(crate::bitrix24::batch::MAX_COMMANDS) {
-        // Lookups only read: one whose answer was lost is simply asked again.
-        let mut lost = 0;
-        let out = loop {
-            match send(ctx, chunk).await {
-                Err(SyncError::Bitrix24(e)) if e.outcome_unknown() && lost < 3 => {
-                    tracing::warn!(error = %e, "a lookup's answer was lost; asking again");
-                    ctx.b24
-                        .stats
-                        .retried
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let delay = ctx.b24.backoff(lost);
-                    lost += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = ctx.cancel.cancelled() => return Err(SyncError::Cancelled),
-                    }
-                }
-                r => break r?,
-            }
-        };
-        all.results.extend(out.results);
-        all.errors.extend(out.errors);
-        all.totals.extend(out.totals);
-        all.nexts.extend(out.nexts);
-        all.times.extend(out.times);
-    }
-    Ok(all)
-}
-
-/// Classifies due work; calls that are skipped or cannot be pushed are settled right away.
-fn understand(
-    ctx: &SyncCtx,
-    items: Vec<WorkItem>,
-    s: &mut PassSummary,
-    dry_run: bool,
-) -> Result<Vec<Due>, SyncError> {
-    let now = ctx.clock.now();
-    let known = known_lines(ctx)?;
-    let mut due = Vec::new();
-    let mut settled = Vec::new();
-    let mut quarantine = Vec::new();
-    for item in items {
-        let raw: Value = serde_json::from_str(&item.raw).unwrap_or(Value::Null);
-        let call = match parse(ctx, &raw) {
-            Ok(c) => c,
-            Err(e) => {
-                let (l, q) = quarantine_item(&item, "unitalk", e.reason);
-                quarantine.push(q);
-                settled.push(l);
-                continue;
-            }
-        };
-        match classify(&call, &known, &ctx.cfg.sync, &ctx.cfg.rules) {
-            // A skip filter holds back calls not pushed yet; one already in Bitrix24 is followed
-            // up as before (a card is never left hanging by a rule added later).
-            Disposition::Push(facts) if item.ledger.stage == Stage::Pending => {
-                let by_script = match &ctx.cfg.rules.script {
-                    Some(script) => {
-                        match script.filter(&crate::rules::script::call_map(&facts, Some(&raw))) {
-                            Ok(r) => r,
-                            Err(e) => {
-                                let (l, q) = quarantine_item(&item, "unitalk", e);
-                                quarantine.push(q);
-                                settled.push(l);
-                                continue;
-                            }
-                        }
-                    }
-                    None => None,
-                };
-                if let Some(reason) = by_script {
-                    let mut l = item.ledger.clone();
-                    l.stage = Stage::Skipped;
-                    l.reason = Some(format!("skipped by the rules script: {reason}"));
-                    if dry_run {
-                        s.plan.push(format!(
-                            "call {}: not pushed (rules script: {reason})",
-                            facts.id
-                        ));
-                    }
-                    s.skipped += 1;
-                    settled.push(l);
-                    continue;
-                }
-                match ctx.cfg.rules.skip(&facts) {
-                    Some(rule) => {
-                        let mut l = item.ledger.clone();
-                        l.stage = Stage::Skipped;
-                        l.reason = Some(format!("skipped by rule \"{rule}\" (rules.skip)"));
-                        if dry_run {
-                            s.plan.push(format!(
-                                "call {}: not pushed (rule \"{rule}\", rules.skip)",
-                                facts.id
-                            ));
-                        }
-                        s.skipped += 1;
-                        settled.push(l);
-                    }
-                    None => due.push(Due {
-                        item,
-                        facts: *facts,
-                    }),
-                }
-            }
-            Disposition::Push(facts) => due.push(Due {
-                item,
-                facts: *facts,
-            }),
-            Disposition::NotFinal
-                if call.started_at > now - Duration::hours(DIALING_HOLD_HOURS) => {}
-            Disposition::NotFinal => {
-                let reason = format!("still DIALING {DIALING_HOLD_HOURS} hours after it started");
-                let (l, q) = quarantine_item(&item, "unitalk", reason);
-                quarantine.push(q);
-                settled.push(l);
-            }
-            Disposition::Skip(reason) if item.ledger.stage == Stage::Pending => {
-                let mut l = item.ledger.clone();
-                l.stage = Stage::Skipped;
-                l.reason = Some(reason);
-                s.skipped += 1;
-                settled.push(l);
-            }
-            Disposition::Skip(_) => {}
-            Disposition::Quarantine(reason) => {
-                let (l, q) = quarantine_item(&item, "unitalk", reason);
-                quarantine.push(q);
-                settled.push(l);
-            }
-        }
-    }
-    s.quarantined += quarantine.len() as u64;
-    if !(settled.is_empty() && quarantine.is_empty()) {
-        ctx.store.lock().apply(&settled, &quarantine, None, now)?;
-    }
-    Ok(due)
-}
-
-/// Resolves the Bitrix24 user of each operator line (cached for a day): line → user, and the
-/// lines whose lookup got no answer (their calls wait: never the default user by mistake).
-async fn resolve_operators(
-    ctx: &SyncCtx,
-    lines: &HashSet<String>,
-) -> Result<(HashMap<String, i64>, HashSet<String>), SyncError> {
-    let now = ctx.clock.now();
-    let cached = ctx
-        .store
-        .lock()
-        .operator_map(now, Duration::hours(OPERATOR_CACHE_HOURS))?;
-    let mut out: HashMap<String, i64> = cached
-        .iter()
-        .filter_map(|(l, u)| u.flatten().map(|u| (l.clone(), u)))
-        .collect();
-    let missing: Vec<&String> = lines
-        .iter()
-        .filter(|l| !matches!(cached.get(*l), Some(Some(_))))
-        .collect();
-    if missing.is_empty() {
-        return Ok((out, HashSet::new()));
-    }
-    let commands: Vec<Command> = missing
-        .iter()
-        .enumerate()
-        .map(|(i, line)| {
-            Command::new(
-                format!("u{i}"),
-                "user.get",
-                json!({"filter": {"UF_PHONE_INNER": line, "ACTIVE": true}, "select": ["ID"]}),
-            )
-        })
-        .collect();
-    let found = lookup(ctx, commands).await?;
-    let store = ctx.store.lock();
-    let mut unresolved = HashSet::new();
-    for (i, line) in missing.iter().enumerate() {
-        let Some(res) = found.results.get(&format!("u{i}")) else {
-            unresolved.insert((*line).clone());
-            continue;
-        };
-        let user = res
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(|u| u.get("ID"))
-            .and_then(as_i64);
-        store.set_operator_user(line, user, now)?;
-        if let Some(u) = user {
-            out.insert((*line).clone(), u);
-        }
-    }
-    Ok((out, unresolved))
-}
-
-/// The Bitrix24 user a call belongs to: the first of `rules.responsible.order` (the CRM left
-/// out: a call belongs to who took it) with a user; by default its operator's, else the default.
-fn user_for(ctx: &SyncCtx, f: &CallFacts, users: &HashMap<String, i64>) -> Option<i64> {
-    ctx.cfg.rules.responsible.pick(
-        f,
-        None,
-        f.operator_line.as_ref().and_then(|l| users.get(l).copied()),
-        ctx.cfg.bitrix24.default_user_id.map(|u| u as i64),
-    )
-}
-
-fn no_user_reason(f: &CallFacts) -> String {
-    format!(
-        "no Bitrix24 user for inner line {} (no active user has it as UF_PHONE_INNER) and bitrix24.default_user_id is not set",
-        f.operator_line.as_deref().unwrap_or("(none)")
-    )
-}
-
-fn operator_name(f: &CallFacts) -> Option<&str> {
-    f.operator_line.as_deref()
-}
-
 /// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
 /// verify (statistics or ubsync's activities by date, ten pages a request). When the listing is
 /// complete, a call it does not hold was never pushed (a task comes only after its call), so it
@@ -747,22 +484,6 @@ async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Res
         }
     }
     Ok(())
-}
-
-/// Notes in the summary that Bitrix24 paused `method` (429) until `until`.
-fn note_paused(s: &mut PassSummary, method: &str, until: DateTime<Utc>) {
-    let note = format!("{method} until {}", until.format("%H:%M:%S UTC"));
-    if !s.paused.contains(&note) {
-        s.paused.push(note);
-    }
-}
-
-/// Whether a failed request is one a pass can go on after: the portal may be back a moment later.
-fn survivable(e: &SyncError) -> bool {
-    matches!(
-        e,
-        SyncError::Bitrix24(Bitrix24Error::Unavailable { .. } | Bitrix24Error::RateLimited)
-    )
 }
 
 /// One push round: probes, main chains, then missed-call tasks.
@@ -885,152 +606,6 @@ fn settle_finished(ctx: &SyncCtx) -> Result<(), SyncError> {
     }
     if !rows.is_empty() {
         ctx.store.lock().apply(&rows, &[], None, now)?;
-    }
-    Ok(())
-}
-
-fn describe_plan(p: &CallPlan) -> Vec<String> {
-    p.commands
-        .iter()
-        .map(|c| format!("call {}: {}", p.call_id, c.encode()))
-        .collect()
-}
-
-/// Sends planned batches: marks their calls in flight, sends, and records each call's outcome
-/// with `record`, all of one batch in one transaction. Plans that use a method the portal paused
-/// (429) wait for a later pass; an error an admin must fix stops the pass after recording.
-async fn send_plans(
-    ctx: &SyncCtx,
-    plans: Vec<(CallPlan, LedgerRow, bool)>,
-    mut record: impl FnMut(&str, LedgerRow, &BatchOutcome) -> (LedgerRow, Option<String>),
-    s: &mut PassSummary,
-) -> Result<(), SyncError> {
-    let by_id: HashMap<String, (LedgerRow, bool)> = plans
-        .iter()
-        .map(|(p, l, f)| (p.call_id.clone(), (l.clone(), *f)))
-        .collect();
-    for batch in plan::pack(plans.into_iter().map(|(p, _, _)| p).collect()) {
-        if ctx.cancel.is_cancelled() {
-            return Err(SyncError::Cancelled);
-        }
-        let now = ctx.clock.now();
-        let (batch, held): (Vec<CallPlan>, Vec<CallPlan>) = batch.into_iter().partition(|p| {
-            p.commands
-                .iter()
-                .all(|c| ctx.b24.operating.paused_until(&c.method, now).is_none())
-        });
-        for p in &held {
-            for c in &p.commands {
-                if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
-                    note_paused(s, &c.method, until);
-                }
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        if let Some(until) = ctx.b24.operating.paused_until("batch", now) {
-            // The portal bills whole batches to `batch`: nothing can be sent until it resets.
-            note_paused(s, "batch", until);
-            return Ok(());
-        }
-        let originals: Vec<LedgerRow> = batch.iter().map(|p| by_id[&p.call_id].0.clone()).collect();
-        let marked: Vec<LedgerRow> = batch
-            .iter()
-            .map(|p| {
-                let (mut l, non_idempotent) = by_id[&p.call_id].clone();
-                if non_idempotent {
-                    l.in_flight_since = Some(now);
-                    if matches!(l.stage, Stage::Pending | Stage::Registered) {
-                        l.stage = Stage::InFlight;
-                    }
-                }
-                l
-            })
-            .collect();
-        ctx.store.lock().apply(&marked, &[], None, now)?;
-        let commands: Vec<Command> = batch
-            .iter()
-            .flat_map(|p| p.commands.iter().cloned())
-            .collect();
-        let out = match send(ctx, &commands).await {
-            Ok(out) => {
-                s.failure_streak = 0;
-                out
-            }
-            Err(e) => {
-                let unknown = matches!(&e, SyncError::Bitrix24(b) if b.outcome_unknown())
-                    || matches!(e, SyncError::Cancelled);
-                if !unknown {
-                    // Nothing was executed: put the rows back as they were.
-                    ctx.store
-                        .lock()
-                        .apply(&originals, &[], None, ctx.clock.now())?;
-                }
-                if survivable(&e) && s.failure_streak < ctx.cfg.sync.max_consecutive_failures {
-                    // The calls stay in flight (probed before anything is sent again) or
-                    // pending; the next push round of this pass takes them up.
-                    s.failure_streak += 1;
-                    s.faults_survived += 1;
-                    tracing::warn!(error = %e, streak = s.failure_streak, outcome_unknown = unknown, "a batch failed; what may have run is looked up before it is sent again");
-                    continue;
-                }
-                return Err(e);
-            }
-        };
-        let now = ctx.clock.now();
-        let mut rows = Vec::new();
-        let mut quarantine = Vec::new();
-        for ((p, original), marked) in batch.iter().zip(originals).zip(marked) {
-            // The batch answered, but without this call's results: its outcome is unknown, so
-            // it stays in flight and is probed, never re-sent as if it had not run.
-            if p.commands
-                .iter()
-                .any(|c| !out.results.contains_key(&c.key) && !out.errors.contains_key(&c.key))
-            {
-                tracing::warn!(call = %p.call_id, "the batch's answer has no result for this call; it will be looked up in Bitrix24");
-                rows.push(marked);
-                continue;
-            }
-            let (row, reason) = record(&p.call_id, original, &out);
-            if let Some(reason) = reason {
-                s.quarantined += 1;
-                quarantine.push(NewQuarantine {
-                    source: "bitrix24",
-                    call_id: Some(p.call_id.clone()),
-                    raw: p
-                        .commands
-                        .iter()
-                        .map(Command::encode)
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                    reason,
-                });
-            }
-            rows.push(row);
-        }
-        ctx.store.lock().apply(&rows, &quarantine, None, now)?;
-        // Methods the portal paused (429) in this batch: their calls wait for a later pass.
-        for c in &commands {
-            if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {
-                note_paused(s, &c.method, until);
-            }
-        }
-        if let Some(e) = out
-            .errors
-            .values()
-            .find(|e| plan::is_fatal_code(&e.effective_code()))
-        {
-            let code = e.effective_code();
-            return Err(Bitrix24Error::Auth {
-                hint: crate::bitrix24::auth_hint(&code)
-                    .unwrap_or("check the application's or webhook's rights in the portal")
-                    .into(),
-                code,
-                description: e.description.clone(),
-            }
-            .into());
-        }
     }
     Ok(())
 }
