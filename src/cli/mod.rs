@@ -103,8 +103,11 @@ pub enum Command {
     /// Run as a daemon: the jobs of the schedule file ([schedule] file) one at a time, until
     /// SIGTERM or Ctrl-C. The long-running alternative to the systemd timer.
     Run {
-        /// Serve GET /healthz and GET /metrics (Prometheus) on this address, e.g. 127.0.0.1:9187.
-        /// The install callback (POST /install) is added only with `[http] install = true`.
+        /// Serve GET /healthz, GET /metrics (Prometheus) and GET /status on this address, e.g.
+        /// 127.0.0.1:9187. Events in are added when configured: POST /unitalk/webhook/<secret>
+        /// ([webhooks] unitalk_secret) and POST /bitrix24/events ([webhooks] bitrix24_events,
+        /// online route); put them behind an HTTPS reverse proxy. The install callback
+        /// (POST /install) is added only with `[http] install = true`.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
         /// Serve only the local application's install callback (POST /install) on this separate
@@ -130,7 +133,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The run log, newest first: every sync, backfill, reconcile and retry, with what it did
+    /// The run log, newest first: every sync, backfill, reconcile, retry and events run, with what it did
     /// (the daemon's jobs included; a run killed mid-way shows as "running (or killed)").
     Runs {
         /// Only runs of this kind.
