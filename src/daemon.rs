@@ -483,6 +483,11 @@ async fn run_events(sh: &Shared) {
     };
     let r = run_pass(ctx, &opts).await;
     let now = ctx.clock.now();
+    // Events runs come with every webhook: two days of them are kept, not the usual thirty.
+    let _ = ctx
+        .store
+        .lock()
+        .prune_runs_of("events", now - Duration::days(2));
     match &r {
         Ok(s) => {
             tracing::info!("events: {s}");

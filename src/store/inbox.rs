@@ -57,6 +57,14 @@ impl Store {
         )? as u64)
     }
 
+    /// Marks every waiting event of `source` processed with `outcome` (its route was turned off).
+    pub fn inbox_drop(&self, source: &str, outcome: &str, now: DateTime<Utc>) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE inbox SET processed_at = ?2, outcome = ?3 WHERE processed_at IS NULL AND source = ?1",
+            params![source, ts(now), outcome],
+        )?)
+    }
+
     /// Marks an event processed with what became of it.
     pub fn inbox_done(&self, id: i64, outcome: &str, now: DateTime<Utc>) -> Result<()> {
         self.conn.execute(

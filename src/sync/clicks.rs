@@ -33,6 +33,11 @@ fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
 /// Processes waiting Bitrix24 events into click rows (and the uninstall fact).
 pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
     if !ctx.cfg.webhooks.bitrix24_events {
+        ctx.store.lock().inbox_drop(
+            "bitrix24",
+            "ignored: webhooks.bitrix24_events is off",
+            ctx.clock.now(),
+        )?;
         return Ok(());
     }
     let items = ctx.store.lock().inbox_pending("bitrix24", 200)?;

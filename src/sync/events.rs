@@ -124,6 +124,12 @@ fn quarantine_webhook(
 /// Processes waiting Unitalk webhook events; returns how many calls they brought.
 pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64, SyncError> {
     if ctx.cfg.webhooks.unitalk_secret.is_none() {
+        // Events stored while the route was on wait for nothing now; the poller has the calls.
+        ctx.store.lock().inbox_drop(
+            "unitalk",
+            "ignored: webhooks.unitalk_secret is no longer set",
+            ctx.clock.now(),
+        )?;
         return Ok(0);
     }
     let items = ctx.store.lock().inbox_pending("unitalk", BATCH)?;

@@ -160,3 +160,21 @@ async fn one_call_under_two_ids_is_caught_and_lands_once() {
     );
     assert_eq!(env.sims.bitrix24.stats().len(), 3, "{:?}", registered(&env));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_waiting_when_a_route_is_turned_off_are_set_aside_not_retried_forever() {
+    let env = TestEnv::start(scenario()).await;
+    env.write_config("telephony", "[sync]\nstart = \"2026-11-21\"\n");
+    let ctx = env.ctx().await;
+    let now = env.clock.now();
+    ctx.store
+        .lock()
+        .inbox_add("unitalk", "{\"event\":\"CALL_END\",\"call\":{}}", None, now)
+        .unwrap();
+    ctx.store
+        .lock()
+        .inbox_add("bitrix24", "event=ONEXTERNALCALLSTART", None, now)
+        .unwrap();
+    crate::harness::pass(&ctx).await.unwrap();
+    assert_eq!(ctx.store.lock().inbox_waiting().unwrap(), 0);
+}
