@@ -68,6 +68,9 @@ pub struct SimCall {
     pub source: String,
     /// `lastGroupName`, sent when set.
     pub group: Option<String>,
+    /// `meta` as given to `phones/directCall`, sent when set (whether Unitalk echoes it is
+    /// unconfirmed: the simulator does only when asked to).
+    pub meta: Option<String>,
     /// Served verbatim instead of the fields above (for malformed-record tests); `date` and
     /// `seconds_full` still decide when it becomes visible.
     pub raw_override: Option<serde_json::Value>,
@@ -275,6 +278,7 @@ impl Scenario {
                 source: "REGULAR".into(),
                 raw_override: None,
                 group: None,
+                meta: None,
             });
         }
         s
@@ -309,6 +313,7 @@ impl Scenario {
             source: "REGULAR".into(),
             raw_override: None,
             group: None,
+            meta: None,
         });
         id
     }

@@ -105,6 +105,8 @@ struct UnitalkState {
     delivered: std::collections::HashSet<u64>,
     /// How `/phones/directCall` behaves.
     direct: DirectCallMode,
+    /// Whether the call a `directCall` makes carries its `meta` in history.
+    echo_meta: bool,
     /// The `directCall` requests received: (sip, number, meta).
     direct_calls: Vec<(String, String, String)>,
 }
@@ -157,6 +159,7 @@ impl UnitalkSim {
                 paging: Paging::default(),
                 delivered: Default::default(),
                 direct: DirectCallMode::default(),
+                echo_meta: false,
                 direct_calls: Vec::new(),
             })),
             clock,
@@ -193,6 +196,11 @@ impl UnitalkSim {
     /// Sets how `/phones/directCall` answers.
     pub fn set_direct_call(&self, mode: DirectCallMode) {
         self.lock().direct = mode;
+    }
+
+    /// Makes the calls `directCall` places carry its `meta` in history (and webhooks).
+    pub fn set_echo_meta(&self, on: bool) {
+        self.lock().echo_meta = on;
     }
 
     /// The `directCall` requests received: (sip, number, meta).
@@ -472,6 +480,9 @@ fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
     if let Some(g) = &c.group {
         v["lastGroupName"] = Value::String(g.clone());
     }
+    if let Some(m) = &c.meta {
+        v["meta"] = Value::String(m.clone());
+    }
     if let Some(link) = &c.link {
         if call_end(c, tz) + c.link_delay <= now {
             v["link"] = Value::String(link.clone());
@@ -493,7 +504,9 @@ async fn direct_call(State(sim): State<UnitalkSim>, headers: HeaderMap, body: By
     let (sip, number, meta) = (text("sip"), text("number"), text("meta"));
     let now = sim.clock.now();
     let mut st = sim.lock();
-    st.direct_calls.push((sip.clone(), number.clone(), meta));
+    st.direct_calls
+        .push((sip.clone(), number.clone(), meta.clone()));
+    let echoed = st.echo_meta.then_some(meta).filter(|m| !m.is_empty());
     if sip.is_empty() || number.is_empty() {
         return error("sip and number are required");
     }
@@ -539,6 +552,7 @@ async fn direct_call(State(sim): State<UnitalkSim>, headers: HeaderMap, body: By
         source: "REGULAR".into(),
         raw_override: None,
         group: None,
+        meta: echoed,
     });
     Json(json!({"status": "Success", "result": format!("{{\"phonecall_id\": {id}}}")}))
         .into_response()

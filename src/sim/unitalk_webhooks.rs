@@ -41,6 +41,9 @@ fn events(c: &SimCall, dbid_offset: u64, date: &str) -> Vec<Value> {
         if let Some(g) = &c.group {
             v["lastGroupName"] = json!(g);
         }
+        if let Some(m) = &c.meta {
+            v["meta"] = json!(m);
+        }
         if end {
             v["secondsFullTime"] = json!(c.seconds_full);
             v["secondsTalk"] = json!(c.seconds_talk);

@@ -368,9 +368,10 @@ async fn cancel_due(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
     Ok(())
 }
 
-/// Lets the outgoing calls that came of clicks claim them: a pending `OUT` call from the
-/// click's line to its number, starting between a minute before the click and the TTL after,
-/// takes the click's `CALL_ID` (so it is finished, never registered).
+/// Lets the outgoing calls that came of clicks claim them: a pending `OUT` call carrying the
+/// click's CALL_ID as `meta` (when Unitalk echoes it), else one from the click's line to its
+/// number starting between a minute before the click and the TTL after, takes the click's
+/// `CALL_ID` (so it is finished, never registered).
 pub(super) fn claim(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
     if !ctx.cfg.webhooks.bitrix24_events {
         return Ok(());
@@ -393,12 +394,24 @@ pub(super) fn claim(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
         if f.way != call::Way::Out {
             continue;
         }
-        let Some(i) = dialing.iter().position(|c| {
-            c.inner_line.as_deref() == f.operator_line.as_deref()
-                && !digits(&c.number).is_empty()
-                && digits(&c.number) == digits(&f.client_number)
-                && f.started_at >= c.requested_at - Duration::seconds(SKEW_SECS)
-                && f.started_at <= c.requested_at + ttl
+        // Unitalk echoing `meta` (the CALL_ID given to directCall) makes the match exact.
+        let meta = serde_json::from_str::<Value>(&item.raw)
+            .ok()
+            .and_then(|v| parse(ctx, &v).ok())
+            .and_then(|c| c.meta);
+        let by_meta = meta.as_ref().and_then(|m| {
+            dialing
+                .iter()
+                .position(|c| c.b24_call_id.as_deref() == Some(m.as_str()))
+        });
+        let Some(i) = by_meta.or_else(|| {
+            dialing.iter().position(|c| {
+                c.inner_line.as_deref() == f.operator_line.as_deref()
+                    && !digits(&c.number).is_empty()
+                    && digits(&c.number) == digits(&f.client_number)
+                    && f.started_at >= c.requested_at - Duration::seconds(SKEW_SECS)
+                    && f.started_at <= c.requested_at + ttl
+            })
         }) else {
             continue;
         };

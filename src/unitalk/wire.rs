@@ -117,6 +117,8 @@ pub struct Call {
     pub source: Option<String>,
     /// `lastGroupName`: the last operator group (queue) the call passed through, when sent.
     pub group: Option<String>,
+    /// `meta`, when Unitalk echoes what `phones/directCall` was given (unconfirmed).
+    pub meta: Option<String>,
     /// The record exactly as received.
     pub raw: Value,
 }
@@ -272,6 +274,7 @@ pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, Record
         link: text(obj.get("link")).filter(|l| l.starts_with("http")),
         source: text(obj.get("source")),
         group: text(obj.get("lastGroupName")).filter(|g| !g.trim().is_empty()),
+        meta: text(obj.get("meta")).filter(|m| !m.trim().is_empty()),
         raw: raw.clone(),
         id,
     })
