@@ -423,7 +423,10 @@ async fn an_uninstall_event_stops_the_sync_with_what_to_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_echoed_meta_matches_a_click_exactly_even_when_the_line_does_not() {
     use chrono::Duration;
-    let env = TestEnv::start(ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101")).await;
+    let env = TestEnv::start(
+        ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101"),
+    )
+    .await;
     env.sims.unitalk.set_echo_meta(true);
     env.write_config(
         "telephony",
@@ -431,13 +434,29 @@ async fn an_echoed_meta_matches_a_click_exactly_even_when_the_line_does_not() {
     );
     let ctx = env.ctx().await;
     ubsync::sync::bind_events(&ctx).await.unwrap();
-    let call_id = env.sims.bitrix24.click_to_call(10, "+380671238888", None).await;
+    let call_id = env
+        .sims
+        .bitrix24
+        .click_to_call(10, "+380671238888", None)
+        .await;
     crate::harness::pass(&ctx).await.unwrap();
     // The PBX reports the call from the operator's other device: only `meta` ties it to the click.
-    env.sims.unitalk.update_call(900_001, |c| c.from = "5101".into());
+    env.sims
+        .unitalk
+        .update_call(900_001, |c| c.from = "5101".into());
     env.clock.advance(Duration::minutes(5));
     let later = crate::harness::pass(&ctx).await.unwrap();
     assert_eq!(later.clicks_claimed, 1, "{later}");
-    assert!(env.sims.bitrix24.stats().iter().any(|r| r.call_id == call_id && r.duration == 30));
-    assert!(!env.sims.bitrix24.calls().iter().any(|c| c.external_call_id.as_deref() == Some("unitalk-900001")));
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .any(|r| r.call_id == call_id && r.duration == 30));
+    assert!(!env
+        .sims
+        .bitrix24
+        .calls()
+        .iter()
+        .any(|c| c.external_call_id.as_deref() == Some("unitalk-900001")));
 }
