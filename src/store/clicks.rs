@@ -128,18 +128,6 @@ impl Store {
             .is_some())
     }
 
-    /// The click a Unitalk call claimed, if any.
-    pub fn click_of_call(&self, call_id: &str) -> Result<Option<Click>> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {COLS} FROM clicks WHERE unitalk_call_id = ?1"),
-                [call_id],
-                click_from,
-            )
-            .optional()?)
-    }
-
     /// A Unitalk call claims a click: the call's ledger row (now carrying the click's
     /// `CALL_ID`, so it is never registered) and the click, in one transaction.
     pub fn claim_click(

@@ -165,7 +165,7 @@ pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64,
                     }
                     Some(id) => {
                         call["id"] = id;
-                        brought += observe_from(ctx, &[call], s, "webhook", item.received_at)?;
+                        brought += observe_from(ctx, &[call], s, "webhook")?;
                         "observed".to_string()
                     }
                 }
@@ -215,13 +215,12 @@ pub(super) fn sift_twins(
     Ok(out)
 }
 
-/// Observes webhook records at the time they were received.
+/// Observes records that came by `path`, minus those the other path knows under another id.
 fn observe_from(
     ctx: &SyncCtx,
     records: &[Value],
     s: &mut PassSummary,
     path: &str,
-    _received: DateTime<Utc>,
 ) -> Result<u64, SyncError> {
     let records = sift_twins(ctx, records, path)?;
     let before = s.new;

@@ -45,30 +45,22 @@ pub(super) fn understand(
                     }
                     None => None,
                 };
-                if let Some(reason) = by_script {
-                    let mut l = item.ledger.clone();
-                    l.stage = Stage::Skipped;
-                    l.reason = Some(format!("skipped by the rules script: {reason}"));
-                    if dry_run {
-                        s.plan.push(format!(
-                            "call {}: not pushed (rules script: {reason})",
-                            facts.id
-                        ));
-                    }
-                    s.skipped += 1;
-                    settled.push(l);
-                    continue;
-                }
-                match ctx.cfg.rules.skip(&facts) {
-                    Some(rule) => {
+                let why = by_script
+                    .map(|r| format!("the rules script: {r}"))
+                    .or_else(|| {
+                        ctx.cfg
+                            .rules
+                            .skip(&facts)
+                            .map(|r| format!("rule \"{r}\" (rules.skip)"))
+                    });
+                match why {
+                    Some(why) => {
                         let mut l = item.ledger.clone();
                         l.stage = Stage::Skipped;
-                        l.reason = Some(format!("skipped by rule \"{rule}\" (rules.skip)"));
+                        l.reason = Some(format!("skipped by {why}"));
                         if dry_run {
-                            s.plan.push(format!(
-                                "call {}: not pushed (rule \"{rule}\", rules.skip)",
-                                facts.id
-                            ));
+                            s.plan
+                                .push(format!("call {}: not pushed ({why})", facts.id));
                         }
                         s.skipped += 1;
                         settled.push(l);
