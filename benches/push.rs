@@ -1,12 +1,17 @@
 //! Push-throughput benchmark: a large backlog through the Bitrix24 simulator at the standard
 //! plan's limits (burst 50, 2 requests/s), by the real `ubsync` binary over real HTTP.
 //!
-//! Run: `cargo bench --bench push` (optionally `-- --calls 8000 --mode activity --finish-link`).
+//! Run: `cargo bench --bench push` (optionally `-- --calls 8000 --mode activity --attach-record`).
 //! Prints calls/s, Bitrix24 commands/s, commands per request, the ratio of achieved commands/s
 //! to the ceiling (2 requests/s × 50 commands = 100 commands/s) both overall and *sustained*
 //! (measured at the portal from 10 s after the first request, so the initial burst of 50 does not
 //! flatter it), 503s received, and the peak resident memory of the ubsync process. Takes a few
 //! minutes: the rate limit is the point.
+//!
+//! In telephony mode recordings go in `finish` (the default) and are proven from the call
+//! statistics later; the benchmark sets `sync.record_check_after = "0s"` and runs a second pass
+//! for that check, whose cost it reports and counts in "calls/s with the recording check".
+//! `--attach-record` sends every recording with attachRecord instead.
 
 use std::time::Instant;
 
@@ -40,7 +45,7 @@ async fn main() {
     } else {
         "telephony"
     };
-    let finish_link = args.iter().any(|a| a == "--finish-link");
+    let finish_link = !args.iter().any(|a| a == "--attach-record");
     let tz = chrono_tz::Europe::Kyiv;
     let clock = Clock::system();
     let day = (clock.now().with_timezone(&tz) - Duration::days(1)).date_naive();
@@ -58,7 +63,7 @@ async fn main() {
             "[unitalk]\nbase_url = \"{}\"\napi_key = \"{}\"\n[bitrix24]\nmode = \"{mode}\"\nportal_url = \"{b24}\"\n\
              client_id = \"{}\"\nclient_secret = \"{}\"\noauth_url = \"{b24}\"\nwebhook_url = \"{b24}/rest/1/{}/\"\n\
              default_user_id = 1\nburst = 50\nper_second = 2\n\
-             [sync]\nstart = \"{day}\"\nrecord_url_on_finish = {finish_link}\n",
+             [sync]\nstart = \"{day}\"\nrecord_url_on_finish = {finish_link}\nrecord_check_after = \"0s\"\n",
             sims.unitalk_url(),
             ubsync::sim::unitalk::DEFAULT_API_KEY,
             ubsync::sim::bitrix24::DEFAULT_CLIENT_ID,
@@ -188,4 +193,48 @@ async fn main() {
     println!("  most requests in any 10 s    {most_in_10s} (the cap is 50)");
     println!("  peak RSS of ubsync           {peak_rss:.1} MiB");
     println!("  summary: {}", String::from_utf8_lossy(&out.stdout).trim());
+
+    // The recording check of the calls this pass finished with their links (telephony).
+    if mode == "telephony" && finish_link {
+        let before = sims.bitrix24.requests().len();
+        let started = Instant::now();
+        let out = tokio::process::Command::new(bin)
+            .arg("-q")
+            .arg("--config")
+            .arg(&config)
+            .arg("sync")
+            .output()
+            .await
+            .unwrap();
+        let check_elapsed = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reqs = &sims.bitrix24.requests()[before..];
+        let check_commands: usize = reqs
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| {
+                if r.method == "batch" {
+                    r.commands.len()
+                } else {
+                    1
+                }
+            })
+            .sum();
+        println!(
+            "  recording check (next pass)  {check_elapsed:.1} s, {} requests, {check_commands} commands",
+            reqs.len()
+        );
+        println!(
+            "  calls/s with the check       {:.1}",
+            pushed as f64 / (elapsed + check_elapsed)
+        );
+        println!(
+            "  check summary: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
 }

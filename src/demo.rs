@@ -351,7 +351,8 @@ pub fn check(
             wrong.push(c.id);
         }
         if let Some(link) = &c.link {
-            if r.record_url.as_deref() == Some(link.as_str()) {
+            // The file, not only the URL finish was given (which a portal may not download).
+            if r.record_url.as_deref() == Some(link.as_str()) && r.record_file_id.is_some() {
                 recordings += 1;
             } else {
                 wrong.push(c.id);

@@ -55,6 +55,7 @@ pub fn status_json(store: &Store, now: DateTime<Utc>) -> anyhow::Result<Value> {
         "follow_ups": {
             "recordings_awaiting": count("awaiting"),
             "recordings_given_up": count("given_up"),
+            "recordings_unproven": store.record_checks_pending()?,
             "recording_watch": watch.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<_, _>>(),
             "last_long_call_sweep": store.cursor(crate::sync::SWEEP_STREAM)?.map(utc),
         },
@@ -151,9 +152,10 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
             .map_or(0, |(_, n)| *n)
     };
     crate::say!(
-        "follow-ups  {} calls awaiting a recording, {} given up; last long-call sweep {}",
+        "follow-ups  {} calls awaiting a recording, {} given up, {} sent with finish and not yet proven; last long-call sweep {}",
         count("awaiting"),
         count("given_up"),
+        store.record_checks_pending()?,
         store
             .cursor(crate::sync::SWEEP_STREAM)?
             .map(|t| local(t, tz))

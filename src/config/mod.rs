@@ -247,9 +247,13 @@ pub struct SyncConfig {
     /// on) before it stops with exit 75. 0: stop at the first failure.
     pub max_consecutive_failures: u32,
     /// Telephony mode: a link known when the call is finished goes in `finish`'s `RECORD_URL`
-    /// (two commands per call instead of three). Off by default: Bitrix24 documents the
-    /// parameter as deprecated and reports no error when its download fails.
+    /// (two commands per call instead of three). Bitrix24 documents the parameter as
+    /// deprecated and reports no error when its download fails, so the file is proven from the
+    /// call statistics `record_check_after` later, and the link sent again with attachRecord
+    /// when it is not there.
     pub record_url_on_finish: bool,
+    /// How long after `finish` carried a link the statistics are read for the file.
+    pub record_check_after: Duration,
 }
 
 #[derive(Debug, Clone)]

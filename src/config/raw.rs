@@ -123,6 +123,7 @@ pub(super) struct RawSync {
     pub(super) max_consecutive_failures: Option<i64>,
     pub(super) crm_cache: Option<String>,
     pub(super) record_url_on_finish: Option<bool>,
+    pub(super) record_check_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

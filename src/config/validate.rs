@@ -470,6 +470,12 @@ impl Validator {
             "4h",
             ("1m", "2days"),
         );
+        let record_check_after = self.duration(
+            "sync.record_check_after",
+            s.record_check_after.clone(),
+            "10m",
+            ("0s", "1day"),
+        );
         let sweep_every = self.duration("sync.sweep_every", s.sweep_every, "5m", ("10s", "1day"));
         let crm_cache = self.duration("sync.crm_cache", s.crm_cache.clone(), "10m", ("0s", "1day"));
         let stage_limit = self
@@ -734,7 +740,8 @@ impl Validator {
                 recording_repulls,
                 max_consecutive_failures,
                 crm_cache,
-                record_url_on_finish: s.record_url_on_finish.unwrap_or(false),
+                record_url_on_finish: s.record_url_on_finish.unwrap_or(true),
+                record_check_after,
             },
             tasks: TasksConfig {
                 enabled: raw.tasks.enabled.unwrap_or(true),

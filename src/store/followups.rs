@@ -1,5 +1,6 @@
 //! The follow-ups that do not depend on the pull window: the recording watch (answered calls
-//! finished without a link, re-checked until Unitalk publishes one or the wait runs out).
+//! finished without a link, re-checked until Unitalk publishes one or the wait runs out) and
+//! the checks of recordings sent in `finish` (proven from the call statistics).
 
 use chrono::{DateTime, Utc};
 use rusqlite::params;
@@ -124,6 +125,60 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Calls whose recording went in `finish` and whose check is due: (id, start), oldest
+    /// first, at most 20,000 per pass.
+    pub fn record_checks_due(&self, now: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>)>> {
+        let mut st = self.conn.prepare(
+            "SELECT l.call_id, c.started_at FROM ledger l JOIN calls c ON c.call_id = l.call_id
+             WHERE l.record_check_at IS NOT NULL AND l.record_check_at <= ?1
+             ORDER BY c.started_at LIMIT 20000",
+        )?;
+        let rows = st.query_map([ts(now)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                parse_ts(&r.get::<_, String>(1)?).unwrap_or_default(),
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Settles recording checks: `proven` ones are done with; `unproven` ones lose their
+    /// recording (so the push sends it again with attachRecord) and go back to `finished`.
+    pub fn settle_record_checks(
+        &mut self,
+        proven: &[String],
+        unproven: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for id in proven {
+            tx.execute(
+                "UPDATE ledger SET record_check_at = NULL, updated_at = ?2 WHERE call_id = ?1",
+                params![id, ts(now)],
+            )?;
+        }
+        for id in unproven {
+            tx.execute(
+                "UPDATE ledger SET record_check_at = NULL, record_url = NULL,
+                        stage = CASE stage WHEN 'done' THEN 'finished' ELSE stage END,
+                        updated_at = ?2
+                 WHERE call_id = ?1",
+                params![id, ts(now)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many recordings sent in `finish` are still unproven (for `status`).
+    pub fn record_checks_pending(&self) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM ledger WHERE record_check_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?)
     }
 
     /// Rows of the watch by state (for `status`).

@@ -83,6 +83,9 @@ pub struct LedgerRow {
     pub task_closed_at: Option<DateTime<Utc>>,
     /// The call that reached the client.
     pub task_closed_by: Option<String>,
+    /// `record_url` went in `finish`'s `RECORD_URL` and is unproven: from this time the call
+    /// statistics are read for its file (`sync/record_check.rs`).
+    pub record_check_at: Option<DateTime<Utc>>,
 }
 
 impl LedgerRow {
@@ -112,6 +115,7 @@ impl LedgerRow {
             task_comment: false,
             task_closed_at: None,
             task_closed_by: None,
+            record_check_at: None,
         }
     }
 }
@@ -166,10 +170,10 @@ pub struct NewQuarantine {
 
 pub(super) const LEDGER_COLUMNS: &str = "call_id, stage, reason, b24_call_id, b24_stat_id, b24_activity_id, crm_entity_type,
     crm_entity_id, responsible_id, record_url, task_id, task_in_flight_since, lead_id, pushed_hash, attempts,
-    last_error, next_attempt_at, in_flight_since, client, reached, task_comment, task_closed_at, task_closed_by";
+    last_error, next_attempt_at, in_flight_since, client, reached, task_comment, task_closed_at, task_closed_by, record_check_at";
 
 /// How many columns [`LEDGER_COLUMNS`] names (extra selected columns follow them).
-pub(super) const LEDGER_WIDTH: usize = 23;
+pub(super) const LEDGER_WIDTH: usize = 24;
 
 pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
     let t = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
@@ -199,6 +203,7 @@ pub(super) fn ledger_from(r: &Row<'_>) -> rusqlite::Result<LedgerRow> {
         task_comment: r.get(20)?,
         task_closed_at: t(21)?,
         task_closed_by: r.get(22)?,
+        record_check_at: t(23)?,
     })
 }
 
@@ -211,7 +216,7 @@ pub(super) fn save_ledger(
         &format!(
             "INSERT OR REPLACE INTO ledger ({LEDGER_COLUMNS}, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                     ?19, ?20, ?21, ?22, ?23, ?24)"
+                     ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
         ),
         params![
             l.call_id,
@@ -237,6 +242,7 @@ pub(super) fn save_ledger(
             l.task_comment,
             l.task_closed_at.map(ts),
             l.task_closed_by,
+            l.record_check_at.map(ts),
             ts(now)
         ],
     )?;

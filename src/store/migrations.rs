@@ -273,5 +273,15 @@ CREATE TABLE clicks (
 CREATE INDEX clicks_state ON clicks (state);
 "#;
 
+/// Migration 12: a recording sent in `finish`'s `RECORD_URL` is unproven (Bitrix24 reports no
+/// error when its download fails) until the statistics show its file.
+const V12: &str = r#"
+-- When set: finish carried the recording link, and from this time the call statistics are
+-- read to prove the file is there (RECORD_FILE_ID); unproven, the link is sent again with
+-- attachRecord.
+ALTER TABLE ledger ADD COLUMN record_check_at TEXT;
+CREATE INDEX ledger_record_check ON ledger (record_check_at) WHERE record_check_at IS NOT NULL;
+"#;
+
 /// Every migration, in order. Index `i` brings the schema from version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];

@@ -223,7 +223,9 @@ pub fn record_chain(
             l.b24_call_id = Some(id);
         }
         if record_url_in_finish(cfg, f) {
+            // Unproven: Bitrix24 reports no error when its download fails.
             l.record_url = f.link.clone();
+            l.record_check_at = Some(now + super::secs(cfg.sync.record_check_after));
         }
         l.stage = Stage::Finished;
     } else if let Some(e) = out.errors.get(&fk) {
@@ -231,7 +233,10 @@ pub fn record_chain(
     }
     if let Some(res) = out.results.get(&a) {
         match attached(res) {
-            Ok(()) => l.record_url = f.link.clone(),
+            Ok(()) => {
+                l.record_url = f.link.clone();
+                l.record_check_at = None;
+            }
             Err(why) => {
                 return fail(l, Failure::Retry(why), now);
             }
@@ -400,7 +405,8 @@ mod tests {
     /// (what came back, the row before, the stage after, whether a recording is recorded, attempts)
     #[test]
     fn every_chain_outcome_moves_the_row_to_its_stage() {
-        let cfg = cfg();
+        let mut cfg = cfg();
+        cfg.sync.record_url_on_finish = false;
         let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
@@ -510,7 +516,41 @@ mod tests {
                 row.in_flight_since.is_none(),
                 "{what}: never left in flight by an answer"
             );
+            assert!(
+                row.record_check_at.is_none(),
+                "{what}: attachRecord proves itself"
+            );
         }
+    }
+
+    #[test]
+    fn a_link_sent_in_finish_is_recorded_but_unproven() {
+        let cfg = cfg();
+        assert!(cfg.sync.record_url_on_finish, "the default");
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-22T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let answered = facts("ANSWER", Some("https://rec/7.mp3"));
+        let out = outcome(
+            &[
+                ("r_7", json!({"CALL_ID": "externalCall.1"})),
+                ("f_7", json!({"ID": 5})),
+            ],
+            &[],
+        );
+        let (row, reason) = record_chain(&cfg, &answered, LedgerRow::pending("7"), &out, "h", now);
+        assert_eq!(reason, None);
+        assert_eq!(row.stage, Stage::Done);
+        assert_eq!(row.record_url.as_deref(), Some("https://rec/7.mp3"));
+        assert_eq!(row.record_check_at, Some(now + Duration::minutes(10)));
+        // A finish that failed leaves nothing to check.
+        let out = outcome(
+            &[("r_7", json!({"CALL_ID": "externalCall.1"}))],
+            &[("f_7", err("INTERNAL_SERVER_ERROR", "Internal error"))],
+        );
+        let (row, _) = record_chain(&cfg, &answered, LedgerRow::pending("7"), &out, "h", now);
+        assert_eq!(row.record_url, None);
+        assert_eq!(row.record_check_at, None);
     }
 
     #[test]

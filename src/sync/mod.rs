@@ -26,6 +26,7 @@ pub mod plan;
 mod probe;
 mod pull;
 pub mod reconcile;
+mod record_check;
 mod summary;
 mod tasks;
 mod telephony;
@@ -376,6 +377,9 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     if opts.range.is_none() {
         followup::recheck_recordings(ctx, s).await?;
         followup::sweep_long_calls(ctx, cursor, s).await?;
+        if !opts.dry_run {
+            record_check::check_finish_records(ctx, s).await?;
+        }
     }
     push_due(ctx, opts, s).await?;
     if !opts.dry_run {
@@ -428,7 +432,7 @@ fn quarantine_item(
 }
 
 /// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
-/// verify (statistics or ubsync's activities by date, ten pages a request). When the listing is
+/// verify (statistics or ubsync's activities by date, 50 pages a request). When the listing is
 /// complete, a call it does not hold was never pushed (a task comes only after its call), so it
 /// is verified at once; only the calls Bitrix24 holds are probed one by one for their ids and
 /// tasks. An incomplete listing proves nothing: every call is probed.

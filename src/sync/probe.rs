@@ -95,11 +95,15 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
                         l.crm_entity_type = Some(k);
                         l.crm_entity_id = Some(id);
                     }
-                    let has_record = row.get("CALL_RECORD_URL").and_then(as_text).is_some()
-                        || row.get("RECORD_FILE_ID").and_then(as_text).is_some();
-                    if has_record {
+                    // A file proves the recording; a URL alone is what finish was given (its
+                    // download is checked later, see `record_check.rs`).
+                    let has_file = record_check::has_file(&row);
+                    let has_url = row.get("CALL_RECORD_URL").and_then(as_text).is_some();
+                    if has_file || has_url {
                         let raw: Value = serde_json::from_str(&w.raw).unwrap_or(Value::Null);
                         l.record_url = raw.get("link").and_then(as_text);
+                        l.record_check_at = (!has_file && l.record_url.is_some())
+                            .then(|| now + secs(ctx.cfg.sync.record_check_after));
                     }
                     l.stage = Stage::Finished;
                 }

@@ -218,6 +218,25 @@ pub(super) async fn held_in_bitrix24(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<(BTreeMap<String, usize>, bool), SyncError> {
+    let (rows, complete) = listed_in_bitrix24(ctx, from, to).await?;
+    let mut held = BTreeMap::new();
+    for id in rows.keys() {
+        *held.entry(id.clone()).or_insert(0) += rows[id].len();
+    }
+    Ok((held, complete))
+}
+
+/// Pages (of 50 rows) a listing request asks for after the first: a full batch, so a listing
+/// costs the rate limit as few requests as it can.
+const LISTING_PAGES_PER_REQUEST: u64 = 50;
+
+/// Bitrix24's records for `[from, to)` (statistics rows in telephony mode, activities in
+/// activity mode) by Unitalk call id, and whether the listing was read completely.
+pub(super) async fn listed_in_bitrix24(
+    ctx: &SyncCtx,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(BTreeMap<String, Vec<Value>>, bool), SyncError> {
     let tz = ctx.cfg.bitrix24.timezone;
     let (method, filter, id_field) = match ctx.cfg.bitrix24.mode {
         Mode::Telephony => (
@@ -253,7 +272,7 @@ pub(super) async fn held_in_bitrix24(
     let mut last_full = rows.len() >= 50;
     let total = first.totals.get("page0").copied().unwrap_or(0);
     while complete && (start < total || last_full) {
-        let commands: Vec<Command> = (0..10u64)
+        let commands: Vec<Command> = (0..LISTING_PAGES_PER_REQUEST)
             .map(|i| {
                 Command::new(
                     format!("page{}", start / 50 + i),
@@ -291,7 +310,7 @@ pub(super) async fn held_in_bitrix24(
         if !got_any || !last_full {
             last_full = false;
         }
-        start += 500;
+        start += LISTING_PAGES_PER_REQUEST * 50;
         if !got_any && start >= total {
             break;
         }
@@ -304,14 +323,14 @@ pub(super) async fn held_in_bitrix24(
         );
         complete = false;
     }
-    let mut held = BTreeMap::new();
+    let mut held: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for r in rows {
         if let Some(id) = r
             .get(id_field)
             .and_then(as_text)
             .and_then(|e| e.strip_prefix("unitalk-").map(str::to_string))
         {
-            *held.entry(id).or_insert(0) += 1;
+            held.entry(id).or_default().push(r);
         }
     }
     Ok((held, complete))

@@ -44,6 +44,11 @@ pub struct PassSummary {
     pub recordings_given_up: u64,
     /// Recordings that could not be downloaded for upload (tried again later).
     pub recording_downloads_failed: u64,
+    /// Recordings sent in `finish` that the call statistics proved attached.
+    pub records_proven: u64,
+    /// Recordings sent in `finish` that the statistics did not show: sent again with
+    /// attachRecord.
+    pub records_resent: u64,
     /// Windows re-pulled by the long-call sweep.
     pub swept_windows: u64,
     /// The cursor was found in the future (a clock that had jumped ahead) and rewound.
@@ -147,6 +152,13 @@ impl fmt::Display for PassSummary {
                 f,
                 "; follow-ups: {} recording re-checks, {} long-call sweep windows, {} recordings given up",
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
+            )?;
+        }
+        if self.records_proven + self.records_resent > 0 {
+            write!(
+                f,
+                "; recordings sent with finish: {} proven attached, {} not there (sent again)",
+                self.records_proven, self.records_resent
             )?;
         }
         if self.clicks + self.clicks_dialed + self.clicks_claimed + self.clicks_cancelled > 0 {

@@ -208,6 +208,7 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
             Ok(Ok(())) => {
                 let mut l = w.ledger.clone();
                 l.record_url = f.link.clone();
+                l.record_check_at = None;
                 s.recordings += 1;
                 (plan::settle_stage(cfg, &f, l, &w.content_hash), None)
             }

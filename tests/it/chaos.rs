@@ -65,8 +65,24 @@ async fn campaign(seed: u64, mode: &str) {
                 + "\n[activity]\ncreate_leads = true\n"
         });
     }
+    // Recordings by attachRecord, or in finish on a portal that may silently not download them.
+    let on_finish = rng.random_bool(0.5);
+    let downloads = rng.random_bool(0.5);
+    env.edit_config(|t| {
+        t.replacen(
+            "[sync]\n",
+            &format!("[sync]\nrecord_url_on_finish = {on_finish}\n"),
+            1,
+        )
+    });
+    env.sims
+        .bitrix24
+        .configure(|c| c.finish_record_downloads = downloads);
     let state = env.config().state.path;
     let mut ctx = env.ctx().await;
+    let mut log = vec![format!(
+        "record_url_on_finish = {on_finish}, the portal downloads it: {downloads}"
+    )];
     let methods = [
         None,
         Some("batch"),
@@ -84,7 +100,6 @@ async fn campaign(seed: u64, mode: &str) {
     ];
     let mut total = PassSummary::default();
     let mut deleted = false;
-    let mut log = Vec::new();
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("info,it=warn")

@@ -15,7 +15,7 @@ async fn check_offline_validates_config_and_store_without_network() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let t = text(&out);
     assert!(t.contains("config    ok"), "{t}");
-    assert!(t.contains("schema v11"), "{t}");
+    assert!(t.contains("schema v12"), "{t}");
     // No schedule file beside the config: the daemon would run the built-in schedule.
     assert!(
         t.contains("schedule  ok") && t.contains("built in: 3 jobs"),

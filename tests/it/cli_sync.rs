@@ -90,7 +90,12 @@ async fn sync_dry_run_prints_the_plan_and_writes_nothing() {
             && t.contains("EXTERNAL_CALL_ID=unitalk-1001"),
         "{t}"
     );
-    assert!(t.contains("telephony.externalCall.attachRecord"), "{t}");
+    // The recording goes in finish itself (sync.record_url_on_finish, the default).
+    assert!(
+        t.contains("telephony.externalCall.finish?") && t.contains("RECORD_URL="),
+        "{t}"
+    );
+    assert!(!t.contains("telephony.externalCall.attachRecord"), "{t}");
     assert!(
         t.contains("tasks.task.add") && t.contains("Missed call from +380671234567"),
         "{t}"

@@ -372,6 +372,7 @@ async fn a_portal_refusing_attach_record_in_a_batch_gets_standalone_requests() {
         ..roomy()
     };
     let (env, s) = setup(cfg).await;
+    env.edit_config(|t| t.replacen("[sync]\n", "[sync]\nrecord_url_on_finish = false\n", 1));
     let ctx = env.ctx().await;
     let (total, last, errors) = converge(&env, &ctx, 4).await;
     assert!(errors.is_empty(), "{errors:?}");

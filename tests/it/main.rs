@@ -14,6 +14,7 @@ mod official_client;
 mod pipeline;
 mod pipeline_v2;
 mod properties;
+mod record_check;
 mod recordings;
 mod rules;
 mod security;

@@ -753,7 +753,7 @@ fn finish(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
         });
         id
     });
-    let row = StatRow {
+    let mut row = StatRow {
         id: stat_id,
         call_id: call.call_id.clone(),
         external_call_id: call.external_call_id.clone(),
@@ -780,6 +780,10 @@ fn finish(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
         st.data.notifications.push(
             json!({"USER_ID": user_id, "MESSAGE": format!("Call {} {}", call.phone, status)}),
         );
+    }
+    if row.record_url.is_some() && st.cfg.finish_record_downloads {
+        row.record_file_id = Some(st.data.id());
+        row.record_attachments = 1;
     }
     st.data.stats.push(row);
     Ok(ApiOk::new(json!({

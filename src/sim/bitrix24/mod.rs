@@ -78,6 +78,10 @@ pub struct Bitrix24SimConfig {
     pub lead_creation: bool,
     /// How a batch's execution time is billed (§2.2).
     pub batch_billing: BatchBilling,
+    /// Whether `finish`'s deprecated `RECORD_URL` is downloaded into a file (`RECORD_FILE_ID`
+    /// in the statistics). `false`: the URL is kept and nothing downloaded, with no error, as
+    /// the docs allow.
+    pub finish_record_downloads: bool,
 }
 
 /// How a batch's execution time is billed against the operating budget.
@@ -107,6 +111,7 @@ impl Default for Bitrix24SimConfig {
             attach_record_in_batch: true,
             lead_creation: true,
             batch_billing: BatchBilling::Batch,
+            finish_record_downloads: true,
         }
     }
 }

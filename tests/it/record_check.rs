@@ -1,0 +1,236 @@
+//! A recording link sent in `finish`'s `RECORD_URL` (the default) is unproven until the call
+//! statistics show its file: a portal that did not download it gets the link again with
+//! `attachRecord`; a listing that proves nothing changes nothing; no call is registered twice.
+
+use chrono::{Duration, NaiveDateTime};
+use ubsync::clock::Clock;
+use ubsync::sim::scenario::Scenario;
+use ubsync::sim::{Bitrix24SimConfig, Fault, FaultKind};
+use ubsync::store::ledger::Stage;
+
+use crate::harness::{pass, t0, TestEnv};
+
+fn n(s: &str) -> NaiveDateTime {
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap()
+}
+
+/// Three answered calls with links and one missed call, an hour before `t0`.
+fn scenario() -> Scenario {
+    let mut s = Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101");
+    for i in 0..3 {
+        s.add_call(
+            n(&format!("2026-11-22 13:0{i}:00")),
+            "IN",
+            "380501112233",
+            &["101"],
+            "ANSWER",
+            30,
+            Some(&format!("https://rec.example/{i}.mp3")),
+        );
+    }
+    s.add_call(
+        n("2026-11-22 13:05:00"),
+        "IN",
+        "380509998877",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    s
+}
+
+async fn env(downloads: bool) -> TestEnv {
+    let b24 = Bitrix24SimConfig {
+        finish_record_downloads: downloads,
+        ..Default::default()
+    };
+    let env = TestEnv::with(scenario(), b24, Clock::manual(t0())).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22 12:00:00\"\n[tasks]\nenabled = false\n",
+    );
+    env
+}
+
+/// The telephony commands the portal received since request number `from`.
+fn telephony_commands(env: &TestEnv, from: usize) -> Vec<String> {
+    env.sims.bitrix24.requests()[from..]
+        .iter()
+        .flat_map(|r| {
+            if r.method == "batch" {
+                r.commands.clone()
+            } else {
+                vec![r.method.clone()]
+            }
+        })
+        .filter(|c| c.starts_with("telephony") || c.starts_with("voximplant"))
+        .collect()
+}
+
+fn count(commands: &[String], method: &str) -> usize {
+    commands.iter().filter(|c| c.as_str() == method).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_the_portal_downloaded_is_proven_and_never_sent_again() {
+    let env = env(true).await;
+    let ctx = env.ctx().await;
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.pushed, s.recordings), (4, 3), "{s:?}");
+    let sent = telephony_commands(&env, 0);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        0,
+        "{sent:?}"
+    );
+    assert_eq!(count(&sent, "telephony.externalcall.finish"), 4);
+
+    // Before record_check_after, nothing is checked.
+    env.clock.advance(Duration::minutes(5));
+    let before = env.sims.bitrix24.requests().len();
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (0, 0), "{s:?}");
+    assert_eq!(
+        count(
+            &telephony_commands(&env, before),
+            "voximplant.statistic.get"
+        ),
+        0
+    );
+
+    env.clock.advance(Duration::minutes(6));
+    let before = env.sims.bitrix24.requests().len();
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (3, 0), "{s:?}");
+    let sent = telephony_commands(&env, before);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        0,
+        "{sent:?}"
+    );
+    assert_eq!(
+        count(&sent, "voximplant.statistic.get"),
+        1,
+        "one listing for the three: {sent:?}"
+    );
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .filter(|r| r.record_url.is_some())
+        .all(|r| r.record_attachments == 1));
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
+
+    // Proven once is proven: later passes read nothing more.
+    env.clock.advance(Duration::minutes(30));
+    let before = env.sims.bitrix24.requests().len();
+    pass(&ctx).await.unwrap();
+    assert!(telephony_commands(&env, before).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_the_portal_silently_dropped_is_sent_again_with_attach_record() {
+    let env = env(false).await;
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .all(|r| r.record_file_id.is_none()));
+
+    env.clock.advance(Duration::minutes(11));
+    let before = env.sims.bitrix24.requests().len();
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (0, 3), "{s:?}");
+    let sent = telephony_commands(&env, before);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        3,
+        "{sent:?}"
+    );
+    assert_eq!(
+        count(&sent, "telephony.externalcall.register"),
+        0,
+        "{sent:?}"
+    );
+    let stats = env.sims.bitrix24.stats();
+    assert_eq!(stats.len(), 4, "one statistics row per call");
+    for r in stats.iter().filter(|r| r.status_code == "200") {
+        assert!(r.record_file_id.is_some(), "{:?}", r.external_call_id);
+        assert_eq!(r.record_attachments, 1);
+    }
+    assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
+    for id in ["1001", "1002", "1003"] {
+        let l = ctx.store.lock().ledger_row(id).unwrap().unwrap();
+        assert_eq!(l.stage, Stage::Done, "{l:?}");
+        assert!(
+            l.record_url.is_some() && l.record_check_at.is_none(),
+            "{l:?}"
+        );
+    }
+
+    // attachRecord proves itself: nothing is checked or sent again.
+    env.clock.advance(Duration::minutes(30));
+    let before = env.sims.bitrix24.requests().len();
+    pass(&ctx).await.unwrap();
+    assert!(telephony_commands(&env, before).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statistics_answer_that_proves_nothing_changes_nothing() {
+    let env = env(false).await;
+    let ctx = env.ctx().await;
+    pass(&ctx).await.unwrap();
+    env.clock.advance(Duration::minutes(11));
+    // The listing runs, but its answer holds no result for the command (nor an error).
+    env.sims.bitrix24.inject(Fault::once(
+        Some("voximplant.statistic.get"),
+        FaultKind::CommitThenAnswer {
+            status: 200,
+            body: r#"{"result":{"result":[],"result_error":[],"result_total":[],"result_next":[],"result_time":[]},"time":{}}"#.into(),
+        },
+    ));
+    let before = env.sims.bitrix24.requests().len();
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (0, 0), "{s:?}");
+    let sent = telephony_commands(&env, before);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        0,
+        "{sent:?}"
+    );
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 3);
+
+    // The next pass reads a real listing and repairs.
+    env.clock.advance(Duration::minutes(1));
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (0, 3), "{s:?}");
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .filter(|r| r.status_code == "200")
+        .all(|r| r.record_file_id.is_some()));
+    assert_eq!(env.sims.bitrix24.calls().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_record_url_on_finish_off_every_recording_goes_by_attach_record() {
+    let env = env(false).await;
+    env.edit_config(|c| c.replace("[sync]\n", "[sync]\nrecord_url_on_finish = false\n"));
+    let ctx = env.ctx().await;
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!(s.recordings, 3, "{s:?}");
+    let sent = telephony_commands(&env, 0);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        3,
+        "{sent:?}"
+    );
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
+}
