@@ -5,6 +5,7 @@
 //! The boundary error is [`Bitrix24Error`]; its variants say whether a retry can help
 //! ([`Bitrix24Error::is_retryable`]) and whether a human must act ([`Bitrix24Error::needs_admin`]).
 
+pub mod api;
 pub mod batch;
 mod client;
 pub mod install;

@@ -39,25 +39,20 @@ pub(super) async fn find_entities(
         let commands: Vec<Command> = chunk
             .iter()
             .enumerate()
-            .map(|(i, n)| {
-                Command::new(
-                    format!("d{ci}_{i}"),
-                    "crm.duplicate.findbycomm",
-                    json!({"type": "PHONE", "values": [n]}),
-                )
-            })
+            .map(|(i, n)| api::crm::find_by_phone(format!("d{ci}_{i}"), n))
             .collect();
         let found = lookup(ctx, commands).await?;
         for (i, n) in chunk.iter().enumerate() {
-            let Some(Value::Object(m)) = found.results.get(&format!("d{ci}_{i}")) else {
+            let Some(found) = found.results.get(&format!("d{ci}_{i}")) else {
                 continue;
             };
+            let found = api::crm::found_by_phone(found);
             for kind in &ctx.cfg.rules.crm_order {
                 let kind = kind.as_str();
-                let id = m
-                    .get(kind)
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().filter_map(as_i64).min());
+                let id = found
+                    .iter()
+                    .find(|(k, _)| k == kind)
+                    .and_then(|(_, ids)| ids.iter().copied().min());
                 if let Some(id) = id {
                     out.insert(
                         n.clone(),
@@ -160,26 +155,22 @@ pub(super) async fn push_activity(
                 let d = first_call[n];
                 let assigned = user_for(ctx, &d.facts, users).unwrap_or(1);
                 let values = crate::rules::values(&d.facts, tz, operator_name(&d.facts), None);
-                let mut params = json!({"fields": {
-                    "TITLE": leads.title.render(&values),
-                    "PHONE": [{"VALUE": n, "VALUE_TYPE": "WORK"}],
-                    "SOURCE_ID": leads.source, "ASSIGNED_BY_ID": assigned,
-                    "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": d.facts.external_id,
-                }});
-                if let Some(m) = params["fields"].as_object_mut() {
-                    m.extend(crate::rules::Fields::render(
-                        &cfg.rules.fields.lead,
-                        &values,
-                    ));
+                api::crm::NewLead {
+                    title: leads.title.render(&values),
+                    phone: n,
+                    source: &leads.source,
+                    assigned,
+                    origin_id: &d.facts.external_id,
+                    extra: crate::rules::Fields::render(&cfg.rules.fields.lead, &values),
                 }
-                Command::new(format!("l{i}"), "crm.lead.add", params)
+                .command(format!("l{i}"))
             })
             .collect();
         if opts.dry_run {
             s.plan.extend(
                 commands
                     .iter()
-                    .map(|c| format!("lead for {}: {}", c.params["fields"]["TITLE"], c.encode())),
+                    .map(|c| format!("lead for {:?}: {}", api::crm::lead_title(c), c.encode())),
             );
         } else {
             let out = write_untracked(ctx, commands).await?;
@@ -370,40 +361,20 @@ pub(super) async fn entity_responsibles(
             let commands: Vec<Command> = numbers
                 .iter()
                 .enumerate()
-                .map(|(i, n)| {
-                    Command::new(
-                        format!("s{i}"),
-                        "telephony.externalCall.searchCrmEntities",
-                        json!({"PHONE_NUMBER": n}),
-                    )
-                })
+                .map(|(i, n)| api::crm::search_entities(format!("s{i}"), n))
                 .collect();
             let found = lookup(ctx, commands).await?;
             complete &= found.answers_all((0..numbers.len()).map(|i| format!("s{i}")));
             for (i, n) in numbers.iter().enumerate() {
-                let Some(Value::Array(list)) = found.results.get(&format!("s{i}")) else {
+                let Some(list) = found.results.get(&format!("s{i}")) else {
                     continue;
                 };
                 // The configured type order decides between entities of one number.
-                let mut list = list.clone();
-                list.sort_by_key(|e| {
-                    e.get("CRM_ENTITY_TYPE")
-                        .and_then(as_text)
-                        .map(|k| ctx.cfg.rules.crm_rank(&k))
-                        .unwrap_or(usize::MAX)
-                });
-                for e in &list {
-                    let (Some(kind), Some(id), Some(resp)) = (
-                        e.get("CRM_ENTITY_TYPE").and_then(as_text),
-                        e.get("CRM_ENTITY_ID").and_then(as_i64),
-                        e.get("ASSIGNED_BY_ID").and_then(as_i64),
-                    ) else {
-                        continue;
-                    };
-                    by_entity.insert((kind.clone(), id), resp);
-                    by_number
-                        .entry(n.clone())
-                        .or_insert((Entity { kind, id }, resp));
+                let mut list = api::crm::searched_entities(list);
+                list.sort_by_key(|e| ctx.cfg.rules.crm_rank(&e.entity.kind));
+                for e in list {
+                    by_entity.insert((e.entity.kind.clone(), e.entity.id), e.user_id);
+                    by_number.entry(n.clone()).or_insert((e.entity, e.user_id));
                 }
             }
             let found: Vec<(String, crate::store::crm::CrmHit)> = numbers
@@ -434,11 +405,10 @@ pub(super) async fn entity_responsibles(
                     .map(|e| e.id)
                     .collect();
                 for (ci, chunk) in ids.chunks(50).enumerate() {
-                    let method = format!("crm.{}.list", kind.to_lowercase());
-                    commands.push(Command::new(
+                    commands.push(api::crm::entities_by_id(
                         format!("e_{}_{ci}", kind.to_lowercase()),
-                        method,
-                        json!({"filter": {"@ID": chunk}, "select": ["ID", "ASSIGNED_BY_ID"]}),
+                        kind,
+                        chunk,
                     ));
                 }
             }
@@ -449,20 +419,12 @@ pub(super) async fn entity_responsibles(
             let found = lookup(ctx, commands).await?;
             complete &= found.answers_all(keys.iter().map(|(k, _)| k.clone()));
             for (k, method) in keys {
-                let kind = method
-                    .trim_start_matches("crm.")
-                    .trim_end_matches(".list")
-                    .to_uppercase();
-                let Some(Value::Array(list)) = found.results.get(&k) else {
+                let kind = api::crm::listed_kind(&method);
+                let Some(list) = found.results.get(&k) else {
                     continue;
                 };
-                for e in list {
-                    if let (Some(id), Some(resp)) = (
-                        e.get("ID").and_then(as_i64),
-                        e.get("ASSIGNED_BY_ID").and_then(as_i64),
-                    ) {
-                        by_entity.insert((kind.clone(), id), resp);
-                    }
+                for (id, resp) in api::crm::listed_responsibles(list) {
+                    by_entity.insert((kind.clone(), id), resp);
                 }
             }
         }

@@ -130,13 +130,7 @@ pub(super) async fn resolve_operators(
     let commands: Vec<Command> = missing
         .iter()
         .enumerate()
-        .map(|(i, line)| {
-            Command::new(
-                format!("u{i}"),
-                "user.get",
-                json!({"filter": {"UF_PHONE_INNER": line, "ACTIVE": true}, "select": ["ID"]}),
-            )
-        })
+        .map(|(i, line)| api::users::user_by_inner_line(format!("u{i}"), line))
         .collect();
     let found = lookup(ctx, commands).await?;
     let store = ctx.store.lock();
@@ -146,11 +140,7 @@ pub(super) async fn resolve_operators(
             unresolved.insert((*line).clone());
             continue;
         };
-        let user = res
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(|u| u.get("ID"))
-            .and_then(as_i64);
+        let user = api::users::first_user_id(res);
         store.set_operator_user(line, user, now)?;
         if let Some(u) = user {
             out.insert((*line).clone(), u);

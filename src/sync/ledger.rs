@@ -5,13 +5,11 @@
 //! only set what Bitrix24 proved.
 
 use chrono::{DateTime, Duration, Utc};
-use serde_json::Value;
 
 use super::call::CallFacts;
-use super::plan::{
-    attached, key, needs_recording, needs_task, record_url_in_finish, Entity, MAX_ATTEMPTS,
-};
-use crate::bitrix24::wire::{as_i64, as_text, BatchOutcome, ErrorBody};
+use super::plan::{attached, key, needs_recording, needs_task, record_url_in_finish, MAX_ATTEMPTS};
+use crate::bitrix24::api::telephony::CallRecord;
+use crate::bitrix24::wire::{as_i64, BatchOutcome, ErrorBody};
 use crate::config::Config;
 use crate::store::ledger::{LedgerRow, Stage};
 /// How a failed command should be handled.
@@ -149,13 +147,12 @@ pub fn fail(mut l: LedgerRow, failure: Failure, now: DateTime<Utc>) -> (LedgerRo
     }
 }
 
-fn entity_from(v: &Value) -> Option<Entity> {
-    let kind = v
-        .get("CRM_ENTITY_TYPE")
-        .and_then(as_text)
-        .filter(|k| !k.is_empty())?;
-    let id = v.get("CRM_ENTITY_ID").and_then(as_i64)?;
-    Some(Entity { kind, id })
+/// Takes the CRM entity Bitrix24 bound the call to, when it names one.
+pub fn take_entity(l: &mut LedgerRow, rec: &CallRecord) {
+    if let Some(e) = &rec.entity {
+        l.crm_entity_type = Some(e.kind.clone());
+        l.crm_entity_id = Some(e.id);
+    }
 }
 
 /// Whether anything is still due for a call whose main record is in Bitrix24.
@@ -198,11 +195,9 @@ pub fn record_chain(
     let (r, fk, a) = (key("r", &f.id), key("f", &f.id), key("a", &f.id));
     l.in_flight_since = None;
     if let Some(res) = out.results.get(&r) {
-        l.b24_call_id = res.get("CALL_ID").and_then(as_text);
-        if let Some(e) = entity_from(res) {
-            l.crm_entity_type = Some(e.kind);
-            l.crm_entity_id = Some(e.id);
-        }
+        let rec = CallRecord::decode(res);
+        take_entity(&mut l, &rec);
+        l.b24_call_id = rec.call_id;
         l.stage = Stage::Registered;
     } else if let Some(e) = out.errors.get(&r) {
         l.stage = if l.b24_call_id.is_some() {
@@ -213,14 +208,12 @@ pub fn record_chain(
         return fail(l, classify_error("telephony.externalCall.register", e), now);
     }
     if let Some(res) = out.results.get(&fk) {
-        l.b24_stat_id = res.get("ID").and_then(as_i64);
-        l.b24_activity_id = res.get("CRM_ACTIVITY_ID").and_then(as_i64);
-        if let Some(e) = entity_from(res) {
-            l.crm_entity_type = Some(e.kind);
-            l.crm_entity_id = Some(e.id);
-        }
-        if let Some(id) = res.get("CALL_ID").and_then(as_text) {
-            l.b24_call_id = Some(id);
+        let rec = CallRecord::decode(res);
+        take_entity(&mut l, &rec);
+        l.b24_stat_id = rec.stat_id;
+        l.b24_activity_id = rec.activity_id;
+        if rec.call_id.is_some() {
+            l.b24_call_id = rec.call_id;
         }
         if record_url_in_finish(cfg, f) {
             // Unproven: Bitrix24 reports no error when its download fails.
@@ -328,7 +321,7 @@ pub fn record_task(
     let sent = l.task_in_flight_since;
     l.task_in_flight_since = None;
     if let Some(res) = out.results.get(&t) {
-        l.task_id = res.get("task").and_then(|t| t.get("id")).and_then(as_i64);
+        l.task_id = crate::bitrix24::api::tasks::task_id(res);
         if l.task_id.is_none() {
             // A result is a created task, but without its id: find it, never add it again.
             l.task_in_flight_since = sent.or(Some(now));
@@ -356,7 +349,7 @@ pub fn record_task(
 mod tests {
     use super::*;
     use crate::sync::call::{classify, Disposition};
-    use serde_json::json;
+    use serde_json::{json, Value};
     use std::collections::HashSet;
 
     fn cfg() -> Config {

@@ -57,10 +57,11 @@ pub async fn alert_lines(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncE
     for m in &messages {
         tracing::info!("{m}");
         for u in &rules.lines.supervisors {
-            commands.push(Command::new(
+            commands.push(api::users::notify(
                 format!("la{}", commands.len()),
-                "im.notify.personal.add",
-                json!({"USER_ID": u, "MESSAGE": m}),
+                *u,
+                m,
+                None,
             ));
         }
     }

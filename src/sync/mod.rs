@@ -61,6 +61,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::call::{classify, CallFacts, Disposition};
 use self::plan::{key, CallPlan, Entity};
+use crate::bitrix24::api;
 use crate::bitrix24::batch::Command;
 use crate::bitrix24::wire::{as_i64, as_text, BatchOutcome};
 use crate::bitrix24::{Bitrix24Client, Bitrix24Error};

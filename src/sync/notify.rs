@@ -57,10 +57,11 @@ pub(super) async fn notify_missed(
             }
         }
         for u in to {
-            commands.push(Command::new(
+            commands.push(api::users::notify(
                 format!("n{}", commands.len()),
-                "im.notify.personal.add",
-                json!({"USER_ID": u, "MESSAGE": message, "TAG": format!("UBSYNC_MISSED_{}_{u}", f.id)}),
+                u,
+                &message,
+                Some(format!("UBSYNC_MISSED_{}_{u}", f.id)),
             ));
         }
         decided.push((l.call_id.clone(), true));

@@ -8,11 +8,10 @@
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
-use serde_json::{json, Value};
 
 use super::call::{CallFacts, Way};
-use crate::bitrix24::batch::{result_ref, Command, MAX_COMMANDS};
-use crate::bitrix24::wire::as_i64;
+use crate::bitrix24::api::{self, telephony::CallRef};
+use crate::bitrix24::batch::{Command, MAX_COMMANDS};
 use crate::config::Config;
 use crate::store::ledger::{LedgerRow, Stage};
 use crate::timezone::rfc3339_in;
@@ -37,51 +36,8 @@ pub fn key(prefix: &str, call_id: &str) -> String {
     out
 }
 
-/// A CRM entity as Bitrix24 names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entity {
-    /// `CONTACT`, `LEAD` or `COMPANY`.
-    pub kind: String,
-    pub id: i64,
-}
-
-impl Entity {
-    /// The entity's card in the portal (`{origin}/crm/contact/details/797/`).
-    pub fn link(&self, cfg: &Config) -> Option<String> {
-        let kind = match self.kind.as_str() {
-            "CONTACT" => "contact",
-            "COMPANY" => "company",
-            "LEAD" => "lead",
-            _ => return None,
-        };
-        Some(format!(
-            "{}/crm/{kind}/details/{}/",
-            cfg.bitrix24.portal_origin()?,
-            self.id
-        ))
-    }
-
-    /// `UF_CRM_TASK` binding: `C_5`, `L_5`, `CO_5`.
-    pub fn binding(&self) -> Option<String> {
-        let prefix = match self.kind.as_str() {
-            "CONTACT" => "C",
-            "LEAD" => "L",
-            "COMPANY" => "CO",
-            _ => return None,
-        };
-        Some(format!("{prefix}_{}", self.id))
-    }
-
-    /// `OWNER_TYPE_ID` of `crm.activity.add`.
-    pub fn owner_type_id(&self) -> Option<i64> {
-        match self.kind.as_str() {
-            "LEAD" => Some(1),
-            "CONTACT" => Some(3),
-            "COMPANY" => Some(4),
-            _ => None,
-        }
-    }
-}
+pub use crate::bitrix24::api::telephony::attached;
+pub use crate::bitrix24::api::Entity;
 
 /// The commands one call needs now, which never split across batches.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,13 +47,13 @@ pub struct CallPlan {
 }
 
 /// The `attachRecord` of a call's recording (`None` without one).
-pub fn attach_record(cfg: &Config, f: &CallFacts, call_id_param: Value) -> Option<Command> {
+pub fn attach_record(f: &CallFacts, call: &CallRef) -> Option<Command> {
     let link = f.link.as_ref()?;
-    let _ = cfg;
-    Some(Command::new(
+    Some(api::telephony::attach_record_url(
         key("a", &f.id),
-        "telephony.externalCall.attachRecord",
-        json!({"CALL_ID": call_id_param, "RECORD_URL": link, "FILENAME": format!("{}.mp3", f.external_id)}),
+        call,
+        link,
+        &format!("{}.mp3", f.external_id),
     ))
 }
 
@@ -112,83 +68,51 @@ pub fn telephony_chain(
     user_id: i64,
     attach_in_batch: bool,
 ) -> Vec<Command> {
-    let attach_record_later = |cfg: &Config, f: &CallFacts, id: Value| {
-        if attach_in_batch {
-            attach_record(cfg, f, id)
-        } else {
-            None
-        }
-    };
-    let attach_record = attach_record_later;
-    let tz = cfg.bitrix24.timezone;
+    // A link that arrives after finish; with attachRecord refused in batches it goes alone.
+    let attach_later = |call: &CallRef| attach_in_batch.then(|| attach_record(f, call)).flatten();
     let link_in_finish = record_url_in_finish(cfg, f);
-    let finish = |call_id: Value| {
-        let mut p = json!({
-            "CALL_ID": call_id, "USER_ID": user_id, "DURATION": f.seconds_talk,
-            "STATUS_CODE": f.status_code, "ADD_TO_CHAT": if cfg.sync.add_to_chat { 1 } else { 0 },
-        });
-        if link_in_finish {
-            p["RECORD_URL"] = json!(f.link);
+    let finish = |call: CallRef| {
+        api::telephony::Finish {
+            call,
+            user_id,
+            duration: f.seconds_talk,
+            status_code: f.status_code,
+            add_to_chat: cfg.sync.add_to_chat,
+            record_url: f.link.as_deref().filter(|_| link_in_finish),
         }
-        Command::new(key("f", &f.id), "telephony.externalCall.finish", p)
+        .command(key("f", &f.id))
     };
     // With the link in `finish`, the chain needs no attachRecord.
-    let attach_record = |cfg: &Config, f: &CallFacts, id: Value| {
-        if link_in_finish {
-            None
-        } else {
-            attach_record(cfg, f, id)
-        }
-    };
+    let attach_now = |call: &CallRef| (!link_in_finish).then(|| attach_later(call)).flatten();
+    let known = || CallRef::Known(l.b24_call_id.clone().unwrap_or_default());
     match l.stage {
         Stage::Pending => {
-            let mut register = json!({
-                "USER_ID": user_id, "PHONE_NUMBER": f.client_number,
-                "TYPE": if f.way == Way::In { 2 } else { 1 },
-                "CALL_START_DATE": rfc3339_in(f.started_at, tz),
-                "EXTERNAL_CALL_ID": f.external_id, "SHOW": 0,
-                "CRM_CREATE": if cfg.rules.leads.create.allows(f.way) { 1 } else { 0 },
-            });
-            if let Some(line) = &f.line_number {
-                register["LINE_NUMBER"] = json!(line);
-            }
             let r = key("r", &f.id);
-            let call_ref = json!(result_ref(&r, "CALL_ID"));
-            let mut out = vec![
-                Command::new(r, "telephony.externalCall.register", register),
-                finish(call_ref.clone()),
-            ];
-            out.extend(attach_record(cfg, f, call_ref));
+            let register = api::telephony::Register {
+                user_id,
+                phone: &f.client_number,
+                incoming: f.way == Way::In,
+                start: &rfc3339_in(f.started_at, cfg.bitrix24.timezone),
+                external_id: &f.external_id,
+                line_number: f.line_number.as_deref(),
+                crm_create: cfg.rules.leads.create.allows(f.way),
+            }
+            .command(r.clone());
+            let call = CallRef::RegisteredBy(r);
+            let mut out = vec![register, finish(call.clone())];
+            out.extend(attach_now(&call));
             out
         }
         Stage::Registered => {
-            let id = json!(l.b24_call_id.clone().unwrap_or_default());
-            let mut out = vec![finish(id.clone())];
-            out.extend(attach_record(cfg, f, id));
+            let mut out = vec![finish(known())];
+            out.extend(attach_now(&known()));
             out
         }
         Stage::Finished | Stage::Done if needs_recording(f, l) => {
-            attach_record_later(cfg, f, json!(l.b24_call_id.clone().unwrap_or_default()))
-                .into_iter()
-                .collect()
+            attach_later(&known()).into_iter().collect()
         }
         _ => Vec::new(),
     }
-}
-
-/// Whether an `attachRecord` answer proves the recording is attached: only a `FILE_ID` does; an
-/// `uploadUrl` answer means the file is still to be uploaded.
-pub fn attached(result: &Value) -> Result<(), String> {
-    if result.get("FILE_ID").and_then(as_i64).is_some() {
-        return Ok(());
-    }
-    if result.get("uploadUrl").is_some() {
-        return Err("telephony.externalCall.attachRecord answered an uploadUrl, not a FILE_ID: the recording is not attached yet".into());
-    }
-    Err(format!(
-        "telephony.externalCall.attachRecord answered without a FILE_ID: {}",
-        crate::redact::field(&result.to_string())
-    ))
 }
 
 /// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, and the link
@@ -290,25 +214,20 @@ pub fn activity_add(
         Way::In => format!("Incoming call from {}", f.client_number),
         Way::Out => format!("Outgoing call to {}", f.client_number),
     };
-    let mut params = json!({"fields": {
-        "OWNER_TYPE_ID": entity.owner_type_id(), "OWNER_ID": entity.id, "TYPE_ID": 2,
-        "COMMUNICATIONS": [{"VALUE": f.client_number, "ENTITY_ID": entity.id, "ENTITY_TYPE_ID": entity.owner_type_id(), "TYPE": "PHONE"}],
-        "SUBJECT": subject,
-        "START_TIME": rfc3339_in(f.started_at, tz),
-        "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
-        "COMPLETED": "Y", "DIRECTION": if f.way == Way::In { 1 } else { 2 }, "PRIORITY": 2,
-        "RESPONSIBLE_ID": responsible,
-        "DESCRIPTION": describe(f, tz, operator), "DESCRIPTION_TYPE": 1,
-        "ORIGINATOR_ID": "ubsync", "ORIGIN_ID": f.external_id,
-    }});
     let values = crate::rules::values(f, tz, operator, None);
-    if let Some(m) = params["fields"].as_object_mut() {
-        m.extend(crate::rules::Fields::render(
-            &cfg.rules.fields.activity,
-            &values,
-        ));
+    api::crm::CallActivity {
+        owner: entity,
+        phone: &f.client_number,
+        subject,
+        start: rfc3339_in(f.started_at, tz),
+        end: rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
+        incoming: f.way == Way::In,
+        responsible,
+        description: describe(f, tz, operator),
+        origin_id: &f.external_id,
+        extra: crate::rules::Fields::render(&cfg.rules.fields.activity, &values),
     }
-    Command::new(key("v", &f.id), "crm.activity.add", params)
+    .command(key("v", &f.id))
 }
 
 /// A missed call's task description: `tasks.description` (or the call summary), always ending
@@ -381,16 +300,12 @@ pub fn folded_description(
 
 /// The `tasks.task.update` that rewrites a client task's description.
 pub fn task_update_description(task_id: i64, call_key: String, description: String) -> Command {
-    Command::new(
-        call_key,
-        "tasks.task.update",
-        json!({"taskId": task_id, "fields": {"DESCRIPTION": description}}),
-    )
+    api::tasks::update_description(call_key, task_id, description)
 }
 
 /// The `tasks.task.complete` of a client task (completing a completed task changes nothing).
 pub fn task_complete(task_id: i64, call_key: String) -> Command {
-    Command::new(call_key, "tasks.task.complete", json!({"taskId": task_id}))
+    api::tasks::complete(call_key, task_id)
 }
 
 /// The `tasks.task.add` for a missed call.
@@ -403,27 +318,16 @@ pub fn task_add(
 ) -> Command {
     let tz = cfg.bitrix24.timezone;
     let values = crate::rules::values(f, tz, operator, entity.and_then(|e| e.link(cfg)));
-    let mut fields = json!({
-        "TITLE": cfg.tasks.title.render(&values),
-        "DESCRIPTION": task_description(cfg, f, operator, entity),
-        "RESPONSIBLE_ID": responsible,
-        "DEADLINE": rfc3339_in(task_deadline(cfg, f), tz),
-        "XML_ID": f.external_id,
-    });
-    if let Some(b) = entity.and_then(Entity::binding) {
-        fields["UF_CRM_TASK"] = json!([b]);
+    api::tasks::NewTask {
+        title: cfg.tasks.title.render(&values),
+        description: task_description(cfg, f, operator, entity),
+        responsible,
+        deadline: rfc3339_in(task_deadline(cfg, f), tz),
+        xml_id: f.external_id.clone(),
+        crm_binding: entity.and_then(Entity::binding),
+        extra: crate::rules::Fields::render(&cfg.rules.fields.task, &values),
     }
-    if let Value::Object(m) = &mut fields {
-        m.extend(crate::rules::Fields::render(
-            &cfg.rules.fields.task,
-            &values,
-        ));
-    }
-    Command::new(
-        key("t", &f.id),
-        "tasks.task.add",
-        json!({ "fields": fields }),
-    )
+    .command(key("t", &f.id))
 }
 
 /// Packs whole plans into batches of at most [`MAX_COMMANDS`] commands, in order.
@@ -448,14 +352,12 @@ pub fn activity_update(
     l: &LedgerRow,
     operator: Option<&str>,
 ) -> Option<Command> {
-    let id = l.b24_activity_id?;
-    Some(Command::new(
+    let tz = cfg.bitrix24.timezone;
+    Some(api::crm::activity_update(
         key("u", &f.id),
-        "crm.activity.update",
-        json!({"id": id, "fields": {
-            "DESCRIPTION": describe(f, cfg.bitrix24.timezone, operator), "DESCRIPTION_TYPE": 1,
-            "END_TIME": rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), cfg.bitrix24.timezone),
-        }}),
+        l.b24_activity_id?,
+        describe(f, tz, operator),
+        rfc3339_in(f.started_at + Duration::seconds(f.seconds_full as i64), tz),
     ))
 }
 
@@ -465,17 +367,7 @@ pub use super::ledger::*;
 mod tests {
     use super::*;
     use crate::bitrix24::wire::ErrorBody;
-
-    #[test]
-    fn attach_record_counts_only_with_a_file_id() {
-        assert!(attached(&json!({"FILE_ID": 9079})).is_ok());
-        assert!(attached(&json!({"FILE_ID": "9079"})).is_ok());
-        let e =
-            attached(&json!({"uploadUrl": "https://p/upload", "fieldName": "file"})).unwrap_err();
-        assert!(e.contains("not attached yet"), "{e}");
-        assert!(attached(&json!(true)).is_err());
-        assert!(attached(&json!({})).is_err());
-    }
+    use serde_json::json;
 
     #[test]
     fn batch_keys_are_injective() {

@@ -1,7 +1,9 @@
 //! Probing calls whose outcome is unknown: looked up in Bitrix24 (statistics by
 //! `EXTERNAL_CALL_ID`, activities by `ORIGIN_ID`, tasks) and continued from what is found.
 
+use super::ledger::take_entity;
 use super::*;
+use crate::bitrix24::api::{tasks::TaskRow, telephony::CallRecord};
 
 /// Settles calls whose last batch has an unknown outcome by asking Bitrix24 what it holds.
 pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
@@ -33,40 +35,35 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         let ext = format!("unitalk-{}", w.ledger.call_id);
         if w.ledger.stage == Stage::InFlight {
             commands.push(match ctx.cfg.bitrix24.mode {
-                Mode::Telephony => Command::new(key("p", &w.ledger.call_id), "voximplant.statistic.get", json!({"FILTER": {"EXTERNAL_CALL_ID": ext}})),
-                Mode::Activity => Command::new(
-                    key("p", &w.ledger.call_id),
-                    "crm.activity.list",
-                    json!({"filter": {"ORIGINATOR_ID": "ubsync", "ORIGIN_ID": ext}, "select": ["ID", "OWNER_TYPE_ID", "OWNER_ID"]}),
-                ),
+                Mode::Telephony => api::telephony::statistic_of(key("p", &w.ledger.call_id), &ext),
+                Mode::Activity => api::crm::activity_of(key("p", &w.ledger.call_id), &ext),
             });
         }
         if let Some(since) = w.ledger.task_in_flight_since.filter(|_| wants_task(w)) {
             commands.push(Command::new(
                 key("q", &w.ledger.call_id),
                 "tasks.task.list",
-                task_probe_params(ctx, w.ledger.responsible_id, since),
+                task_probe_params(ctx, w.ledger.responsible_id, since, None),
             ));
         }
     }
-    let mut found = lookup(ctx, commands).await?;
+    let found = lookup(ctx, commands).await?;
     // A task probe is complete only when every page was read: a task past the first 50 would
     // otherwise be created again.
+    let mut task_lists: HashMap<String, Vec<TaskRow>> = HashMap::new();
     for w in &rows {
         if let Some(since) = w.ledger.task_in_flight_since.filter(|_| wants_task(w)) {
             let resp = w.ledger.responsible_id;
             let k = key("q", &w.ledger.call_id);
-            if !found.results.contains_key(&k) {
+            let Some(first) = found.results.get(&k).filter(|v| v.is_object()) else {
                 continue;
-            }
-            match more_task_pages(ctx, &found, &k, resp, since).await {
-                Ok(Some(all)) => {
-                    found.results.insert(k, json!({"tasks": all}));
+            };
+            match all_task_pages(ctx, first, found.nexts.get(&k).copied(), resp, since).await {
+                Ok(all) => {
+                    task_lists.insert(k, all);
                 }
-                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, call = %w.ledger.call_id, "a task probe could not be completed; trying again next pass");
-                    found.results.remove(&k);
                 }
             }
         }
@@ -85,30 +82,22 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
             l.in_flight_since = None;
             match (hit, ctx.cfg.bitrix24.mode) {
                 (Some(row), Mode::Telephony) => {
-                    l.b24_call_id = row.get("CALL_ID").and_then(as_text).or(l.b24_call_id);
-                    l.b24_stat_id = row.get("ID").and_then(as_i64);
-                    l.b24_activity_id = row.get("CRM_ACTIVITY_ID").and_then(as_i64);
-                    if let (Some(k), Some(id)) = (
-                        row.get("CRM_ENTITY_TYPE").and_then(as_text),
-                        row.get("CRM_ENTITY_ID").and_then(as_i64),
-                    ) {
-                        l.crm_entity_type = Some(k);
-                        l.crm_entity_id = Some(id);
-                    }
+                    let rec = CallRecord::decode(&row);
+                    take_entity(&mut l, &rec);
+                    l.b24_call_id = rec.call_id.or(l.b24_call_id);
+                    l.b24_stat_id = rec.stat_id;
+                    l.b24_activity_id = rec.activity_id;
                     // A file proves the recording; a URL alone is what finish was given (its
                     // download is checked later, see `record_check.rs`).
-                    let has_file = record_check::has_file(&row);
-                    let has_url = row.get("CALL_RECORD_URL").and_then(as_text).is_some();
-                    if has_file || has_url {
-                        let raw: Value = serde_json::from_str(&w.raw).unwrap_or(Value::Null);
-                        l.record_url = raw.get("link").and_then(as_text);
-                        l.record_check_at = (!has_file && l.record_url.is_some())
+                    if rec.record_file || rec.record_url {
+                        l.record_url = stored_facts(ctx, &known, &w.raw).and_then(|f| f.link);
+                        l.record_check_at = (!rec.record_file && l.record_url.is_some())
                             .then(|| now + secs(ctx.cfg.sync.record_check_after));
                     }
                     l.stage = Stage::Finished;
                 }
                 (Some(row), Mode::Activity) => {
-                    l.b24_activity_id = row.get("ID").and_then(as_i64);
+                    l.b24_activity_id = api::crm::activity_id(&row);
                     l.stage = Stage::Finished;
                 }
                 (None, _) => {
@@ -125,19 +114,8 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         if l.task_in_flight_since.is_some() && !wants_task {
             l.task_in_flight_since = None;
         } else if l.task_in_flight_since.is_some() {
-            if let Some(Value::Object(res)) = found.results.get(&key("q", &l.call_id)) {
-                let tasks = res
-                    .get("tasks")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                let mine = tasks.iter().find(|t| {
-                    t.get("xmlId").and_then(as_text).as_deref() == Some(ext.as_str())
-                        || t.get("description")
-                            .and_then(Value::as_str)
-                            .is_some_and(|d| d.contains(&ext))
-                });
-                l.task_id = mine.and_then(|t| t.get("id")).and_then(as_i64);
+            if let Some(tasks) = task_lists.get(&key("q", &l.call_id)) {
+                l.task_id = tasks.iter().find(|t| t.is_for(&ext)).and_then(|t| t.id);
                 l.task_in_flight_since = None;
                 s.probed += 1;
             }
@@ -152,44 +130,32 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
 
 /// The task probe's request: the responsible user's tasks created since shortly before the
 /// send, in a stable order so pages do not shift.
-fn task_probe_params(ctx: &SyncCtx, responsible: Option<i64>, since: DateTime<Utc>) -> Value {
-    let mut filter = json!({">=CREATED_DATE": crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone)});
-    if let Some(r) = responsible {
-        filter["RESPONSIBLE_ID"] = json!(r);
-    }
-    json!({"filter": filter, "order": {"ID": "asc"}, "select": ["ID", "XML_ID", "DESCRIPTION"]})
+fn task_probe_params(
+    ctx: &SyncCtx,
+    responsible: Option<i64>,
+    since: DateTime<Utc>,
+    start: Option<u64>,
+) -> Value {
+    let from =
+        crate::timezone::rfc3339_in(since - Duration::minutes(10), ctx.cfg.bitrix24.timezone);
+    api::tasks::list_created_since(&from, responsible, start)
 }
 
 /// Most pages a task probe reads (50 tasks each) before it gives up for this pass.
 const MAX_TASK_PAGES: u64 = 200;
 
-/// Reads the pages after the first of a task probe. `None` when the first page was all there
-/// was; `Err` when the listing could not be completed (the probe is then retried, never taken
-/// as "not found").
-async fn more_task_pages(
+/// Every task of a task probe: the first page's, then the pages after it. `Err` when the
+/// listing could not be completed (the probe is then retried, never taken as "not found").
+async fn all_task_pages(
     ctx: &SyncCtx,
-    found: &BatchOutcome,
-    k: &str,
+    first: &Value,
+    next: Option<u64>,
     responsible: Option<i64>,
     since: DateTime<Utc>,
-) -> Result<Option<Vec<Value>>, SyncError> {
-    let page_tasks = |v: &Value| -> Vec<Value> {
-        v.get("tasks")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let first = page_tasks(&found.results[k]);
+) -> Result<Vec<TaskRow>, SyncError> {
+    let mut all = api::tasks::listed_tasks(first);
     // Do not trust `next` alone: a full page means there may be more.
-    let mut next = found
-        .nexts
-        .get(k)
-        .copied()
-        .or((first.len() >= 50).then_some(first.len() as u64));
-    if next.is_none() {
-        return Ok(None);
-    }
-    let mut all = first;
+    let mut next = next.or((all.len() >= 50).then_some(all.len() as u64));
     let mut pages = 1;
     while let Some(start) = next {
         if pages >= MAX_TASK_PAGES {
@@ -198,10 +164,9 @@ async fn more_task_pages(
                 outcome_unknown: false,
             }));
         }
-        let mut params = task_probe_params(ctx, responsible, since);
-        params["start"] = json!(start);
+        let params = task_probe_params(ctx, responsible, since, Some(start));
         let env = ctx.b24.call("tasks.task.list", params).await?;
-        let page = page_tasks(&env.result);
+        let page = api::tasks::listed_tasks(&env.result);
         let n = page.len() as u64;
         let before = all.len();
         for t in page {
@@ -216,5 +181,5 @@ async fn more_task_pages(
             _ => None,
         };
     }
-    Ok(Some(all))
+    Ok(all)
 }

@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::call::{classify, content_hash, Disposition};
 use super::{lookup, pull_window, push_due, window, PassOptions, PassSummary, SyncCtx, SyncError};
+use crate::bitrix24::api::{self, telephony::CallRecord};
 use crate::bitrix24::batch::Command;
-use crate::bitrix24::wire::{as_i64, as_text};
 use crate::config::Mode;
 use crate::store::ledger::{LedgerRow, Observation, Stage};
 use crate::timezone::rfc3339_in;
@@ -226,6 +226,13 @@ pub(super) async fn held_in_bitrix24(
     Ok((held, complete))
 }
 
+/// One record Bitrix24 listed for a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Listed {
+    /// Telephony: the statistics row shows an attached recording file.
+    pub record_file: bool,
+}
+
 /// Pages (of 50 rows) a listing request asks for after the first: a full batch, so a listing
 /// costs the rate limit as few requests as it can.
 const LISTING_PAGES_PER_REQUEST: u64 = 50;
@@ -236,24 +243,17 @@ pub(super) async fn listed_in_bitrix24(
     ctx: &SyncCtx,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<(BTreeMap<String, Vec<Value>>, bool), SyncError> {
+) -> Result<(BTreeMap<String, Vec<Listed>>, bool), SyncError> {
     let tz = ctx.cfg.bitrix24.timezone;
-    let (method, filter, id_field) = match ctx.cfg.bitrix24.mode {
-        Mode::Telephony => (
-            "voximplant.statistic.get",
-            json!({"FILTER": {">=CALL_START_DATE": rfc3339_in(from, tz), "<CALL_START_DATE": rfc3339_in(to, tz)}, "SORT": "ID", "ORDER": "ASC"}),
-            "EXTERNAL_CALL_ID",
-        ),
-        Mode::Activity => (
-            "crm.activity.list",
-            json!({"filter": {"ORIGINATOR_ID": "ubsync", ">=START_TIME": rfc3339_in(from, tz), "<START_TIME": rfc3339_in(to, tz)}, "select": ["ID", "ORIGIN_ID"], "order": {"ID": "ASC"}}),
-            "ORIGIN_ID",
-        ),
+    let (from, to) = (rfc3339_in(from, tz), rfc3339_in(to, tz));
+    let mode = ctx.cfg.bitrix24.mode;
+    let method = match mode {
+        Mode::Telephony => "voximplant.statistic.get",
+        Mode::Activity => "crm.activity.list",
     };
-    let page = |start: u64| {
-        let mut p = filter.clone();
-        p["start"] = json!(start);
-        p
+    let page = |start: u64| match mode {
+        Mode::Telephony => api::telephony::statistics_by_start(&from, &to, start),
+        Mode::Activity => api::crm::activities_by_start(&from, &to, start),
     };
     // Every request is a batch, the first page too.
     let first = match lookup(ctx, vec![Command::new("page0", method, page(0))]).await {
@@ -323,14 +323,17 @@ pub(super) async fn listed_in_bitrix24(
         );
         complete = false;
     }
-    let mut held: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut held: BTreeMap<String, Vec<Listed>> = BTreeMap::new();
     for r in rows {
-        if let Some(id) = r
-            .get(id_field)
-            .and_then(as_text)
-            .and_then(|e| e.strip_prefix("unitalk-").map(str::to_string))
-        {
-            held.entry(id).or_default().push(r);
+        let (key, record_file) = match mode {
+            Mode::Telephony => {
+                let rec = CallRecord::decode(&r);
+                (rec.external_call_id, rec.record_file)
+            }
+            Mode::Activity => (api::crm::origin_id(&r), false),
+        };
+        if let Some(id) = key.and_then(|e| e.strip_prefix("unitalk-").map(str::to_string)) {
+            held.entry(id).or_default().push(Listed { record_file });
         }
     }
     Ok((held, complete))
@@ -391,7 +394,7 @@ pub async fn reconcile(
         .collect();
     let commands: Vec<Command> = task_ids
         .iter()
-        .map(|t| Command::new(format!("t{t}"), "tasks.task.get", json!({"taskId": t})))
+        .map(|t| api::tasks::get(format!("t{t}"), *t))
         .collect();
     let found = match lookup(ctx, commands).await {
         Ok(f) => f,
@@ -421,9 +424,7 @@ pub async fn reconcile(
             found
                 .results
                 .get(&format!("t{t}"))
-                .and_then(|r| r.get("task"))
-                .and_then(|t| t.get("id"))
-                .and_then(as_i64)
+                .and_then(api::tasks::task_id)
                 .is_some()
         })
         .collect();

@@ -13,7 +13,6 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::{reconcile, PassSummary, SyncCtx, SyncError};
-use crate::bitrix24::wire::as_text;
 use crate::config::Mode;
 
 /// Calls closer than this are checked with one listing.
@@ -39,13 +38,6 @@ pub fn ranges(starts: &[DateTime<Utc>]) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
     out
 }
 
-/// Whether a statistics row shows an attached recording file.
-pub(super) fn has_file(row: &serde_json::Value) -> bool {
-    row.get("RECORD_FILE_ID")
-        .and_then(as_text)
-        .is_some_and(|id| !id.is_empty() && id != "0")
-}
-
 /// Reads the statistics for the recordings whose check is due and settles each: proven, or
 /// back to `finished` for `attachRecord`.
 pub(super) async fn check_finish_records(
@@ -67,7 +59,7 @@ pub(super) async fn check_finish_records(
         let (listed, complete) = reconcile::listed_in_bitrix24(ctx, from, to).await?;
         for (id, _) in due.iter().filter(|(_, t)| *t >= from && *t < to) {
             let rows = listed.get(id).map(Vec::as_slice).unwrap_or_default();
-            if rows.iter().any(has_file) {
+            if rows.iter().any(|r| r.record_file) {
                 proven.push(id.clone());
             } else if complete {
                 unproven.push(id.clone());
@@ -111,19 +103,5 @@ mod tests {
             )
         );
         assert!(ranges(&[]).is_empty());
-    }
-
-    #[test]
-    fn only_a_file_id_proves_a_recording() {
-        use serde_json::json;
-        assert!(has_file(&json!({"RECORD_FILE_ID": "9079"})));
-        assert!(has_file(&json!({"RECORD_FILE_ID": 9079})));
-        // The URL alone is what finish was given, not a downloaded file.
-        assert!(!has_file(
-            &json!({"CALL_RECORD_URL": "https://x/r.mp3", "RECORD_FILE_ID": null})
-        ));
-        assert!(!has_file(&json!({"RECORD_FILE_ID": ""})));
-        assert!(!has_file(&json!({"RECORD_FILE_ID": "0"})));
-        assert!(!has_file(&json!({})));
     }
 }

@@ -2,6 +2,7 @@
 //! portals that refuse it inside a batch.
 
 use super::*;
+use crate::bitrix24::api::telephony::CallRef;
 use crate::config::Delivery;
 
 /// Fact: "no" once the portal refused `attachRecord` inside a batch.
@@ -149,11 +150,8 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
         if !plan::needs_recording(&f, &w.ledger) {
             continue;
         }
-        let Some(mut command) = plan::attach_record(
-            cfg,
-            &f,
-            json!(w.ledger.b24_call_id.clone().unwrap_or_default()),
-        ) else {
+        let call = CallRef::Known(w.ledger.b24_call_id.clone().unwrap_or_default());
+        let Some(mut command) = plan::attach_record(&f, &call) else {
             continue;
         };
         if cfg.recordings.delivery == Delivery::Upload {
@@ -165,14 +163,11 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
             match fetched {
                 Ok(rec) => {
                     use base64::Engine as _;
-                    command.params.remove("RECORD_URL");
-                    command.params.insert(
-                        "FILENAME".into(),
-                        json!(format!("{}.{}", f.external_id, rec.extension)),
-                    );
-                    command.params.insert(
-                        "FILE_CONTENT".into(),
-                        json!(base64::engine::general_purpose::STANDARD.encode(&rec.bytes)),
+                    command = api::telephony::attach_record_file(
+                        command.key,
+                        &call,
+                        &format!("{}.{}", f.external_id, rec.extension),
+                        base64::engine::general_purpose::STANDARD.encode(&rec.bytes),
                     );
                 }
                 Err(e) => {
