@@ -24,12 +24,6 @@ fn digits(s: &str) -> String {
     s.chars().filter(char::is_ascii_digit).collect()
 }
 
-fn field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
-    v.get(k)
-        .and_then(Value::as_str)
-        .filter(|s| !s.trim().is_empty())
-}
-
 /// Processes waiting Bitrix24 events into click rows (and the uninstall fact).
 pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
     if !ctx.cfg.webhooks.bitrix24_events {
@@ -49,23 +43,16 @@ pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(),
         } else {
             Value::Object(crate::phpquery::parse(&item.body))
         };
-        let event = field(&form, "event").unwrap_or("").to_uppercase();
-        let data = form.get("data").cloned().unwrap_or(Value::Null);
-        let number = field(&data, "PHONE_NUMBER_INTERNATIONAL")
-            .or(field(&data, "PHONE_NUMBER"))
-            .unwrap_or("")
-            .to_string();
+        let ev = api::events::Event::decode(&form);
+        let number = ev.number.clone().unwrap_or_default();
         let e164 = call::normalize_phone(&number, country).unwrap_or_else(|_| number.clone());
-        let crm = (
-            field(&data, "CRM_ENTITY_TYPE").map(str::to_uppercase),
-            field(&data, "CRM_ENTITY_ID").and_then(|v| v.parse().ok()),
-        );
+        let crm = (ev.crm_entity_type.clone(), ev.crm_entity_id);
         let now = ctx.clock.now();
-        let outcome = match event.as_str() {
-            "ONEXTERNALCALLSTART" => match field(&data, "CALL_ID") {
+        let outcome = match ev.name.as_str() {
+            "ONEXTERNALCALLSTART" => match ev.call_id.as_deref() {
                 None => "ignored: no CALL_ID".to_string(),
                 Some(call_id) => {
-                    let user = field(&data, "USER_ID").and_then(|u| u.parse::<i64>().ok());
+                    let user = ev.user_id;
                     let store = ctx.store.lock();
                     let repeat = match user {
                         Some(u) => store.click_recent(
@@ -82,7 +69,7 @@ pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(),
                         user_id: user,
                         inner_line: None,
                         number: e164.clone(),
-                        line_number: field(&data, "LINE_NUMBER").map(String::from),
+                        line_number: ev.line_number.clone(),
                         crm_entity_type: crm.0.clone(),
                         crm_entity_id: crm.1,
                         requested_at: item.received_at,
@@ -104,7 +91,7 @@ pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(),
                     "ignored: no PHONE_NUMBER".to_string()
                 } else {
                     let key = format!("unitalk-cb-{:016x}", rand::random::<u64>());
-                    if let Some(t) = field(&data, "TEXT") {
+                    if let Some(t) = &ev.text {
                         tracing::info!(callback = %key, number = %e164, text = t, "callback request (its whisper text has no Unitalk equivalent and is only logged)");
                     }
                     let click = Click {
@@ -114,7 +101,7 @@ pub(super) fn process_bitrix24(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(),
                         user_id: None,
                         inner_line: None,
                         number: e164.clone(),
-                        line_number: field(&data, "LINE_NUMBER").map(String::from),
+                        line_number: ev.line_number.clone(),
                         crm_entity_type: crm.0.clone(),
                         crm_entity_id: crm.1,
                         requested_at: item.received_at,
@@ -150,57 +137,28 @@ async fn line_of(ctx: &SyncCtx, user: i64) -> Result<Option<String>, SyncError> 
     if let Some((line, _)) = known.iter().find(|(_, u)| **u == Some(Some(user))) {
         return Ok(Some(line.clone()));
     }
-    let found = lookup(
-        ctx,
-        vec![Command::new(
-            "u",
-            "user.get",
-            json!({"filter": {"ID": user, "ACTIVE": true}, "select": ["ID", "UF_PHONE_INNER"]}),
-        )],
-    )
-    .await?;
+    let found = lookup(ctx, vec![api::users::user_by_id("u", user)]).await?;
     Ok(found
         .results
         .get("u")
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .and_then(|u| u.get("UF_PHONE_INNER"))
-        .and_then(as_text)
-        .filter(|l| !l.trim().is_empty()))
+        .and_then(api::users::first_inner_line))
 }
 
 /// Who takes a callback request: the CRM responsible of its number (in `rules.crm_order`),
 /// else `webhooks.callback_user_id`, else `bitrix24.default_user_id`.
 async fn callback_user(ctx: &SyncCtx, c: &Click) -> Result<Option<i64>, SyncError> {
-    let found = lookup(
-        ctx,
-        vec![Command::new(
-            "s",
-            "telephony.externalCall.searchCrmEntities",
-            json!({"PHONE_NUMBER": c.number}),
-        )],
-    )
-    .await?;
+    let found = lookup(ctx, vec![api::crm::search_entities("s", &c.number)]).await?;
     let mut list = found
         .results
         .get("s")
-        .and_then(Value::as_array)
-        .cloned()
+        .map(api::crm::searched_entities)
         .unwrap_or_default();
-    list.sort_by_key(|e| {
-        e.get("CRM_ENTITY_TYPE")
-            .and_then(as_text)
-            .map(|k| ctx.cfg.rules.crm_rank(&k))
-            .unwrap_or(usize::MAX)
-    });
+    list.sort_by_key(|e| ctx.cfg.rules.crm_rank(&e.entity.kind));
     let crm = list
         .iter()
-        .find(|e| {
-            c.crm_entity_id.is_none()
-                || (e.get("CRM_ENTITY_ID").and_then(as_i64) == c.crm_entity_id)
-        })
+        .find(|e| c.crm_entity_id.is_none() || Some(e.entity.id) == c.crm_entity_id)
         .or(list.first())
-        .and_then(|e| e.get("ASSIGNED_BY_ID").and_then(as_i64));
+        .map(|e| e.user_id);
     Ok(crm.or(ctx.cfg.webhooks.callback_user_id).or(ctx
         .cfg
         .bitrix24
@@ -226,30 +184,22 @@ pub(super) async fn advance(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), Sy
             };
             c.user_id = Some(user);
             if c.b24_call_id.is_none() {
-                let mut p = json!({
-                    "USER_ID": user, "PHONE_NUMBER": c.number, "TYPE": 4, "SHOW": 1,
-                    "EXTERNAL_CALL_ID": c.key, "CRM_CREATE": 0,
-                    "CALL_START_DATE": crate::timezone::rfc3339_in(now, ctx.cfg.bitrix24.timezone),
-                });
-                if let (Some(t), Some(id)) = (&c.crm_entity_type, c.crm_entity_id) {
-                    p["CRM_ENTITY_TYPE"] = json!(t);
-                    p["CRM_ENTITY_ID"] = json!(id);
+                let register = api::telephony::RegisterCallback {
+                    user_id: user,
+                    phone: &c.number,
+                    start: &crate::timezone::rfc3339_in(now, ctx.cfg.bitrix24.timezone),
+                    external_id: &c.key,
+                    line_number: c.line_number.as_deref(),
+                    entity: c.crm_entity_type.as_deref().zip(c.crm_entity_id),
                 }
-                if let Some(l) = &c.line_number {
-                    p["LINE_NUMBER"] = json!(l);
-                }
+                .command("cb");
                 // A repeat within 30 minutes with the same EXTERNAL_CALL_ID returns the same
                 // call: a lost answer is simply asked again next round.
-                let out = write_untracked(
-                    ctx,
-                    vec![Command::new("cb", "telephony.externalCall.register", p)],
-                )
-                .await?;
+                let out = write_untracked(ctx, vec![register]).await?;
                 match out
                     .results
                     .get("cb")
-                    .and_then(|r| r.get("CALL_ID"))
-                    .and_then(as_text)
+                    .and_then(|r| api::telephony::CallRecord::decode(r).call_id)
                 {
                     Some(id) => c.b24_call_id = Some(id),
                     None => {
@@ -328,11 +278,17 @@ async fn cancel_due(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
         let (Some(call_id), Some(user)) = (&c.b24_call_id, c.user_id) else {
             continue;
         };
-        commands.push(Command::new(
-            format!("x{i}"),
-            "telephony.externalCall.finish",
-            json!({"CALL_ID": call_id, "USER_ID": user, "DURATION": 0, "STATUS_CODE": "603-S"}),
-        ));
+        commands.push(
+            api::telephony::Finish {
+                call: api::telephony::CallRef::Known(call_id.clone()),
+                user_id: user,
+                duration: 0,
+                status_code: "603-S",
+                add_to_chat: false,
+                record_url: None,
+            }
+            .command(format!("x{i}")),
+        );
     }
     // Finishing twice changes nothing (only the first finish counts): a lost answer is sent
     // again next round.
@@ -350,10 +306,11 @@ async fn cancel_due(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
             .user_id
             .filter(|_| c.state == "cancelling" || c.kind == "click")
         {
-            notes.push(Command::new(
+            notes.push(api::users::notify(
                 format!("m{i}"),
-                "im.notify.personal.add",
-                json!({"USER_ID": u, "MESSAGE": format!("The call to {} could not be placed: {why}", c.number), "TAG": format!("UBSYNC_CLICK_{}", c.key)}),
+                u,
+                &format!("The call to {} could not be placed: {why}", c.number),
+                Some(format!("UBSYNC_CLICK_{}", c.key)),
             ));
         }
         c.state = "cancelled".into();
@@ -434,23 +391,11 @@ pub(super) fn claim(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError>
 pub async fn bound_events(
     b24: &crate::bitrix24::Bitrix24Client,
 ) -> Result<Vec<(String, String)>, Bitrix24Error> {
-    let bound = b24.call("event.get", json!({})).await?;
-    Ok(bound
-        .result
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| {
-            Some((
-                e.get("event").and_then(as_text)?.to_uppercase(),
-                if e.get("offline").and_then(as_i64) == Some(1) {
-                    String::new()
-                } else {
-                    e.get("handler").and_then(as_text).unwrap_or_default()
-                },
-            ))
-        })
+    let (method, params) = api::events::bound();
+    let bound = b24.call(method, params).await?;
+    Ok(api::events::bindings(&bound.result)
+        .into_iter()
+        .map(|b| (b.event, b.handler.unwrap_or_default()))
         .collect())
 }
 
@@ -477,12 +422,8 @@ pub async fn bind_events(ctx: &SyncCtx) -> Result<Vec<String>, SyncError> {
         if have.iter().any(|(e, h)| e == ev && *h == handler) {
             continue;
         }
-        let params = if offline {
-            json!({"event": ev, "event_type": "offline"})
-        } else {
-            json!({"event": ev, "handler": handler})
-        };
-        ctx.b24.call("event.bind", params).await?;
+        let (method, params) = api::events::bind(ev, (!offline).then_some(handler.as_str()));
+        ctx.b24.call(method, params).await?;
         added.push(ev.to_string());
     }
     Ok(added)
@@ -507,11 +448,8 @@ pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
     let extended = match cached {
         Some(v) => v == "Y",
         None => {
-            let f = ctx
-                .b24
-                .call("feature.get", json!({"CODE": "rest_offline_extended"}))
-                .await?;
-            let on = f.result.get("value").and_then(as_text).as_deref() == Some("Y");
+            let (method, params) = api::events::feature("rest_offline_extended");
+            let on = api::events::feature_on(&ctx.b24.call(method, params).await?.result);
             let now = ctx.clock.now();
             ctx.store
                 .lock()
@@ -524,46 +462,25 @@ pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
     };
     let mut stored = 0;
     for _ in 0..OFFLINE_PAGES {
-        let env = ctx
-            .b24
-            .call(
-                "event.offline.get",
-                json!({"clear": if extended { 0 } else { 1 }, "limit": 50}),
-            )
-            .await?;
-        let events = env
-            .result
-            .get("events")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let (method, params) = api::events::offline_get(!extended, 50);
+        let env = ctx.b24.call(method, params).await?;
+        let (process, events) = api::events::offline_events(&env.result);
         let now = ctx.clock.now();
         let mut ids = Vec::new();
         for e in &events {
-            let body = json!({
-                "event": e.get("EVENT_NAME").cloned().unwrap_or(Value::Null),
-                "data": e.get("EVENT_DATA").cloned().unwrap_or(Value::Null),
-                "offline_id": e.get("ID").cloned().unwrap_or(Value::Null),
-            });
             ctx.store.lock().inbox_add(
                 "bitrix24",
-                &body.to_string(),
+                &e.stored_form().to_string(),
                 Some("application/json"),
                 now,
             )?;
             stored += 1;
-            if let Some(id) = e.get("ID").and_then(as_text) {
-                ids.push(id);
-            }
+            ids.extend(e.id.clone());
         }
         if extended && !events.is_empty() {
-            if let Some(process) = env.result.get("process_id").and_then(as_text) {
-                ctx.b24
-                    .call(
-                        "event.offline.clear",
-                        json!({"process_id": process, "id": ids}),
-                    )
-                    .await?;
+            if let Some(process) = process {
+                let (method, params) = api::events::offline_clear(&process, &ids);
+                ctx.b24.call(method, params).await?;
             }
         }
         if events.len() < 50 {

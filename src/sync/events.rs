@@ -19,85 +19,6 @@ pub(crate) fn fingerprint(c: &crate::unitalk::Call) -> String {
     format!("{}|{client}", c.direction.as_str())
 }
 
-/// The call object of a webhook body: Standard JSON (`{"event", "call": {...}}`) or the
-/// form-encoded `call_*` variables. Returns the event name and the call.
-pub(crate) fn webhook_call(
-    body: &str,
-    content_type: Option<&str>,
-) -> Result<(String, Value), String> {
-    let form = content_type.is_some_and(|t| t.contains("x-www-form-urlencoded"))
-        || (!body.trim_start().starts_with('{') && body.contains('='));
-    if !form {
-        let v: Value = serde_json::from_str(body).map_err(|e| format!("not JSON ({e})"))?;
-        let event = v
-            .get("event")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_uppercase();
-        let call = v
-            .get("call")
-            .cloned()
-            .filter(Value::is_object)
-            .ok_or("no `call` object")?;
-        return Ok((event, call));
-    }
-    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if pairs.is_empty() {
-        return Err("an empty form".into());
-    }
-    let mut call = serde_json::Map::new();
-    let mut to = Vec::new();
-    let mut event = String::new();
-    for (k, v) in pairs {
-        let k = k.to_lowercase();
-        if k == "event" {
-            event = v.to_uppercase();
-            continue;
-        }
-        let Some(field) = k.strip_prefix("call_") else {
-            continue;
-        };
-        if field.starts_with("to") {
-            to.push(Value::String(v));
-            continue;
-        }
-        let name = match field {
-            "id" => "id",
-            "dbid" => "dbid",
-            "from" => "from",
-            "outernumber" => "outerNumber",
-            "secondstalk" => "secondsTalk",
-            "secondsfulltime" => "secondsFullTime",
-            "direction" => "direction",
-            "date" => "date",
-            "state" => "state",
-            "link" => "link",
-            "lastgroupname" => "lastGroupName",
-            "source" => "source",
-            "cause" => "cause",
-            _ => continue,
-        };
-        call.insert(name.into(), Value::String(v));
-    }
-    call.insert("to".into(), Value::Array(to));
-    Ok((event, Value::Object(call)))
-}
-
-/// Whether an event carries a call that has ended (only then are its durations and state
-/// final).
-fn is_final(event: &str, call: &Value) -> bool {
-    match event {
-        "CALL_END" => true,
-        "" => call
-            .get("state")
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty() && !s.eq_ignore_ascii_case("DIALING")),
-        _ => false,
-    }
-}
-
 /// Quarantines a webhook body with `reason`; returns the inbox outcome.
 fn quarantine_webhook(
     ctx: &SyncCtx,
@@ -136,7 +57,10 @@ pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64,
     let field = ctx.cfg.webhooks.unitalk_id_field.clone();
     let mut brought = 0;
     for item in items {
-        let outcome = match webhook_call(&item.body, item.content_type.as_deref()) {
+        let outcome = match crate::unitalk::webhook::webhook_call(
+            &item.body,
+            item.content_type.as_deref(),
+        ) {
             Err(e) => quarantine_webhook(
                 ctx,
                 s,
@@ -151,7 +75,7 @@ pub(super) fn process_unitalk(ctx: &SyncCtx, s: &mut PassSummary) -> Result<u64,
             {
                 format!("ignored: unknown event {event}")
             }
-            Ok((event, call)) if !is_final(&event, &call) => {
+            Ok((event, call)) if !crate::unitalk::webhook::is_final(&event, &call) => {
                 format!("ignored: {event} (not final)")
             }
             Ok((_, mut call)) => {

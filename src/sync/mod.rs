@@ -56,14 +56,14 @@ use std::time::Instant;
 
 use chrono::{DateTime, Duration, Utc};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use self::call::{classify, CallFacts, Disposition};
 use self::plan::{key, CallPlan, Entity};
 use crate::bitrix24::api;
 use crate::bitrix24::batch::Command;
-use crate::bitrix24::wire::{as_i64, as_text, BatchOutcome};
+use crate::bitrix24::wire::{as_i64, BatchOutcome};
 use crate::bitrix24::{Bitrix24Client, Bitrix24Error};
 use crate::clock::Clock;
 use crate::config::{Config, Mode};
@@ -629,29 +629,14 @@ fn scripted(
     };
     let call = crate::rules::script::call_map(f, serde_json::from_str(raw).ok().as_ref());
     for c in &mut commands {
-        let (stage, nested) = match c.method.as_str() {
-            "telephony.externalCall.register" => ("register", false),
-            "telephony.externalCall.finish" => ("finish", false),
-            "tasks.task.add" => ("task", true),
-            "crm.activity.add" => ("activity", true),
-            _ => continue,
+        let Some((stage, nested)) = api::script_stage(&c.method) else {
+            continue;
         };
         if !script.defines(stage) {
             continue;
         }
-        let before = if nested {
-            c.params.get("fields").cloned().unwrap_or_else(|| json!({}))
-        } else {
-            Value::Object(c.params.clone())
-        };
-        let after = script.fields(stage, &call, &before)?;
-        match (nested, after) {
-            (true, after) => {
-                c.params.insert("fields".into(), after);
-            }
-            (false, Value::Object(m)) => c.params = m,
-            (false, _) => {}
-        }
+        let after = script.fields(stage, &call, &api::editable_fields(c, nested))?;
+        api::set_editable_fields(c, nested, after);
     }
     Ok(commands)
 }

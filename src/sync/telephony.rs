@@ -229,11 +229,7 @@ pub(super) async fn attach_standalone(ctx: &SyncCtx, s: &mut PassSummary) -> Res
                 source: "bitrix24",
                 call_id: Some(f.id.clone()),
                 // An uploaded file is no quarantine material: its parameters without the content.
-                raw: {
-                    let mut c = command.clone();
-                    c.params.remove("FILE_CONTENT");
-                    c.encode()
-                },
+                raw: api::telephony::without_file(&command).encode(),
                 reason,
             })
             .into_iter()

@@ -5,6 +5,7 @@
 //! whatever the HTTP status, and records the request units each call costs. Its boundary error
 //! [`UnitalkError`] says whether retrying can help.
 
+pub mod webhook;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -56,6 +56,36 @@ impl Register<'_> {
     }
 }
 
+/// `telephony.externalCall.register` of a CRM callback request (`TYPE=4`, shown to the user
+/// who takes it, bound to the request's CRM entity).
+#[derive(Debug, Clone)]
+pub struct RegisterCallback<'a> {
+    pub user_id: i64,
+    pub phone: &'a str,
+    pub start: &'a str,
+    pub external_id: &'a str,
+    pub line_number: Option<&'a str>,
+    pub entity: Option<(&'a str, i64)>,
+}
+
+impl RegisterCallback<'_> {
+    pub fn command(&self, key: impl Into<String>) -> Command {
+        let mut p = json!({
+            "USER_ID": self.user_id, "PHONE_NUMBER": self.phone, "TYPE": 4, "SHOW": 1,
+            "EXTERNAL_CALL_ID": self.external_id, "CRM_CREATE": 0,
+            "CALL_START_DATE": self.start,
+        });
+        if let Some((kind, id)) = self.entity {
+            p["CRM_ENTITY_TYPE"] = json!(kind);
+            p["CRM_ENTITY_ID"] = json!(id);
+        }
+        if let Some(line) = self.line_number {
+            p["LINE_NUMBER"] = json!(line);
+        }
+        Command::new(key, "telephony.externalCall.register", p)
+    }
+}
+
 /// `telephony.externalCall.finish` (§4.2). `ADD_TO_CHAT` is always sent: its default changed
 /// between versions of the docs.
 #[derive(Debug, Clone)]
@@ -108,6 +138,13 @@ pub fn attach_record_file(
         "telephony.externalCall.attachRecord",
         json!({"CALL_ID": call.value(), "FILENAME": filename, "FILE_CONTENT": content_base64}),
     )
+}
+
+/// An `attachRecord` without its file content (what a log or the quarantine may keep).
+pub fn without_file(c: &Command) -> Command {
+    let mut c = c.clone();
+    c.params.remove("FILE_CONTENT");
+    c
 }
 
 /// The statistics row of one call, by `EXTERNAL_CALL_ID`.
