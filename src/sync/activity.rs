@@ -102,7 +102,7 @@ pub(super) async fn push_activity(
     let mut unassigned = Vec::new();
     for d in due {
         match d.item.ledger.stage {
-            Stage::Pending => match user_for(ctx, &d.facts, users) {
+            Stage::Pending => match user_for(&ctx.cfg, &d.facts, users) {
                 Some(_) => fresh.push(d),
                 None => unassigned.push(d),
             },
@@ -118,7 +118,7 @@ pub(super) async fn push_activity(
             _ => {}
         }
     }
-    settle_unassigned(ctx, s, unassigned, now)?;
+    settle_unassigned(ctx, opts, s, unassigned, now)?;
 
     let mut numbers: Vec<String> = fresh
         .iter()
@@ -153,7 +153,7 @@ pub(super) async fn push_activity(
             .enumerate()
             .map(|(i, n)| {
                 let d = first_call[n];
-                let assigned = user_for(ctx, &d.facts, users).unwrap_or(1);
+                let assigned = user_for(&ctx.cfg, &d.facts, users).unwrap_or(1);
                 let values = crate::rules::values(&d.facts, tz, operator_name(&d.facts), None);
                 api::crm::NewLead {
                     title: leads.title.render(&values),
@@ -219,13 +219,13 @@ pub(super) async fn push_activity(
             }
             continue;
         };
-        let user = user_for(ctx, &d.facts, users).expect("checked above");
+        let user = user_for(&ctx.cfg, &d.facts, users).expect("checked above");
         let mut l = d.item.ledger.clone();
         l.responsible_id = Some(user);
         l.crm_entity_type = Some(entity.kind.clone());
         l.crm_entity_id = Some(entity.id);
         let command = plan::activity_add(cfg, &d.facts, &entity, user, operator_name(&d.facts));
-        let commands = match scripted(ctx, &d.facts, &d.item.raw, vec![command]) {
+        let commands = match scripted(&ctx.cfg, &d.facts, &d.item.raw, vec![command]) {
             Ok(c) => c,
             Err(e) => {
                 script_failed.push((d, e));
@@ -236,19 +236,19 @@ pub(super) async fn push_activity(
             d.facts.id.clone(),
             (d.facts.clone(), d.item.content_hash.clone()),
         );
-        plans.push((
-            CallPlan {
+        plans.push(Chain {
+            plan: CallPlan {
                 call_id: d.facts.id.clone(),
                 commands,
             },
-            l,
-            true,
-        ));
+            row: l,
+            non_idempotent: true,
+        });
     }
-    settle_script_errors(ctx, s, script_failed, now)?;
+    settle_script_errors(ctx, opts, s, script_failed, now)?;
     if opts.dry_run {
         s.plan
-            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+            .extend(plans.iter().flat_map(|c| describe_plan(&c.plan)));
         s.plan.extend(
             updates
                 .iter()
@@ -289,15 +289,13 @@ pub(super) async fn push_activity(
         .collect();
     let upd_plans = updates
         .into_iter()
-        .map(|(d, c)| {
-            (
-                CallPlan {
-                    call_id: d.facts.id.clone(),
-                    commands: vec![c],
-                },
-                d.item.ledger,
-                false,
-            )
+        .map(|(d, c)| Chain {
+            plan: CallPlan {
+                call_id: d.facts.id.clone(),
+                commands: vec![c],
+            },
+            row: d.item.ledger,
+            non_idempotent: false,
         })
         .collect();
     let mut recordings = 0;

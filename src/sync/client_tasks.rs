@@ -58,8 +58,8 @@ pub(super) async fn push_followups(
         let reached = None;
         let text =
             plan::folded_description(&ctx.cfg, &owner, owner_entity(t).as_ref(), &again, reached);
-        plans.push((
-            CallPlan {
+        plans.push(Chain {
+            plan: CallPlan {
                 call_id: d.facts.id.clone(),
                 commands: vec![plan::task_update_description(
                     t.task_id,
@@ -67,13 +67,13 @@ pub(super) async fn push_followups(
                     text,
                 )],
             },
-            d.item.ledger.clone(),
-            false,
-        ));
+            row: d.item.ledger.clone(),
+            non_idempotent: false,
+        });
     }
     if opts.dry_run {
         s.plan
-            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+            .extend(plans.iter().flat_map(|c| describe_plan(&c.plan)));
         return Ok(());
     }
     let targets: HashMap<String, (i64, Option<i64>, CallFacts, String)> = followups
@@ -151,17 +151,17 @@ pub(super) async fn close_reached(
             let text =
                 plan::folded_description(cfg, &owner, owner_entity(&t).as_ref(), &again, Some(&b));
             let id = t.owner.call_id.clone();
-            plans.push((
-                CallPlan {
+            plans.push(Chain {
+                plan: CallPlan {
                     call_id: id.clone(),
                     commands: vec![
                         plan::task_update_description(t.task_id, key("d", &id), text),
                         plan::task_complete(t.task_id, key("k", &id)),
                     ],
                 },
-                t.owner.clone(),
-                false,
-            ));
+                row: t.owner.clone(),
+                non_idempotent: false,
+            });
             by.insert(id, reacher);
         }
     }
@@ -170,7 +170,7 @@ pub(super) async fn close_reached(
     }
     if opts.dry_run {
         s.plan
-            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+            .extend(plans.iter().flat_map(|c| describe_plan(&c.plan)));
         return Ok(());
     }
     let mut closed = 0;

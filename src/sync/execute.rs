@@ -121,15 +121,15 @@ pub(super) fn describe_plan(p: &CallPlan) -> Vec<String> {
 /// (429) wait for a later pass; an error an admin must fix stops the pass after recording.
 pub(super) async fn send_plans(
     ctx: &SyncCtx,
-    plans: Vec<(CallPlan, LedgerRow, bool)>,
+    chains: Vec<super::push_plan::Chain>,
     mut record: impl FnMut(&str, LedgerRow, &BatchOutcome) -> (LedgerRow, Option<String>),
     s: &mut PassSummary,
 ) -> Result<(), SyncError> {
-    let by_id: HashMap<String, (LedgerRow, bool)> = plans
+    let by_id: HashMap<String, (LedgerRow, bool)> = chains
         .iter()
-        .map(|(p, l, f)| (p.call_id.clone(), (l.clone(), *f)))
+        .map(|c| (c.plan.call_id.clone(), (c.row.clone(), c.non_idempotent)))
         .collect();
-    for batch in plan::pack(plans.into_iter().map(|(p, _, _)| p).collect()) {
+    for batch in plan::pack(chains.into_iter().map(|c| c.plan).collect()) {
         if ctx.cancel.is_cancelled() {
             return Err(SyncError::Cancelled);
         }

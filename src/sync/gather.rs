@@ -151,12 +151,12 @@ pub(super) async fn resolve_operators(
 
 /// The Bitrix24 user a call belongs to: the first of `rules.responsible.order` (the CRM left
 /// out: a call belongs to who took it) with a user; by default its operator's, else the default.
-pub(super) fn user_for(ctx: &SyncCtx, f: &CallFacts, users: &HashMap<String, i64>) -> Option<i64> {
-    ctx.cfg.rules.responsible.pick(
+pub(super) fn user_for(cfg: &Config, f: &CallFacts, users: &HashMap<String, i64>) -> Option<i64> {
+    cfg.rules.responsible.pick(
         f,
         None,
         f.operator_line.as_ref().and_then(|l| users.get(l).copied()),
-        ctx.cfg.bitrix24.default_user_id.map(|u| u as i64),
+        cfg.bitrix24.default_user_id.map(|u| u as i64),
     )
 }
 

@@ -25,6 +25,8 @@ mod notify;
 pub mod plan;
 mod probe;
 mod pull;
+mod push_plan;
+use push_plan::Chain;
 pub mod reconcile;
 mod record_check;
 mod summary;
@@ -41,7 +43,7 @@ pub fn clicks_events() -> &'static [&'static str] {
 }
 use execute::{describe_plan, lookup, note_paused, send_plans, survivable, write_untracked};
 pub use followup::SWEEP_STREAM;
-use gather::{no_user_reason, operator_name, resolve_operators, understand, user_for};
+use gather::{operator_name, resolve_operators, understand, user_for};
 pub use line_alerts::alert_lines;
 use probe::probe_in_flight;
 pub use pull::estimate_calls;
@@ -619,12 +621,12 @@ fn settle_finished(ctx: &SyncCtx) -> Result<(), SyncError> {
 /// `task`, `activity` (their `fields`). An error is the script's message: the caller
 /// quarantines that call.
 fn scripted(
-    ctx: &SyncCtx,
+    cfg: &Config,
     f: &CallFacts,
     raw: &str,
     mut commands: Vec<Command>,
 ) -> Result<Vec<Command>, String> {
-    let Some(script) = &ctx.cfg.rules.script else {
+    let Some(script) = &cfg.rules.script else {
         return Ok(commands);
     };
     let call = crate::rules::script::call_map(f, serde_json::from_str(raw).ok().as_ref());
@@ -644,43 +646,56 @@ fn scripted(
 /// Quarantines calls the script refused (their reason is the script's message).
 fn settle_script_errors(
     ctx: &SyncCtx,
+    opts: &PassOptions,
     s: &mut PassSummary,
     failed: Vec<(Due, String)>,
     now: DateTime<Utc>,
 ) -> Result<(), SyncError> {
-    if failed.is_empty() {
-        return Ok(());
-    }
-    let mut rows = Vec::new();
-    let mut quarantine = Vec::new();
+    let mut q = push_plan::PushPlan::default();
     for (d, reason) in failed {
-        tracing::warn!(call = %d.facts.id, %reason, "the rules script failed; the call is quarantined");
-        let (l, q) = quarantine_item(&d.item, "unitalk", reason);
-        quarantine.push(q);
-        rows.push(l);
+        q.refuse_script(&d, reason);
     }
-    s.quarantined += quarantine.len() as u64;
-    ctx.store.lock().apply(&rows, &quarantine, None, now)?;
-    Ok(())
+    settle_quarantines(ctx, opts, s, q.quarantines, now)
 }
 
+/// Quarantines calls no Bitrix24 user can take.
 fn settle_unassigned(
     ctx: &SyncCtx,
+    opts: &PassOptions,
     s: &mut PassSummary,
     unassigned: Vec<Due>,
     now: DateTime<Utc>,
 ) -> Result<(), SyncError> {
-    if unassigned.is_empty() {
+    let mut q = push_plan::PushPlan::default();
+    for d in &unassigned {
+        q.refuse_no_user(d);
+    }
+    settle_quarantines(ctx, opts, s, q.quarantines, now)
+}
+
+/// Writes a plan's quarantines (their rows and entries) in one transaction; a dry run lists
+/// them instead.
+fn settle_quarantines(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    quarantines: Vec<(LedgerRow, NewQuarantine)>,
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    if quarantines.is_empty() {
         return Ok(());
     }
-    let mut rows = Vec::new();
-    let mut quarantine = Vec::new();
-    for d in unassigned {
-        let (l, q) = quarantine_item(&d.item, "bitrix24", no_user_reason(&d.facts));
-        quarantine.push(q);
-        rows.push(l);
+    if opts.dry_run {
+        s.plan.extend(quarantines.iter().map(|(l, q)| {
+            format!(
+                "call {}: would be quarantined, nothing sent: {}",
+                l.call_id, q.reason
+            )
+        }));
+        return Ok(());
     }
-    s.quarantined += quarantine.len() as u64;
-    ctx.store.lock().apply(&rows, &quarantine, None, now)?;
+    let (rows, entries): (Vec<LedgerRow>, Vec<NewQuarantine>) = quarantines.into_iter().unzip();
+    s.quarantined += entries.len() as u64;
+    ctx.store.lock().apply(&rows, &entries, None, now)?;
     Ok(())
 }

@@ -153,7 +153,7 @@ async fn task_round(
             entity.as_ref(),
             operator_name(&d.facts),
         );
-        let commands = match scripted(ctx, &d.facts, &d.item.raw, vec![command]) {
+        let commands = match scripted(&ctx.cfg, &d.facts, &d.item.raw, vec![command]) {
             Ok(c) => c,
             Err(e) => {
                 script_failed.push((d, e));
@@ -164,34 +164,30 @@ async fn task_round(
             d.facts.id.clone(),
             (d.facts.clone(), d.item.content_hash.clone()),
         );
-        plans.push((
-            CallPlan {
+        // Tasks are not idempotent: each is marked in flight with its responsible user first
+        // (its own flag, not the call's stage), so a pass that dies before recording finds it
+        // again instead of adding a second one.
+        l.task_in_flight_since = Some(now);
+        plans.push(Chain {
+            plan: CallPlan {
                 call_id: d.facts.id.clone(),
                 commands,
             },
-            l,
-        ));
+            row: l,
+            non_idempotent: false,
+        });
     }
-    settle_unassigned(ctx, s, unassigned, now)?;
-    settle_script_errors(ctx, s, script_failed, now)?;
+    settle_unassigned(ctx, opts, s, unassigned, now)?;
+    settle_script_errors(ctx, opts, s, script_failed, now)?;
     if opts.dry_run {
         s.plan
-            .extend(plans.iter().flat_map(|(p, _)| describe_plan(p)));
+            .extend(plans.iter().flat_map(|c| describe_plan(&c.plan)));
         return Ok(deferred);
     }
-    // Tasks are not idempotent: each is marked in flight with its responsible user first, so a
-    // pass that dies before recording can find it again instead of adding a second one.
-    let marked: Vec<(CallPlan, LedgerRow, bool)> = plans
-        .into_iter()
-        .map(|(p, mut l)| {
-            l.task_in_flight_since = Some(now);
-            (p, l, false)
-        })
-        .collect();
     let mut tasks = 0;
     send_plans(
         ctx,
-        marked,
+        plans,
         |id, l, out| {
             let (f, hash) = &facts[id];
             let (row, reason) = plan::record_task(cfg, f, l, out, hash, now);

@@ -19,53 +19,22 @@ pub(super) async fn push_telephony(
     // Uploaded recordings go one request each (a file is no batch parameter).
     let attach_in_batch = ctx.cfg.recordings.delivery == Delivery::Link
         && ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
-    let mut plans = Vec::new();
-    let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
-    let mut unassigned = Vec::new();
-    let mut script_failed = Vec::new();
-    for d in due {
-        let l = &d.item.ledger;
-        if l.stage == Stage::Finished && !plan::needs_recording(&d.facts, l) {
-            continue;
-        }
-        let Some(user) = user_for(ctx, &d.facts, users) else {
-            unassigned.push(d);
-            continue;
-        };
-        let commands = plan::telephony_chain(&ctx.cfg, &d.facts, l, user, attach_in_batch);
-        if commands.is_empty() {
-            continue;
-        }
-        let commands = match scripted(ctx, &d.facts, &d.item.raw, commands) {
-            Ok(c) => c,
-            Err(e) => {
-                script_failed.push((d, e));
-                continue;
-            }
-        };
-        let non_idempotent = commands
-            .iter()
-            .any(|c| c.method != "telephony.externalCall.attachRecord");
-        let mut l = l.clone();
-        l.responsible_id = Some(user);
-        facts.insert(
-            d.facts.id.clone(),
-            (d.facts.clone(), d.item.content_hash.clone()),
-        );
-        plans.push((
-            CallPlan {
-                call_id: d.facts.id.clone(),
-                commands,
-            },
-            l,
-            non_idempotent,
-        ));
-    }
-    settle_unassigned(ctx, s, unassigned, now)?;
-    settle_script_errors(ctx, s, script_failed, now)?;
+    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, attach_in_batch);
+    let (commands, batches) = planned.size();
+    tracing::debug!(
+        calls = planned.chains.len(),
+        commands,
+        batches,
+        quarantined = planned.quarantines.len(),
+        "telephony push planned"
+    );
     if opts.dry_run {
-        s.plan
-            .extend(plans.iter().flat_map(|(p, _, _)| describe_plan(p)));
+        s.plan.extend(planned.describe());
+    }
+    settle_quarantines(ctx, opts, s, planned.quarantines, now)?;
+    let facts = planned.facts;
+    let chains = planned.chains;
+    if opts.dry_run {
         if !attach_in_batch {
             let why = if ctx.cfg.recordings.delivery == Delivery::Upload {
                 "standalone, with the file ubsync downloads (recordings.delivery = \"upload\")"
@@ -91,7 +60,7 @@ pub(super) async fn push_telephony(
     let mut accepted_in_batch = false;
     send_plans(
         ctx,
-        plans,
+        chains,
         |id, l, out| {
             let (f, hash) = &facts[id];
             let before = l.stage;

@@ -729,3 +729,43 @@ async fn the_daemon_keeps_working_and_stops_on_sigterm_when_its_stderr_and_stdou
     assert!(sent.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_lists_the_calls_it_would_quarantine_and_quarantines_none() {
+    let mut s = scenario();
+    let stuck = s.add_call(
+        at("12:00:00"),
+        "IN",
+        "380501112233",
+        &["109"],
+        "ANSWER",
+        5,
+        None,
+    );
+    let env = env(s).await;
+    env.edit_config(|t| t.replace("default_user_id = 1\n", ""));
+    // A first dry run creates the store; the second must leave it byte-identical.
+    let first = env.ubsync(&["sync", "--dry-run"]).await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let db = env.dir.path().join("state/ubsync.db");
+    let bytes = std::fs::read(&db).unwrap();
+    let out = env.ubsync(&["sync", "--dry-run"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("call {stuck}: would be quarantined, nothing sent"))
+            && t.contains("inner line 109"),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the store file is byte-identical"
+    );
+    let status = env.ubsync(&["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["quarantined"], serde_json::json!([]), "{v}");
+    // The real pass quarantines it.
+    let out = env.ubsync(&["sync"]).await;
+    assert!(text(&out).contains("quarantined 1"), "{}", text(&out));
+}

@@ -1,0 +1,234 @@
+//! A push round's decisions as one value, made before anything is sent: the chains each call
+//! still needs (with the ledger row it is sent with), and the calls quarantined instead (no
+//! Bitrix24 user can take them, the rules script refused them). Planning is pure (config, due
+//! work, lookups → `PushPlan`); `execute.rs` sends it; a dry run prints it.
+
+use std::collections::HashMap;
+
+use super::call::CallFacts;
+use super::gather::{no_user_reason, user_for};
+use super::plan::{self, CallPlan};
+use super::{quarantine_item, scripted, Due};
+use crate::config::Config;
+use crate::store::ledger::{LedgerRow, NewQuarantine, Stage};
+
+/// One call's commands and the ledger row it is sent with.
+#[derive(Debug, Clone)]
+pub(super) struct Chain {
+    pub plan: CallPlan,
+    pub row: LedgerRow,
+    /// The chain holds a command that must never run twice (all but `attachRecord`), so an
+    /// unknown outcome is probed before anything is sent again.
+    pub non_idempotent: bool,
+}
+
+/// What a push round will do.
+#[derive(Debug, Default)]
+pub(super) struct PushPlan {
+    pub chains: Vec<Chain>,
+    /// Each planned call's facts and content hash (to record its outcome).
+    pub facts: HashMap<String, (CallFacts, String)>,
+    pub quarantines: Vec<(LedgerRow, NewQuarantine)>,
+}
+
+impl PushPlan {
+    /// A call no Bitrix24 user can take: quarantined with the reason.
+    pub fn refuse_no_user(&mut self, d: &Due) {
+        self.quarantines.push(quarantine_item(
+            &d.item,
+            "bitrix24",
+            no_user_reason(&d.facts),
+        ));
+    }
+
+    /// A call the rules script refused: quarantined with the script's message.
+    pub fn refuse_script(&mut self, d: &Due, reason: String) {
+        tracing::warn!(call = %d.facts.id, %reason, "the rules script failed; the call is quarantined");
+        self.quarantines
+            .push(quarantine_item(&d.item, "unitalk", reason));
+    }
+
+    /// Adds a call's chain.
+    pub fn add(&mut self, d: &Due, commands: Vec<crate::bitrix24::batch::Command>, row: LedgerRow) {
+        let non_idempotent = commands
+            .iter()
+            .any(|c| c.method != "telephony.externalCall.attachRecord");
+        self.facts.insert(
+            d.facts.id.clone(),
+            (d.facts.clone(), d.item.content_hash.clone()),
+        );
+        self.chains.push(Chain {
+            plan: CallPlan {
+                call_id: d.facts.id.clone(),
+                commands,
+            },
+            row,
+            non_idempotent,
+        });
+    }
+
+    /// Every planned command, one line each, call by call (a dry run's listing; the
+    /// quarantines are listed where they are settled).
+    pub fn describe(&self) -> Vec<String> {
+        self.chains
+            .iter()
+            .flat_map(|c| super::execute::describe_plan(&c.plan))
+            .collect()
+    }
+
+    /// How many commands and batch requests the chains take.
+    pub fn size(&self) -> (usize, usize) {
+        let commands = self.chains.iter().map(|c| c.plan.commands.len()).sum();
+        let batches = plan::pack(self.chains.iter().map(|c| c.plan.clone()).collect()).len();
+        (commands, batches)
+    }
+}
+
+/// Telephony mode's plan for the due calls: register → finish (→ attachRecord) for new calls,
+/// what is left for the others; a call with nothing to send is left out.
+pub(super) fn plan_telephony(
+    cfg: &Config,
+    due: Vec<Due>,
+    users: &HashMap<String, i64>,
+    attach_in_batch: bool,
+) -> PushPlan {
+    let mut out = PushPlan::default();
+    for d in due {
+        let l = &d.item.ledger;
+        if l.stage == Stage::Finished && !plan::needs_recording(&d.facts, l) {
+            continue;
+        }
+        let Some(user) = user_for(cfg, &d.facts, users) else {
+            out.refuse_no_user(&d);
+            continue;
+        };
+        let commands = plan::telephony_chain(cfg, &d.facts, l, user, attach_in_batch);
+        if commands.is_empty() {
+            continue;
+        }
+        match scripted(cfg, &d.facts, &d.item.raw, commands) {
+            Ok(commands) => {
+                let mut row = l.clone();
+                row.responsible_id = Some(user);
+                out.add(&d, commands, row);
+            }
+            Err(e) => out.refuse_script(&d, e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ledger::WorkItem;
+    use serde_json::json;
+    use std::collections::HashSet;
+
+    fn cfg(extra: &str) -> Config {
+        Config::parse(
+            &format!("[unitalk]\napi_key=\"k\"\n[bitrix24]\nmode=\"telephony\"\nportal_url=\"https://p.bitrix24.ua\"\nclient_id=\"c\"\nclient_secret=\"s\"\n{extra}"),
+            std::path::Path::new("/x.toml"),
+            &Default::default(),
+        )
+        .unwrap()
+    }
+
+    fn due(id: u64, state: &str, link: Option<&str>, line: &str, stage: Stage) -> Due {
+        let mut v = json!({"id": id, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "380501112233", "to": [line], "state": state, "secondsTalk": if state == "ANSWER" { 30 } else { 0 }});
+        if let Some(l) = link {
+            v["link"] = json!(l);
+        }
+        let call = crate::unitalk::wire::parse_call(&v, chrono_tz::Europe::Kyiv).unwrap();
+        let lines: HashSet<String> = ["101".to_string(), "102".to_string()].into();
+        let c = cfg("");
+        let facts = match crate::sync::call::classify(&call, &lines, &c.sync, &c.rules) {
+            crate::sync::call::Disposition::Push(f) => *f,
+            _ => panic!("not pushable"),
+        };
+        let mut ledger = LedgerRow::pending(&id.to_string());
+        ledger.stage = stage;
+        if stage != Stage::Pending {
+            ledger.b24_call_id = Some(format!("externalCall.{id}"));
+        }
+        Due {
+            item: WorkItem {
+                ledger,
+                raw: v.to_string(),
+                content_hash: "h".into(),
+                started_at: facts.started_at,
+            },
+            facts,
+        }
+    }
+
+    fn methods(p: &PushPlan, call: &str) -> Vec<String> {
+        p.chains
+            .iter()
+            .filter(|c| c.plan.call_id == call)
+            .flat_map(|c| c.plan.commands.iter().map(|c| c.method.clone()))
+            .collect()
+    }
+
+    /// (a due call → what the plan holds for it)
+    #[test]
+    fn every_due_call_gets_exactly_the_commands_it_still_needs() {
+        let users: HashMap<String, i64> = [("101".to_string(), 5)].into();
+        let rec = "https://rec/1.mp3";
+        let calls = vec![
+            due(1, "ANSWER", Some(rec), "101", Stage::Pending),
+            due(2, "NOANSWER", None, "101", Stage::Pending),
+            due(3, "ANSWER", Some(rec), "101", Stage::Registered),
+            due(4, "ANSWER", Some(rec), "101", Stage::Finished),
+            due(5, "ANSWER", None, "101", Stage::Finished),
+            // No user for line 102 and no default user: quarantined, nothing sent.
+            due(6, "ANSWER", None, "102", Stage::Pending),
+        ];
+        let p = plan_telephony(&cfg(""), calls, &users, true);
+        let (reg, fin, att) = (
+            "telephony.externalCall.register",
+            "telephony.externalCall.finish",
+            "telephony.externalCall.attachRecord",
+        );
+        assert_eq!(methods(&p, "1"), vec![reg, fin], "the link goes in finish");
+        let finish = &p.chains[0].plan.commands[1];
+        assert_eq!(finish.params["RECORD_URL"], json!(rec));
+        assert_eq!(finish.params["CALL_ID"], json!("$result[r_1][CALL_ID]"));
+        assert_eq!(methods(&p, "2"), vec![reg, fin]);
+        assert_eq!(methods(&p, "3"), vec![fin], "never a second register");
+        assert_eq!(methods(&p, "4"), vec![att], "a link that came after finish");
+        assert!(methods(&p, "5").is_empty(), "nothing left");
+        assert!(methods(&p, "6").is_empty());
+        assert_eq!(p.quarantines.len(), 1);
+        assert_eq!(p.quarantines[0].0.call_id, "6");
+        assert_eq!(p.quarantines[0].0.stage, Stage::Quarantined);
+        assert!(p.chains.iter().all(|c| c.row.responsible_id == Some(5)));
+        let idempotent: Vec<bool> = p.chains.iter().map(|c| c.non_idempotent).collect();
+        assert_eq!(idempotent, vec![true, true, true, false]);
+        assert_eq!(p.size(), (6, 1));
+        let lines = p.describe();
+        assert_eq!(lines.len(), 6, "each command once: {lines:#?}");
+        assert_eq!(
+            lines[0],
+            format!("call 1: {}", p.chains[0].plan.commands[0].encode())
+        );
+
+        // Without RECORD_URL in finish, the recording is a third command of the chain; with
+        // attachRecord refused in batches, none goes in the chain at all.
+        let off = cfg("[sync]\nrecord_url_on_finish = false\n");
+        let p = plan_telephony(
+            &off,
+            vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)],
+            &users,
+            true,
+        );
+        assert_eq!(methods(&p, "1"), vec![reg, fin, att]);
+        let p = plan_telephony(
+            &off,
+            vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)],
+            &users,
+            false,
+        );
+        assert_eq!(methods(&p, "1"), vec![reg, fin]);
+    }
+}
