@@ -437,8 +437,9 @@ fn quarantine_item(
 /// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
 /// verify (statistics or ubsync's activities by date, 50 pages a request). When the listing is
 /// complete, a call it does not hold was never pushed (a task comes only after its call), so it
-/// is verified at once; only the calls Bitrix24 holds are probed one by one for their ids and
-/// tasks. An incomplete listing proves nothing: every call is probed.
+/// is verified at once; a call it holds once continues from its listed record (its ids, its
+/// recording: a file, or a URL to check), so only a missed call's task is still looked up.
+/// Calls held twice, and every call when the listing is incomplete, are probed one by one.
 async fn verify_by_listing(
     ctx: &SyncCtx,
     before: DateTime<Utc>,
@@ -449,20 +450,68 @@ async fn verify_by_listing(
         return Ok(());
     };
     let (from, to) = (first.1, last.1 + Duration::seconds(1));
-    let (held, complete) = reconcile::held_in_bitrix24(ctx, from, to).await?;
+    let (listed, complete) = reconcile::listed_in_bitrix24(ctx, from, to).await?;
     if !complete {
         return Ok(());
     }
+    let now = ctx.clock.now();
     let absent: Vec<String> = pending
-        .into_iter()
-        .map(|(id, _)| id)
-        .filter(|id| !held.contains_key(id))
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| !listed.contains_key(id))
         .collect();
     if !absent.is_empty() {
-        tracing::info!(calls = absent.len(), held = held.len(), "Bitrix24 holds none of these calls (listed by date): they are pushed without a lookup each");
+        tracing::info!(calls = absent.len(), held = listed.len(), "Bitrix24 holds none of these calls (listed by date): they are pushed without a lookup each");
         s.verified += absent.len() as u64;
-        ctx.store.lock().set_verified(&absent, ctx.clock.now())?;
+        ctx.store.lock().set_verified(&absent, now)?;
     }
+    let once: HashSet<&str> = pending
+        .iter()
+        .filter(|(id, _)| listed.get(id).is_some_and(|r| r.len() == 1))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if once.is_empty() {
+        return Ok(());
+    }
+    let known = known_lines(ctx)?;
+    let items = ctx.store.lock().work_due(now + Duration::days(36500))?;
+    let mut rows = Vec::new();
+    for w in items
+        .iter()
+        .filter(|w| once.contains(w.ledger.call_id.as_str()))
+    {
+        let rec = &listed[&w.ledger.call_id][0];
+        let f = stored_facts(ctx, &known, &w.raw);
+        let mut l = w.ledger.clone();
+        ledger::take_entity(&mut l, rec);
+        match ctx.cfg.bitrix24.mode {
+            Mode::Telephony => {
+                l.b24_call_id = rec.call_id.clone();
+                l.b24_stat_id = rec.stat_id;
+                l.b24_activity_id = rec.activity_id;
+                if rec.record_file || rec.record_url {
+                    l.record_url = f.as_ref().and_then(|f| f.link.clone());
+                    l.record_check_at = (!rec.record_file && l.record_url.is_some())
+                        .then(|| now + secs(ctx.cfg.sync.record_check_after));
+                }
+            }
+            Mode::Activity => l.b24_activity_id = rec.activity_id,
+        }
+        l.stage = Stage::Finished;
+        // A missed call may have its task already: the probe looks for it before one is added.
+        if f.as_ref().is_some_and(|f| f.missed) && ctx.cfg.tasks.enabled {
+            l.task_in_flight_since = Some(w.started_at);
+        }
+        rows.push(l);
+    }
+    let ids: Vec<String> = rows.iter().map(|l| l.call_id.clone()).collect();
+    tracing::info!(
+        calls = ids.len(),
+        "Bitrix24 holds these calls once (listed by date): each continues from its record"
+    );
+    s.verified += ids.len() as u64;
+    ctx.store.lock().apply(&rows, &[], None, now)?;
+    ctx.store.lock().set_verified(&ids, now)?;
     Ok(())
 }
 

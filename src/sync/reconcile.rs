@@ -226,12 +226,9 @@ pub(super) async fn held_in_bitrix24(
     Ok((held, complete))
 }
 
-/// One record Bitrix24 listed for a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Listed {
-    /// Telephony: the statistics row shows an attached recording file.
-    pub record_file: bool,
-}
+/// One record Bitrix24 listed for a call: a statistics row in telephony mode, an activity
+/// (only its `activity_id`) in activity mode.
+pub(super) type Listed = CallRecord;
 
 /// Pages (of 50 rows) a listing request asks for after the first: a full batch, so a listing
 /// costs the rate limit as few requests as it can.
@@ -325,15 +322,21 @@ pub(super) async fn listed_in_bitrix24(
     }
     let mut held: BTreeMap<String, Vec<Listed>> = BTreeMap::new();
     for r in rows {
-        let (key, record_file) = match mode {
+        let (key, rec) = match mode {
             Mode::Telephony => {
                 let rec = CallRecord::decode(&r);
-                (rec.external_call_id, rec.record_file)
+                (rec.external_call_id.clone(), rec)
             }
-            Mode::Activity => (api::crm::origin_id(&r), false),
+            Mode::Activity => (
+                api::crm::origin_id(&r),
+                CallRecord {
+                    activity_id: api::crm::activity_id(&r),
+                    ..Default::default()
+                },
+            ),
         };
         if let Some(id) = key.and_then(|e| e.strip_prefix("unitalk-").map(str::to_string)) {
-            held.entry(id).or_default().push(Listed { record_file });
+            held.entry(id).or_default().push(rec);
         }
     }
     Ok((held, complete))

@@ -161,8 +161,21 @@ async fn a_lost_or_empty_state_file_over_a_synced_portal_duplicates_nothing() {
         // Well past Bitrix24's 30-minute registration dedupe.
         env.clock.advance(Duration::hours(3));
         let ctx = env.ctx().await;
+        let before = env.sims.bitrix24.requests().len();
         settle(&env, &ctx).await;
         assert_no_duplicates(&env, &label);
+        // Each call continues from the listing by date: no lookup per call (only a missed
+        // call's task is looked up).
+        let lookups = env.sims.bitrix24.requests()[before..]
+            .iter()
+            .flat_map(|r| r.commands.clone())
+            .filter(|c| c == "voximplant.statistic.get" || c == "crm.activity.list")
+            .count();
+        assert!(
+            lookups <= 2 * (stats + acts) / 50 + 4,
+            "{label}: {lookups} lookups for {} calls",
+            stats + acts
+        );
         assert_eq!(
             (
                 env.sims.bitrix24.calls().len(),
