@@ -117,7 +117,11 @@ pub(super) fn entity_list(st: &PortalState, p: &Map<String, Value>, kind: CrmKin
     Ok(paged(select(rows, p), page(p)))
 }
 
-pub(super) fn activity_add(st: &mut PortalState, caller: &Caller, p: &Map<String, Value>) -> ApiResult {
+pub(super) fn activity_add(
+    st: &mut PortalState,
+    caller: &Caller,
+    p: &Map<String, Value>,
+) -> ApiResult {
     // §5.1: the older CRM methods answer with an empty `error` and the text in the description.
     let Some(f) = obj(p, "fields") else {
         return Err(err(400, "", "The parameter 'fields' must be array."));

@@ -152,7 +152,11 @@ pub(super) fn value_text(v: &Value) -> String {
 }
 
 /// Applies a Bitrix24 list filter to JSON rows (field names upper-case).
-pub(super) fn apply_filter(rows: Vec<Value>, filter: Option<&Map<String, Value>>, tz: Tz) -> Vec<Value> {
+pub(super) fn apply_filter(
+    rows: Vec<Value>,
+    filter: Option<&Map<String, Value>>,
+    tz: Tz,
+) -> Vec<Value> {
     let Some(filter) = filter else { return rows };
     rows.into_iter()
         .filter(|row| {

@@ -133,7 +133,11 @@ pub(super) fn task_update(st: &mut PortalState, p: &Map<String, Value>) -> ApiRe
     Ok(ApiOk::new(json!({"task": task_json(st, &t)})))
 }
 
-pub(super) fn task_set_status(st: &mut PortalState, p: &Map<String, Value>, status: i64) -> ApiResult {
+pub(super) fn task_set_status(
+    st: &mut PortalState,
+    p: &Map<String, Value>,
+    status: i64,
+) -> ApiResult {
     let id = int(p, "taskId").unwrap_or(0) as u64;
     let Some(t) = st.data.tasks.iter_mut().find(|t| t.id == id) else {
         return Err(err(400, "ERROR_CORE", "Task not found or not accessible"));
