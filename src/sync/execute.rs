@@ -254,3 +254,60 @@ pub(super) async fn send_plans(
     }
     Ok(())
 }
+
+/// Quarantines calls the script refused (their reason is the script's message).
+pub(super) fn settle_script_errors(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    failed: Vec<(Due, String)>,
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    let mut q = push_plan::PushPlan::default();
+    for (d, reason) in failed {
+        q.refuse_script(&d, reason);
+    }
+    settle_quarantines(ctx, opts, s, q.quarantines, now)
+}
+
+/// Quarantines calls no Bitrix24 user can take.
+pub(super) fn settle_unassigned(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    unassigned: Vec<Due>,
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    let mut q = push_plan::PushPlan::default();
+    for d in &unassigned {
+        q.refuse_no_user(d);
+    }
+    settle_quarantines(ctx, opts, s, q.quarantines, now)
+}
+
+/// Writes a plan's quarantines (their rows and entries) in one transaction; a dry run lists
+/// them instead.
+pub(super) fn settle_quarantines(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    quarantines: Vec<(LedgerRow, NewQuarantine)>,
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    if quarantines.is_empty() {
+        return Ok(());
+    }
+    if opts.dry_run {
+        s.plan.extend(quarantines.iter().map(|(l, q)| {
+            format!(
+                "call {}: would be quarantined, nothing sent: {}",
+                l.call_id, q.reason
+            )
+        }));
+        return Ok(());
+    }
+    let (rows, entries): (Vec<LedgerRow>, Vec<NewQuarantine>) = quarantines.into_iter().unzip();
+    s.quarantined += entries.len() as u64;
+    ctx.store.lock().apply(&rows, &entries, None, now)?;
+    Ok(())
+}

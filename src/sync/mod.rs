@@ -26,9 +26,11 @@ pub mod plan;
 mod probe;
 mod pull;
 mod push_plan;
-use push_plan::Chain;
+use push_plan::{quarantine_item, scripted, Chain};
 pub mod reconcile;
 mod record_check;
+mod verify;
+use verify::{verify_by_listing, verify_policy};
 mod summary;
 mod tasks;
 mod telephony;
@@ -41,7 +43,10 @@ pub use clicks::{bind_events, bound_events, poll_offline, FACT_UNINSTALLED};
 pub fn clicks_events() -> &'static [&'static str] {
     clicks::EVENTS
 }
-use execute::{describe_plan, lookup, note_paused, send_plans, survivable, write_untracked};
+use execute::{
+    describe_plan, lookup, note_paused, send_plans, settle_quarantines, settle_script_errors,
+    settle_unassigned, survivable, write_untracked,
+};
 pub use followup::SWEEP_STREAM;
 use gather::{operator_name, resolve_operators, understand, user_for};
 pub use line_alerts::alert_lines;
@@ -175,21 +180,6 @@ pub const FACT_CALL_ID_FIELD: &str = "unitalk.call_id_field";
 /// registration. Set when a pass finds the ledger empty (a new install, or a lost state file:
 /// nothing then tells what an earlier one pushed); an older, populated store gets the epoch.
 pub const FACT_VERIFY_BEFORE: &str = "ledger.verify_before";
-
-fn verify_policy(ctx: &SyncCtx, now: DateTime<Utc>) -> Result<(), SyncError> {
-    let store = ctx.store.lock();
-    if store.fact(FACT_VERIFY_BEFORE)?.is_some() {
-        return Ok(());
-    }
-    let before = if store.ledger_is_empty()? {
-        tracing::info!(before = %now, "a fresh state file: calls that started before now are looked up in Bitrix24 before they are registered, so an earlier state's pushes are never repeated");
-        now
-    } else {
-        DateTime::<Utc>::UNIX_EPOCH
-    };
-    store.set_fact(FACT_VERIFY_BEFORE, &crate::store::ts(before), now)?;
-    Ok(())
-}
 
 fn check_identity(ctx: &SyncCtx) -> Result<(), SyncError> {
     let want = &ctx.cfg.unitalk.call_id_field;
@@ -416,105 +406,6 @@ pub(crate) fn stored_facts(ctx: &SyncCtx, known: &HashSet<String>, raw: &str) ->
     }
 }
 
-/// Quarantines a call with work due: its next ledger row and its quarantine entry.
-fn quarantine_item(
-    item: &WorkItem,
-    source: &'static str,
-    reason: String,
-) -> (LedgerRow, NewQuarantine) {
-    let mut l = item.ledger.clone();
-    l.stage = Stage::Quarantined;
-    l.reason = Some(reason.clone());
-    let q = NewQuarantine {
-        source,
-        call_id: Some(l.call_id.clone()),
-        raw: item.raw.clone(),
-        reason,
-    };
-    (l, q)
-}
-
-/// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
-/// verify (statistics or ubsync's activities by date, 50 pages a request). When the listing is
-/// complete, a call it does not hold was never pushed (a task comes only after its call), so it
-/// is verified at once; a call it holds once continues from its listed record (its ids, its
-/// recording: a file, or a URL to check), so only a missed call's task is still looked up.
-/// Calls held twice, and every call when the listing is incomplete, are probed one by one.
-async fn verify_by_listing(
-    ctx: &SyncCtx,
-    before: DateTime<Utc>,
-    s: &mut PassSummary,
-) -> Result<(), SyncError> {
-    let pending = ctx.store.lock().unverified(before)?;
-    let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
-        return Ok(());
-    };
-    let (from, to) = (first.1, last.1 + Duration::seconds(1));
-    let (listed, complete) = reconcile::listed_in_bitrix24(ctx, from, to).await?;
-    if !complete {
-        return Ok(());
-    }
-    let now = ctx.clock.now();
-    let absent: Vec<String> = pending
-        .iter()
-        .map(|(id, _)| id.clone())
-        .filter(|id| !listed.contains_key(id))
-        .collect();
-    if !absent.is_empty() {
-        tracing::info!(calls = absent.len(), held = listed.len(), "Bitrix24 holds none of these calls (listed by date): they are pushed without a lookup each");
-        s.verified += absent.len() as u64;
-        ctx.store.lock().set_verified(&absent, now)?;
-    }
-    let once: HashSet<&str> = pending
-        .iter()
-        .filter(|(id, _)| listed.get(id).is_some_and(|r| r.len() == 1))
-        .map(|(id, _)| id.as_str())
-        .collect();
-    if once.is_empty() {
-        return Ok(());
-    }
-    let known = known_lines(ctx)?;
-    let items = ctx.store.lock().work_due(now + Duration::days(36500))?;
-    let mut rows = Vec::new();
-    for w in items
-        .iter()
-        .filter(|w| once.contains(w.ledger.call_id.as_str()))
-    {
-        let rec = &listed[&w.ledger.call_id][0];
-        let f = stored_facts(ctx, &known, &w.raw);
-        let mut l = w.ledger.clone();
-        ledger::take_entity(&mut l, rec);
-        match ctx.cfg.bitrix24.mode {
-            Mode::Telephony => {
-                l.b24_call_id = rec.call_id.clone();
-                l.b24_stat_id = rec.stat_id;
-                l.b24_activity_id = rec.activity_id;
-                if rec.record_file || rec.record_url {
-                    l.record_url = f.as_ref().and_then(|f| f.link.clone());
-                    l.record_check_at = (!rec.record_file && l.record_url.is_some())
-                        .then(|| now + secs(ctx.cfg.sync.record_check_after));
-                }
-            }
-            Mode::Activity => l.b24_activity_id = rec.activity_id,
-        }
-        l.stage = Stage::Finished;
-        // A missed call may have its task already: the probe looks for it before one is added.
-        if f.as_ref().is_some_and(|f| f.missed) && ctx.cfg.tasks.enabled {
-            l.task_in_flight_since = Some(w.started_at);
-        }
-        rows.push(l);
-    }
-    let ids: Vec<String> = rows.iter().map(|l| l.call_id.clone()).collect();
-    tracing::info!(
-        calls = ids.len(),
-        "Bitrix24 holds these calls once (listed by date): each continues from its record"
-    );
-    s.verified += ids.len() as u64;
-    ctx.store.lock().apply(&rows, &[], None, now)?;
-    ctx.store.lock().set_verified(&ids, now)?;
-    Ok(())
-}
-
 /// Push rounds a pass makes while batches fail (each round probes what the last one left in
 /// flight, then sends what is due).
 const PUSH_ROUNDS: usize = 4;
@@ -663,88 +554,5 @@ fn settle_finished(ctx: &SyncCtx) -> Result<(), SyncError> {
     if !rows.is_empty() {
         ctx.store.lock().apply(&rows, &[], None, now)?;
     }
-    Ok(())
-}
-
-/// Runs `rules.script` over a call's planned commands: `register`, `finish` (their parameters),
-/// `task`, `activity` (their `fields`). An error is the script's message: the caller
-/// quarantines that call.
-fn scripted(
-    cfg: &Config,
-    f: &CallFacts,
-    raw: &str,
-    mut commands: Vec<Command>,
-) -> Result<Vec<Command>, String> {
-    let Some(script) = &cfg.rules.script else {
-        return Ok(commands);
-    };
-    let call = crate::rules::script::call_map(f, serde_json::from_str(raw).ok().as_ref());
-    for c in &mut commands {
-        let Some((stage, nested)) = api::script_stage(&c.method) else {
-            continue;
-        };
-        if !script.defines(stage) {
-            continue;
-        }
-        let after = script.fields(stage, &call, &api::editable_fields(c, nested))?;
-        api::set_editable_fields(c, nested, after);
-    }
-    Ok(commands)
-}
-
-/// Quarantines calls the script refused (their reason is the script's message).
-fn settle_script_errors(
-    ctx: &SyncCtx,
-    opts: &PassOptions,
-    s: &mut PassSummary,
-    failed: Vec<(Due, String)>,
-    now: DateTime<Utc>,
-) -> Result<(), SyncError> {
-    let mut q = push_plan::PushPlan::default();
-    for (d, reason) in failed {
-        q.refuse_script(&d, reason);
-    }
-    settle_quarantines(ctx, opts, s, q.quarantines, now)
-}
-
-/// Quarantines calls no Bitrix24 user can take.
-fn settle_unassigned(
-    ctx: &SyncCtx,
-    opts: &PassOptions,
-    s: &mut PassSummary,
-    unassigned: Vec<Due>,
-    now: DateTime<Utc>,
-) -> Result<(), SyncError> {
-    let mut q = push_plan::PushPlan::default();
-    for d in &unassigned {
-        q.refuse_no_user(d);
-    }
-    settle_quarantines(ctx, opts, s, q.quarantines, now)
-}
-
-/// Writes a plan's quarantines (their rows and entries) in one transaction; a dry run lists
-/// them instead.
-fn settle_quarantines(
-    ctx: &SyncCtx,
-    opts: &PassOptions,
-    s: &mut PassSummary,
-    quarantines: Vec<(LedgerRow, NewQuarantine)>,
-    now: DateTime<Utc>,
-) -> Result<(), SyncError> {
-    if quarantines.is_empty() {
-        return Ok(());
-    }
-    if opts.dry_run {
-        s.plan.extend(quarantines.iter().map(|(l, q)| {
-            format!(
-                "call {}: would be quarantined, nothing sent: {}",
-                l.call_id, q.reason
-            )
-        }));
-        return Ok(());
-    }
-    let (rows, entries): (Vec<LedgerRow>, Vec<NewQuarantine>) = quarantines.into_iter().unzip();
-    s.quarantined += entries.len() as u64;
-    ctx.store.lock().apply(&rows, &entries, None, now)?;
     Ok(())
 }

@@ -8,8 +8,11 @@ use std::collections::HashMap;
 use super::call::CallFacts;
 use super::gather::{no_user_reason, user_for};
 use super::plan::{self, CallPlan};
-use super::{quarantine_item, scripted, Due};
+use super::Due;
+use crate::bitrix24::api;
+use crate::bitrix24::batch::Command;
 use crate::config::Config;
+use crate::store::ledger::WorkItem;
 use crate::store::ledger::{LedgerRow, NewQuarantine, Stage};
 
 /// One call's commands and the ledger row it is sent with.
@@ -49,7 +52,7 @@ impl PushPlan {
     }
 
     /// Adds a call's chain.
-    pub fn add(&mut self, d: &Due, commands: Vec<crate::bitrix24::batch::Command>, row: LedgerRow) {
+    pub fn add(&mut self, d: &Due, commands: Vec<Command>, row: LedgerRow) {
         let non_idempotent = commands
             .iter()
             .any(|c| c.method != "telephony.externalCall.attachRecord");
@@ -118,10 +121,53 @@ pub(super) fn plan_telephony(
     out
 }
 
+/// Quarantines a call with work due: its next ledger row and its quarantine entry.
+pub(super) fn quarantine_item(
+    item: &WorkItem,
+    source: &'static str,
+    reason: String,
+) -> (LedgerRow, NewQuarantine) {
+    let mut l = item.ledger.clone();
+    l.stage = Stage::Quarantined;
+    l.reason = Some(reason.clone());
+    let q = NewQuarantine {
+        source,
+        call_id: Some(l.call_id.clone()),
+        raw: item.raw.clone(),
+        reason,
+    };
+    (l, q)
+}
+
+/// Runs `rules.script` over a call's planned commands: `register`, `finish` (their parameters),
+/// `task`, `activity` (their `fields`). An error is the script's message: the caller
+/// quarantines that call.
+pub(super) fn scripted(
+    cfg: &Config,
+    f: &CallFacts,
+    raw: &str,
+    mut commands: Vec<Command>,
+) -> Result<Vec<Command>, String> {
+    let Some(script) = &cfg.rules.script else {
+        return Ok(commands);
+    };
+    let call = crate::rules::script::call_map(f, serde_json::from_str(raw).ok().as_ref());
+    for c in &mut commands {
+        let Some((stage, nested)) = api::script_stage(&c.method) else {
+            continue;
+        };
+        if !script.defines(stage) {
+            continue;
+        }
+        let after = script.fields(stage, &call, &api::editable_fields(c, nested))?;
+        api::set_editable_fields(c, nested, after);
+    }
+    Ok(commands)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ledger::WorkItem;
     use serde_json::json;
     use std::collections::HashSet;
 

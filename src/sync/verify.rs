@@ -1,0 +1,102 @@
+//! Verify-first: a lost, emptied or replaced state file is not a fresh portal. The first pass
+//! over an empty ledger sets `ledger.verify_before`; every call that started before it is
+//! looked up in Bitrix24 before its first registration (listed by date; held ones continue from
+//! their record, the rest are probed).
+
+use super::*;
+
+pub(super) fn verify_policy(ctx: &SyncCtx, now: DateTime<Utc>) -> Result<(), SyncError> {
+    let store = ctx.store.lock();
+    if store.fact(FACT_VERIFY_BEFORE)?.is_some() {
+        return Ok(());
+    }
+    let before = if store.ledger_is_empty()? {
+        tracing::info!(before = %now, "a fresh state file: calls that started before now are looked up in Bitrix24 before they are registered, so an earlier state's pushes are never repeated");
+        now
+    } else {
+        DateTime::<Utc>::UNIX_EPOCH
+    };
+    store.set_fact(FACT_VERIFY_BEFORE, &crate::store::ts(before), now)?;
+    Ok(())
+}
+
+/// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
+/// verify (statistics or ubsync's activities by date, 50 pages a request). When the listing is
+/// complete, a call it does not hold was never pushed (a task comes only after its call), so it
+/// is verified at once; a call it holds once continues from its listed record (its ids, its
+/// recording: a file, or a URL to check), so only a missed call's task is still looked up.
+/// Calls held twice, and every call when the listing is incomplete, are probed one by one.
+pub(super) async fn verify_by_listing(
+    ctx: &SyncCtx,
+    before: DateTime<Utc>,
+    s: &mut PassSummary,
+) -> Result<(), SyncError> {
+    let pending = ctx.store.lock().unverified(before)?;
+    let (Some(first), Some(last)) = (pending.first(), pending.last()) else {
+        return Ok(());
+    };
+    let (from, to) = (first.1, last.1 + Duration::seconds(1));
+    let (listed, complete) = reconcile::listed_in_bitrix24(ctx, from, to).await?;
+    if !complete {
+        return Ok(());
+    }
+    let now = ctx.clock.now();
+    let absent: Vec<String> = pending
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| !listed.contains_key(id))
+        .collect();
+    if !absent.is_empty() {
+        tracing::info!(calls = absent.len(), held = listed.len(), "Bitrix24 holds none of these calls (listed by date): they are pushed without a lookup each");
+        s.verified += absent.len() as u64;
+        ctx.store.lock().set_verified(&absent, now)?;
+    }
+    let once: HashSet<&str> = pending
+        .iter()
+        .filter(|(id, _)| listed.get(id).is_some_and(|r| r.len() == 1))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if once.is_empty() {
+        return Ok(());
+    }
+    let known = known_lines(ctx)?;
+    let items = ctx.store.lock().work_due(now + Duration::days(36500))?;
+    let mut rows = Vec::new();
+    for w in items
+        .iter()
+        .filter(|w| once.contains(w.ledger.call_id.as_str()))
+    {
+        let rec = &listed[&w.ledger.call_id][0];
+        let f = stored_facts(ctx, &known, &w.raw);
+        let mut l = w.ledger.clone();
+        ledger::take_entity(&mut l, rec);
+        match ctx.cfg.bitrix24.mode {
+            Mode::Telephony => {
+                l.b24_call_id = rec.call_id.clone();
+                l.b24_stat_id = rec.stat_id;
+                l.b24_activity_id = rec.activity_id;
+                if rec.record_file || rec.record_url {
+                    l.record_url = f.as_ref().and_then(|f| f.link.clone());
+                    l.record_check_at = (!rec.record_file && l.record_url.is_some())
+                        .then(|| now + secs(ctx.cfg.sync.record_check_after));
+                }
+            }
+            Mode::Activity => l.b24_activity_id = rec.activity_id,
+        }
+        l.stage = Stage::Finished;
+        // A missed call may have its task already: the probe looks for it before one is added.
+        if f.as_ref().is_some_and(|f| f.missed) && ctx.cfg.tasks.enabled {
+            l.task_in_flight_since = Some(w.started_at);
+        }
+        rows.push(l);
+    }
+    let ids: Vec<String> = rows.iter().map(|l| l.call_id.clone()).collect();
+    tracing::info!(
+        calls = ids.len(),
+        "Bitrix24 holds these calls once (listed by date): each continues from its record"
+    );
+    s.verified += ids.len() as u64;
+    ctx.store.lock().apply(&rows, &[], None, now)?;
+    ctx.store.lock().set_verified(&ids, now)?;
+    Ok(())
+}
