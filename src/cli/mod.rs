@@ -40,7 +40,6 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Exit code when an upstream is temporarily unavailable (EX_TEMPFAIL).
 pub const EXIT_TEMPFAIL: u8 = 75;
 
-
 /// Parses arguments, runs the command, prints any error, and returns the exit code.
 pub fn main() -> ExitCode {
     // Whatever the inherited umask, nothing ubsync creates (database, lock, reports,

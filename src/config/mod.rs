@@ -23,6 +23,7 @@ use crate::timezone::local_to_utc;
 mod raw;
 mod rules;
 mod validate;
+mod webhooks;
 
 use raw::RawConfig;
 use validate::Validator;

@@ -6,7 +6,7 @@ use super::*;
 /// Where a secret comes from, strongest first: its environment variable, the `*_file` key, a
 /// systemd credential (`LoadCredential=<name>:...`, read from `$CREDENTIALS_DIRECTORY/<name>`),
 /// then the inline key. Returns the value, or a problem reading a named file.
-fn secret_source(
+pub(super) fn secret_source(
     env: &Env,
     var: &str,
     file_key: Option<String>,
@@ -569,117 +569,7 @@ impl Validator {
             },
         };
         let rules = self.rules(raw.rules, b24_tz, base_dir, legacy);
-        let unitalk_secret = match secret_source(
-            env,
-            ENV_UNITALK_WEBHOOK_SECRET,
-            raw.webhooks.unitalk_secret_file.clone(),
-            "unitalk_webhook_secret",
-            raw.webhooks.unitalk_secret.clone(),
-        ) {
-            Ok(v) => v.filter(|k| !k.trim().is_empty()),
-            Err(e) => {
-                self.fail(
-                    "webhooks.unitalk_secret_file",
-                    e,
-                    "point it at a readable file holding only the secret",
-                );
-                None
-            }
-        };
-        if let Some(sec) = &unitalk_secret {
-            if sec.len() < 24
-                || !sec
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                self.fail(
-                    "webhooks.unitalk_secret",
-                    "must be at least 24 letters, digits, - or _ (it is the only credential of the webhook URL)",
-                    "generate one: openssl rand -hex 24",
-                );
-            }
-        }
-        let bitrix24_events = raw.webhooks.bitrix24_events.unwrap_or(false);
-        if bitrix24_events && mode != Mode::Telephony {
-            self.fail(
-                "webhooks.bitrix24_events",
-                "click-to-call and callback events need the local application (telephony mode)",
-                "set bitrix24.mode = \"telephony\" or turn the events off",
-            );
-        }
-        let bitrix24_handler = match raw.webhooks.bitrix24_handler.clone() {
-            Some(h) => match Url::parse(h.trim()) {
-                Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && b24_http) => Some(u),
-                Ok(u)
-                    if u.host_str()
-                        .is_some_and(|h| h == "127.0.0.1" || h == "localhost") =>
-                {
-                    Some(u)
-                }
-                _ => {
-                    self.fail(
-                        "webhooks.bitrix24_handler",
-                        format!("`{h}` is not an https:// address"),
-                        "give the public HTTPS address of your reverse proxy's /bitrix24/events",
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
-        let bitrix24_offline = match raw.webhooks.bitrix24_route.as_deref() {
-            None => raw.webhooks.bitrix24_handler.is_none(),
-            Some("offline") => true,
-            Some("online") => false,
-            Some(other) => {
-                self.fail(
-                    "webhooks.bitrix24_route",
-                    format!("`{other}` is not a route"),
-                    "use \"online\" (Bitrix24 posts to bitrix24_handler) or \"offline\" (ubsync polls event.offline.get; needs an administrator's tokens)",
-                );
-                false
-            }
-        };
-        if bitrix24_events && !bitrix24_offline && raw.webhooks.bitrix24_handler.is_none() {
-            self.fail(
-                "webhooks.bitrix24_handler",
-                "missing: the online route needs a public address Bitrix24 posts the events to",
-                "set it to https://<your reverse proxy>/bitrix24/events, or use bitrix24_route = \"offline\"",
-            );
-        }
-        let click_ttl = self.duration(
-            "webhooks.click_ttl",
-            raw.webhooks.click_ttl.clone(),
-            "10m",
-            ("1m", "25m"),
-        );
-        let webhooks = WebhooksConfig {
-            bitrix24_events,
-            bitrix24_offline,
-            bitrix24_handler,
-            application_token: raw
-                .webhooks
-                .application_token
-                .clone()
-                .filter(|t| !t.trim().is_empty())
-                .map(SecretString::from),
-            click_ttl,
-            callback_user_id: raw.webhooks.callback_user_id,
-            unitalk_secret: unitalk_secret.map(SecretString::from),
-            unitalk_id_field: raw
-                .webhooks
-                .unitalk_id_field
-                .clone()
-                .unwrap_or_else(|| "dbid".into()),
-            twin_slack_secs: self
-                .duration(
-                    "webhooks.twin_slack",
-                    raw.webhooks.twin_slack.clone(),
-                    "5s",
-                    ("0s", "5m"),
-                )
-                .as_secs() as i64,
-        };
+        let webhooks = self.webhooks(&raw.webhooks, env, mode, b24_http);
         if !self.problems.is_empty() {
             return None;
         }
