@@ -251,9 +251,10 @@ pub struct SyncConfig {
     /// (two commands per call instead of three). Bitrix24 documents the parameter as
     /// deprecated and reports no error when its download fails, so the file is proven from the
     /// call statistics `record_check_after` later, and the link sent again with attachRecord
-    /// when it is not there.
+    /// when it is not there (a portal that downloads none goes back to attachRecord for all).
     pub record_url_on_finish: bool,
-    /// How long after `finish` carried a link the statistics are read for the file.
+    /// How long after `finish` carried a link the statistics are read for the file (0: in the
+    /// same pass, right after the push, so a pass ends with every recording proven or re-sent).
     pub record_check_after: Duration,
 }
 

@@ -473,7 +473,7 @@ impl Validator {
         let record_check_after = self.duration(
             "sync.record_check_after",
             s.record_check_after.clone(),
-            "10m",
+            "0s",
             ("0s", "1day"),
         );
         let sweep_every = self.duration("sync.sweep_every", s.sweep_every, "5m", ("10s", "1day"));

@@ -7,7 +7,9 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::call::CallFacts;
-use super::plan::{attached, key, needs_recording, needs_task, record_url_in_finish, MAX_ATTEMPTS};
+use super::plan::{
+    attached, key, needs_recording, needs_task, record_url_in_finish, Portal, MAX_ATTEMPTS,
+};
 use crate::bitrix24::api::telephony::CallRecord;
 use crate::bitrix24::wire::{as_i64, BatchOutcome, ErrorBody};
 use crate::config::Config;
@@ -186,6 +188,7 @@ pub fn needs_activity_refresh(cfg: &Config, l: &LedgerRow, hash: &str) -> bool {
 /// is quarantined, the reason.
 pub fn record_chain(
     cfg: &Config,
+    portal: Portal,
     f: &CallFacts,
     mut l: LedgerRow,
     out: &BatchOutcome,
@@ -215,7 +218,7 @@ pub fn record_chain(
         if rec.call_id.is_some() {
             l.b24_call_id = rec.call_id;
         }
-        if record_url_in_finish(cfg, f) {
+        if record_url_in_finish(cfg, f, portal) {
             // Unproven: Bitrix24 reports no error when its download fails.
             l.record_url = f.link.clone();
             l.record_check_at = Some(now + super::secs(cfg.sync.record_check_after));
@@ -351,6 +354,11 @@ mod tests {
     use crate::sync::call::{classify, Disposition};
     use serde_json::{json, Value};
     use std::collections::HashSet;
+
+    const PORTAL: Portal = Portal {
+        attach_in_batch: true,
+        finish_takes_link: true,
+    };
 
     fn cfg() -> Config {
         crate::config::Config::parse(
@@ -501,7 +509,7 @@ mod tests {
             ),
         ];
         for (what, f, before, out, stage, recorded, attempts) in cases {
-            let (row, _) = record_chain(&cfg, f, before, &out, "h", now);
+            let (row, _) = record_chain(&cfg, PORTAL, f, before, &out, "h", now);
             assert_eq!(row.stage, stage, "{what}: {row:?}");
             assert_eq!(row.record_url.is_some(), recorded, "{what}");
             assert_eq!(row.attempts, attempts, "{what}");
@@ -531,17 +539,37 @@ mod tests {
             ],
             &[],
         );
-        let (row, reason) = record_chain(&cfg, &answered, LedgerRow::pending("7"), &out, "h", now);
+        let (row, reason) = record_chain(
+            &cfg,
+            PORTAL,
+            &answered,
+            LedgerRow::pending("7"),
+            &out,
+            "h",
+            now,
+        );
         assert_eq!(reason, None);
         assert_eq!(row.stage, Stage::Done);
         assert_eq!(row.record_url.as_deref(), Some("https://rec/7.mp3"));
-        assert_eq!(row.record_check_at, Some(now + Duration::minutes(10)));
+        assert_eq!(
+            row.record_check_at,
+            Some(now),
+            "checked in the same pass by default"
+        );
         // A finish that failed leaves nothing to check.
         let out = outcome(
             &[("r_7", json!({"CALL_ID": "externalCall.1"}))],
             &[("f_7", err("INTERNAL_SERVER_ERROR", "Internal error"))],
         );
-        let (row, _) = record_chain(&cfg, &answered, LedgerRow::pending("7"), &out, "h", now);
+        let (row, _) = record_chain(
+            &cfg,
+            PORTAL,
+            &answered,
+            LedgerRow::pending("7"),
+            &out,
+            "h",
+            now,
+        );
         assert_eq!(row.record_url, None);
         assert_eq!(row.record_check_at, None);
     }

@@ -370,12 +370,14 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     if opts.range.is_none() {
         followup::recheck_recordings(ctx, s).await?;
         followup::sweep_long_calls(ctx, cursor, s).await?;
-        if !opts.dry_run {
-            record_check::check_finish_records(ctx, s).await?;
-        }
     }
     push_due(ctx, opts, s).await?;
     if !opts.dry_run {
+        // Recordings sent in finish are proven now (or once `record_check_after` has passed);
+        // the ones Bitrix24 does not show go again, by attachRecord, in this pass.
+        if record_check::check_finish_records(ctx, s).await? > 0 {
+            push_due(ctx, opts, s).await?;
+        }
         followup::watch_new(ctx, s)?;
     }
     Ok(())

@@ -66,11 +66,16 @@ pub fn telephony_chain(
     f: &CallFacts,
     l: &LedgerRow,
     user_id: i64,
-    attach_in_batch: bool,
+    portal: Portal,
 ) -> Vec<Command> {
     // A link that arrives after finish; with attachRecord refused in batches it goes alone.
-    let attach_later = |call: &CallRef| attach_in_batch.then(|| attach_record(f, call)).flatten();
-    let link_in_finish = record_url_in_finish(cfg, f);
+    let attach_later = |call: &CallRef| {
+        portal
+            .attach_in_batch
+            .then(|| attach_record(f, call))
+            .flatten()
+    };
+    let link_in_finish = record_url_in_finish(cfg, f, portal);
     let finish = |call: CallRef| {
         api::telephony::Finish {
             call,
@@ -115,10 +120,22 @@ pub fn telephony_chain(
     }
 }
 
-/// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, and the link
-/// is known when the call is finished): two commands per call instead of three.
-pub fn record_url_in_finish(cfg: &Config, f: &CallFacts) -> bool {
+/// What the portal has shown it takes (portal facts, learnt as it answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Portal {
+    /// `attachRecord` inside a batch (some portals refuse file methods there).
+    pub attach_in_batch: bool,
+    /// `finish`'s `RECORD_URL` downloaded into a file (unknown counts as yes until a recording
+    /// check finds none of them).
+    pub finish_takes_link: bool,
+}
+
+/// Whether `finish` carries the recording link itself (`sync.record_url_on_finish`, a portal
+/// that downloads it, and the link known when the call is finished): two commands per call
+/// instead of three.
+pub fn record_url_in_finish(cfg: &Config, f: &CallFacts, portal: Portal) -> bool {
     cfg.sync.record_url_on_finish
+        && portal.finish_takes_link
         && cfg.recordings.delivery == crate::config::Delivery::Link
         && f.link.is_some()
 }

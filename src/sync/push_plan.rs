@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::call::CallFacts;
 use super::gather::{no_user_reason, user_for};
-use super::plan::{self, CallPlan};
+use super::plan::{self, CallPlan, Portal};
 use super::Due;
 use crate::bitrix24::api;
 use crate::bitrix24::batch::Command;
@@ -93,7 +93,7 @@ pub(super) fn plan_telephony(
     cfg: &Config,
     due: Vec<Due>,
     users: &HashMap<String, i64>,
-    attach_in_batch: bool,
+    portal: Portal,
 ) -> PushPlan {
     let mut out = PushPlan::default();
     for d in due {
@@ -105,7 +105,7 @@ pub(super) fn plan_telephony(
             out.refuse_no_user(&d);
             continue;
         };
-        let commands = plan::telephony_chain(cfg, &d.facts, l, user, attach_in_batch);
+        let commands = plan::telephony_chain(cfg, &d.facts, l, user, portal);
         if commands.is_empty() {
             continue;
         }
@@ -171,6 +171,11 @@ mod tests {
     use serde_json::json;
     use std::collections::HashSet;
 
+    const YES: Portal = Portal {
+        attach_in_batch: true,
+        finish_takes_link: true,
+    };
+
     fn cfg(extra: &str) -> Config {
         Config::parse(
             &format!("[unitalk]\napi_key=\"k\"\n[bitrix24]\nmode=\"telephony\"\nportal_url=\"https://p.bitrix24.ua\"\nclient_id=\"c\"\nclient_secret=\"s\"\n{extra}"),
@@ -230,7 +235,7 @@ mod tests {
             // No user for line 102 and no default user: quarantined, nothing sent.
             due(6, "ANSWER", None, "102", Stage::Pending),
         ];
-        let p = plan_telephony(&cfg(""), calls, &users, true);
+        let p = plan_telephony(&cfg(""), calls, &users, YES);
         let (reg, fin, att) = (
             "telephony.externalCall.register",
             "telephony.externalCall.finish",
@@ -259,22 +264,27 @@ mod tests {
             format!("call 1: {}", p.chains[0].plan.commands[0].encode())
         );
 
-        // Without RECORD_URL in finish, the recording is a third command of the chain; with
-        // attachRecord refused in batches, none goes in the chain at all.
+        // Without RECORD_URL in finish (configured off, or a portal that showed it does not
+        // download it), the recording is a third command of the chain; with attachRecord
+        // refused in batches, none goes in the chain at all.
+        let one = || vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)];
         let off = cfg("[sync]\nrecord_url_on_finish = false\n");
-        let p = plan_telephony(
-            &off,
-            vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)],
-            &users,
-            true,
-        );
+        let p = plan_telephony(&off, one(), &users, YES);
         assert_eq!(methods(&p, "1"), vec![reg, fin, att]);
-        let p = plan_telephony(
-            &off,
-            vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)],
-            &users,
-            false,
-        );
+        let ignored = Portal {
+            finish_takes_link: false,
+            ..YES
+        };
+        let p = plan_telephony(&cfg(""), one(), &users, ignored);
+        assert_eq!(methods(&p, "1"), vec![reg, fin, att]);
+        assert!(!p.chains[0].plan.commands[1]
+            .params
+            .contains_key("RECORD_URL"));
+        let refused = Portal {
+            attach_in_batch: false,
+            ..YES
+        };
+        let p = plan_telephony(&off, one(), &users, refused);
         assert_eq!(methods(&p, "1"), vec![reg, fin]);
     }
 }

@@ -12,13 +12,18 @@
 
 use chrono::{DateTime, Duration, Utc};
 
+use super::telephony::FACT_FINISH_TAKES_LINK;
 use super::{reconcile, PassSummary, SyncCtx, SyncError};
 use crate::config::Mode;
 
-/// Calls closer than this are checked with one listing.
-const MERGE_MINUTES: i64 = 15;
+/// Calls closer than this are checked with one listing (the rows between them are mostly
+/// ubsync's own calls, so one listing over them costs about what they need).
+const MERGE_MINUTES: i64 = 24 * 60;
 /// How much each range is widened on each side.
 const PAD_SECONDS: i64 = 60;
+/// A check must find at least this many links not downloaded (and none downloaded) before
+/// finish's links are given up on this portal.
+const MIN_TO_LEARN: usize = 3;
 /// At most this many ranges are listed per pass (the rest wait for the next).
 const MAX_RANGES: usize = 20;
 
@@ -39,18 +44,20 @@ pub fn ranges(starts: &[DateTime<Utc>]) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
 }
 
 /// Reads the statistics for the recordings whose check is due and settles each: proven, or
-/// back to `finished` for `attachRecord`.
+/// back to `finished` for `attachRecord`. A check that proves none of them teaches ubsync that
+/// this portal does not download `finish`'s link (the portal fact): later calls go with
+/// attachRecord. Returns how many recordings are to be sent again.
 pub(super) async fn check_finish_records(
     ctx: &SyncCtx,
     s: &mut PassSummary,
-) -> Result<(), SyncError> {
+) -> Result<usize, SyncError> {
     if ctx.cfg.bitrix24.mode != Mode::Telephony {
-        return Ok(());
+        return Ok(0);
     }
     let now = ctx.clock.now();
     let due = ctx.store.lock().record_checks_due(now)?;
     if due.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let starts: Vec<DateTime<Utc>> = due.iter().map(|(_, t)| *t).collect();
     let mut proven = Vec::new();
@@ -72,12 +79,35 @@ pub(super) async fn check_finish_records(
             "Bitrix24 holds no recording file for calls whose finish carried the link; sending the links again with attachRecord"
         );
     }
+    let now = ctx.clock.now();
+    let learnt = match (proven.is_empty(), unproven.is_empty()) {
+        (false, _) => Some("yes".to_string()),
+        // One or two dead links are no lesson about the portal.
+        (true, false) if unproven.len() >= MIN_TO_LEARN => {
+            tracing::warn!("this portal downloaded none of the recording links sent in finish: from now on every recording goes by attachRecord (if it only downloads slowly, give it time with sync.record_check_after, e.g. \"10m\": a new value tries finish's link again)");
+            Some(finish_refused(ctx))
+        }
+        _ => None,
+    };
     s.records_proven += proven.len() as u64;
     s.records_resent += unproven.len() as u64;
-    ctx.store
-        .lock()
-        .settle_record_checks(&proven, &unproven, ctx.clock.now())?;
-    Ok(())
+    let mut store = ctx.store.lock();
+    store.settle_record_checks(&proven, &unproven, now)?;
+    if let Some(v) = learnt {
+        store.set_fact(FACT_FINISH_TAKES_LINK, &v, now)?;
+    }
+    Ok(unproven.len())
+}
+
+/// The fact's value when finish's links were not downloaded: `no:<record_check_after in
+/// seconds>`, so a new `record_check_after` tries them again.
+fn finish_refused(ctx: &SyncCtx) -> String {
+    format!("no:{}", ctx.cfg.sync.record_check_after.as_secs())
+}
+
+/// Whether finish's links are worth sending, given the portal fact (see [`finish_refused`]).
+pub(super) fn finish_takes_link(ctx: &SyncCtx, fact: Option<&str>) -> bool {
+    fact != Some(finish_refused(ctx).as_str())
 }
 
 #[cfg(test)]
@@ -89,7 +119,8 @@ mod tests {
     fn neighbours_merge_and_far_calls_get_their_own_range() {
         let t =
             |m: i64| Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap() + Duration::minutes(m);
-        let r = ranges(&[t(0), t(10), t(20), t(120)]);
+        let day = 24 * 60;
+        let r = ranges(&[t(0), t(10), t(20), t(20 + day + 5)]);
         assert_eq!(r.len(), 2);
         assert_eq!(
             r[0],
@@ -98,8 +129,8 @@ mod tests {
         assert_eq!(
             r[1],
             (
-                t(120) - Duration::seconds(60),
-                t(120) + Duration::seconds(60)
+                t(20 + day + 5) - Duration::seconds(60),
+                t(20 + day + 5) + Duration::seconds(60)
             )
         );
         assert!(ranges(&[]).is_empty());

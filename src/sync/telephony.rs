@@ -8,6 +8,10 @@ use crate::config::Delivery;
 /// Fact: "no" once the portal refused `attachRecord` inside a batch.
 pub(super) const FACT_ATTACH_IN_BATCH: &str = "bitrix24.attach_record_in_batch";
 
+/// Fact: `no:<record_check_after>` once a recording check found none of the links sent in
+/// `finish` downloaded, `yes` once one was.
+pub(super) const FACT_FINISH_TAKES_LINK: &str = "bitrix24.finish_record_url";
+
 pub(super) async fn push_telephony(
     ctx: &SyncCtx,
     opts: &PassOptions,
@@ -19,7 +23,14 @@ pub(super) async fn push_telephony(
     // Uploaded recordings go one request each (a file is no batch parameter).
     let attach_in_batch = ctx.cfg.recordings.delivery == Delivery::Link
         && ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
-    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, attach_in_batch);
+    let portal = plan::Portal {
+        attach_in_batch,
+        finish_takes_link: record_check::finish_takes_link(
+            ctx,
+            ctx.store.lock().fact(FACT_FINISH_TAKES_LINK)?.as_deref(),
+        ),
+    };
+    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, portal);
     let (commands, batches) = planned.size();
     tracing::debug!(
         calls = planned.chains.len(),
@@ -73,7 +84,7 @@ pub(super) async fn push_telephony(
                 refused_in_batch = true;
             }
             accepted_in_batch |= out.results.contains_key(&plan::key("a", id));
-            let (row, reason) = plan::record_chain(cfg, f, l, out, hash, now);
+            let (row, reason) = plan::record_chain(cfg, portal, f, l, out, hash, now);
             if matches!(row.stage, Stage::Finished | Stage::Done)
                 && !matches!(before, Stage::Finished | Stage::Done)
             {

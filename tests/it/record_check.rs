@@ -40,17 +40,25 @@ fn scenario() -> Scenario {
     s
 }
 
-async fn env(downloads: bool) -> TestEnv {
+/// With `check_after`, the check waits that long (the default checks in the same pass).
+async fn env_after(downloads: bool, check_after: Option<&str>) -> TestEnv {
     let b24 = Bitrix24SimConfig {
         finish_record_downloads: downloads,
         ..Default::default()
     };
     let env = TestEnv::with(scenario(), b24, Clock::manual(t0())).await;
+    let after = check_after
+        .map(|a| format!("record_check_after = \"{a}\"\n"))
+        .unwrap_or_default();
     env.write_config(
         "telephony",
-        "[sync]\nstart = \"2026-11-22 12:00:00\"\n[tasks]\nenabled = false\n",
+        &format!("[sync]\nstart = \"2026-11-22 12:00:00\"\n{after}[tasks]\nenabled = false\n"),
     );
     env
+}
+
+async fn env(downloads: bool) -> TestEnv {
+    env_after(downloads, Some("10m")).await
 }
 
 /// The telephony commands the portal received since request number `from`.
@@ -217,6 +225,111 @@ async fn a_statistics_answer_that_proves_nothing_changes_nothing() {
         .filter(|r| r.status_code == "200")
         .all(|r| r.record_file_id.is_some()));
     assert_eq!(env.sims.bitrix24.calls().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_one_pass_ends_with_every_recording_proven() {
+    let env = env_after(true, None).await;
+    let ctx = env.ctx().await;
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (3, 0), "{s:?}");
+    let sent = telephony_commands(&env, 0);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        0,
+        "{sent:?}"
+    );
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
+    assert_eq!(
+        ctx.store
+            .lock()
+            .fact("bitrix24.finish_record_url")
+            .unwrap()
+            .as_deref(),
+        Some("yes")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portal_that_downloads_none_of_finishs_links_gets_attach_record_from_then_on() {
+    let env = env_after(false, None).await;
+    let ctx = env.ctx().await;
+    // One pass: the links went in finish, the check found no file, attachRecord sent them.
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.records_proven, s.records_resent), (0, 3), "{s:?}");
+    let sent = telephony_commands(&env, 0);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        3,
+        "{sent:?}"
+    );
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .filter(|r| r.status_code == "200")
+        .all(|r| r.record_file_id.is_some() && r.record_attachments == 1));
+    assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
+
+    // A later call goes with attachRecord in its chain, no RECORD_URL in finish, no check.
+    let mut more = scenario();
+    more.add_call(
+        n("2026-11-22 14:10:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        30,
+        Some("https://rec.example/late.mp3"),
+    );
+    env.sims
+        .unitalk
+        .add_calls([more.calls.last().unwrap().clone()]);
+    env.clock.advance(Duration::minutes(40));
+    let before = env.sims.bitrix24.requests().len();
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!(
+        (s.pushed, s.recordings, s.records_resent),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    let sent = telephony_commands(&env, before);
+    assert_eq!(
+        sent,
+        vec![
+            "telephony.externalcall.register",
+            "telephony.externalcall.finish",
+            "telephony.externalcall.attachrecord"
+        ]
+    );
+    let late = env.sims.bitrix24.stats().into_iter().last().unwrap();
+    assert!(late.record_file_id.is_some());
+
+    // A new record_check_after tries finish's link again.
+    env.edit_config(|c| c.replace("[sync]\n", "[sync]\nrecord_check_after = \"1m\"\n"));
+    let ctx = env.ctx().await;
+    more.add_call(
+        n("2026-11-22 14:50:00"),
+        "IN",
+        "380501112233",
+        &["101"],
+        "ANSWER",
+        30,
+        Some("https://rec.example/later.mp3"),
+    );
+    env.sims
+        .unitalk
+        .add_calls([more.calls.last().unwrap().clone()]);
+    env.clock.advance(Duration::minutes(40));
+    let before = env.sims.bitrix24.requests().len();
+    pass(&ctx).await.unwrap();
+    let sent = telephony_commands(&env, before);
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        0,
+        "{sent:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
