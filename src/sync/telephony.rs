@@ -1,5 +1,5 @@
-//! Telephony mode: register → finish → attachRecord chains, and standalone attachRecord for
-//! portals that refuse it inside a batch.
+//! Telephony mode: register → finish (with the link, or → attachRecord) chains, and standalone
+//! attachRecord for portals that refuse it inside a batch.
 
 use super::*;
 use crate::bitrix24::api::telephony::CallRef;
