@@ -36,6 +36,43 @@ fn children_peak_rss_mib() -> f64 {
     usage.ru_maxrss as f64 / 1024.0
 }
 
+/// Runs `ubsync sync` once; its stdout and how long it took, in seconds.
+async fn sync_once(bin: &str, config: &std::path::Path) -> (String, f64) {
+    let started = Instant::now();
+    let out = tokio::process::Command::new(bin)
+        .arg("-q")
+        .arg("--config")
+        .arg(config)
+        .arg("sync")
+        .output()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        elapsed,
+    )
+}
+
+/// Commands in the requests the portal answered with 200 (a batch counts its commands).
+fn commands_in(reqs: &[ubsync::sim::bitrix24::LoggedRequest]) -> usize {
+    reqs.iter()
+        .filter(|r| r.status == 200)
+        .map(|r| {
+            if r.method == "batch" {
+                r.commands.len()
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let calls = arg("--calls", 5000);
@@ -89,36 +126,12 @@ async fn main() {
 
     eprintln!("pushing {calls} calls in {mode} mode at burst 50, 2 requests/s ...");
     let before = sims.bitrix24.requests().len();
-    let started = Instant::now();
-    let out = tokio::process::Command::new(bin)
-        .arg("-q")
-        .arg("--config")
-        .arg(&config)
-        .arg("sync")
-        .output()
-        .await
-        .unwrap();
-    let elapsed = started.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (summary, elapsed) = sync_once(bin, &config).await;
     let peak_rss = children_peak_rss_mib();
 
     let reqs = &sims.bitrix24.requests()[before..];
     let requests = reqs.iter().filter(|r| r.status == 200).count();
-    let commands: usize = reqs
-        .iter()
-        .filter(|r| r.status == 200)
-        .map(|r| {
-            if r.method == "batch" {
-                r.commands.len()
-            } else {
-                1
-            }
-        })
-        .sum();
+    let commands = commands_in(reqs);
     let refused = reqs.iter().filter(|r| r.status == 503).count();
     let pushed = match mode {
         "telephony" => sims.bitrix24.stats().len(),
@@ -192,38 +205,14 @@ async fn main() {
     println!("  503s received                {refused}");
     println!("  most requests in any 10 s    {most_in_10s} (the cap is 50)");
     println!("  peak RSS of ubsync           {peak_rss:.1} MiB");
-    println!("  summary: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("  summary: {summary}");
 
     // The recording check of the calls this pass finished with their links (telephony).
     if mode == "telephony" && finish_link {
         let before = sims.bitrix24.requests().len();
-        let started = Instant::now();
-        let out = tokio::process::Command::new(bin)
-            .arg("-q")
-            .arg("--config")
-            .arg(&config)
-            .arg("sync")
-            .output()
-            .await
-            .unwrap();
-        let check_elapsed = started.elapsed().as_secs_f64();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (check_summary, check_elapsed) = sync_once(bin, &config).await;
         let reqs = &sims.bitrix24.requests()[before..];
-        let check_commands: usize = reqs
-            .iter()
-            .filter(|r| r.status == 200)
-            .map(|r| {
-                if r.method == "batch" {
-                    r.commands.len()
-                } else {
-                    1
-                }
-            })
-            .sum();
+        let check_commands = commands_in(reqs);
         println!(
             "  recording check (next pass)  {check_elapsed:.1} s, {} requests, {check_commands} commands",
             reqs.len()
@@ -232,9 +221,6 @@ async fn main() {
             "  calls/s with the check       {:.1}",
             pushed as f64 / (elapsed + check_elapsed)
         );
-        println!(
-            "  check summary: {}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+        println!("  check summary: {check_summary}");
     }
 }
