@@ -347,3 +347,34 @@ async fn with_record_url_on_finish_off_every_recording_goes_by_attach_record() {
     );
     assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_a_finish_with_its_link_is_probed_and_the_recording_still_proven() {
+    // The portal runs register + finish (links kept, not downloaded) and the answer is lost.
+    let env = env_after(false, None).await;
+    env.sims.bitrix24.inject(Fault::once(
+        Some("telephony.externalCall.finish"),
+        FaultKind::CommitThenDrop,
+    ));
+    let ctx = env.ctx().await;
+    let mut total = (0, 0);
+    for _ in 0..3 {
+        if let Ok(s) = pass(&ctx).await {
+            total.0 += s.probed;
+            total.1 += s.records_resent;
+        }
+        env.clock.advance(Duration::minutes(5));
+    }
+    assert!(total.0 > 0, "the lost batch was probed, not sent again");
+    assert_eq!(
+        total.1, 3,
+        "the probe found URLs without files: checked, sent again"
+    );
+    assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
+    let stats = env.sims.bitrix24.stats();
+    assert_eq!(stats.len(), 4);
+    for r in stats.iter().filter(|r| r.status_code == "200") {
+        assert!(r.record_file_id.is_some(), "{:?}", r.external_call_id);
+    }
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
+}
