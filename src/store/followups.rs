@@ -16,6 +16,13 @@ pub enum Watch {
     NotExpected,
 }
 
+/// A recording sent in `finish` whose check is due.
+pub struct RecordCheck {
+    pub call_id: String,
+    pub started_at: DateTime<Utc>,
+    pub due_since: DateTime<Utc>,
+}
+
 /// A call the watch has not judged yet.
 pub struct Candidate {
     pub call_id: String,
@@ -127,19 +134,21 @@ impl Store {
         Ok(())
     }
 
-    /// Calls whose recording went in `finish` and whose check is due: (id, start), oldest
-    /// first, at most 20,000 per pass.
-    pub fn record_checks_due(&self, now: DateTime<Utc>) -> Result<Vec<(String, DateTime<Utc>)>> {
+    /// Calls whose recording went in `finish` and whose check is due, oldest first, at most
+    /// 20,000 per pass.
+    pub fn record_checks_due(&self, now: DateTime<Utc>) -> Result<Vec<RecordCheck>> {
         let mut st = self.conn.prepare(
-            "SELECT l.call_id, c.started_at FROM ledger l JOIN calls c ON c.call_id = l.call_id
+            "SELECT l.call_id, c.started_at, l.record_check_at FROM ledger l
+               JOIN calls c ON c.call_id = l.call_id
              WHERE l.record_check_at IS NOT NULL AND l.record_check_at <= ?1
              ORDER BY c.started_at LIMIT 20000",
         )?;
         let rows = st.query_map([ts(now)], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                parse_ts(&r.get::<_, String>(1)?).unwrap_or_default(),
-            ))
+            Ok(RecordCheck {
+                call_id: r.get(0)?,
+                started_at: parse_ts(&r.get::<_, String>(1)?).unwrap_or_default(),
+                due_since: parse_ts(&r.get::<_, String>(2)?).unwrap_or_default(),
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

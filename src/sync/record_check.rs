@@ -21,6 +21,9 @@ use crate::config::Mode;
 const MERGE_MINUTES: i64 = 24 * 60;
 /// How much each range is widened on each side.
 const PAD_SECONDS: i64 = 60;
+/// How long a check may stay unproven for want of a readable listing before the recordings
+/// are sent again anyway.
+const GIVE_UP_MINUTES: i64 = 30;
 /// A check must find at least this many links not downloaded (and none downloaded) before
 /// finish's links are given up on this portal.
 const MIN_TO_LEARN: usize = 3;
@@ -59,19 +62,37 @@ pub(super) async fn check_finish_records(
     if due.is_empty() {
         return Ok(0);
     }
-    let starts: Vec<DateTime<Utc>> = due.iter().map(|(_, t)| *t).collect();
+    let starts: Vec<DateTime<Utc>> = due.iter().map(|c| c.started_at).collect();
     let mut proven = Vec::new();
     let mut unproven = Vec::new();
+    // Due this long with no listing that proves anything: sent again all the same (attachRecord
+    // replaces), so a portal whose statistics cannot be read never strands a recording.
+    let mut overdue = Vec::new();
+    let give_up = now - Duration::minutes(GIVE_UP_MINUTES);
     for (from, to) in ranges(&starts).into_iter().take(MAX_RANGES) {
         let (listed, complete) = reconcile::listed_in_bitrix24(ctx, from, to).await?;
-        for (id, _) in due.iter().filter(|(_, t)| *t >= from && *t < to) {
-            let rows = listed.get(id).map(Vec::as_slice).unwrap_or_default();
+        for c in due
+            .iter()
+            .filter(|c| c.started_at >= from && c.started_at < to)
+        {
+            let rows = listed
+                .get(&c.call_id)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             if rows.iter().any(|r| r.record_file) {
-                proven.push(id.clone());
+                proven.push(c.call_id.clone());
             } else if complete {
-                unproven.push(id.clone());
+                unproven.push(c.call_id.clone());
+            } else if c.due_since < give_up {
+                overdue.push(c.call_id.clone());
             }
         }
+    }
+    if !overdue.is_empty() {
+        tracing::warn!(
+            calls = overdue.len(),
+            "the call statistics could not be read for {GIVE_UP_MINUTES} minutes: sending these recordings again with attachRecord unproven"
+        );
     }
     if !unproven.is_empty() {
         tracing::warn!(
@@ -80,6 +101,8 @@ pub(super) async fn check_finish_records(
         );
     }
     let now = ctx.clock.now();
+    // Statistics that cannot be read for long prove nothing either: attachRecord proves itself.
+    unproven.extend(overdue);
     let learnt = match (proven.is_empty(), unproven.is_empty()) {
         (false, _) => Some("yes".to_string()),
         // One or two dead links are no lesson about the portal.

@@ -378,3 +378,41 @@ async fn a_lost_answer_to_a_finish_with_its_link_is_probed_and_the_recording_sti
     }
     assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_that_cannot_be_read_never_strand_a_recording() {
+    let env = env_after(false, Some("1m")).await;
+    let ctx = env.ctx().await;
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!((s.pushed, s.records_resent), (4, 0), "{s:?}");
+    // Every statistics listing is answered without its result, for a long while.
+    let nothing = || {
+        FaultKind::CommitThenAnswer {
+        status: 200,
+        body: r#"{"result":{"result":[],"result_error":[],"result_total":[],"result_next":[],"result_time":[]},"time":{}}"#.into(),
+    }
+    };
+    env.sims.bitrix24.inject(Fault::times(
+        Some("voximplant.statistic.get"),
+        nothing(),
+        1000,
+    ));
+    env.clock.advance(Duration::minutes(10));
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!(s.records_resent, 0, "not yet: {s:?}");
+    env.clock.advance(Duration::minutes(25));
+    let s = pass(&ctx).await.unwrap();
+    assert_eq!(
+        s.records_resent, 3,
+        "sent again unproven after 30 minutes: {s:?}"
+    );
+    assert!(env
+        .sims
+        .bitrix24
+        .stats()
+        .iter()
+        .filter(|r| r.status_code == "200")
+        .all(|r| r.record_file_id.is_some()));
+    assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
+    assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
+}
