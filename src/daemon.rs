@@ -52,6 +52,8 @@ pub struct Metrics {
     limiter_wait: Counter<f64, AtomicU64>,
     unitalk_units: Counter,
     cursor_lag: Gauge,
+    /// Recordings sent in `finish` that the call statistics have not proven yet.
+    recordings_unproven: Gauge,
     /// With webhooks on: calls by the path that saw them first (`webhook`, `poll`: the poller's
     /// are the ones webhooks missed or had not delivered yet).
     first_seen: Family<PathLabel, Gauge>,
@@ -79,6 +81,7 @@ impl Default for Metrics {
             limiter_wait: Counter::default(),
             unitalk_units: Counter::default(),
             cursor_lag: Gauge::default(),
+            recordings_unproven: Gauge::default(),
             first_seen: Family::default(),
             registry: Registry::default(),
         };
@@ -146,6 +149,11 @@ impl Default for Metrics {
             "cursor_lag_seconds",
             "How far the sync cursor is behind now",
             m.cursor_lag.clone(),
+        );
+        registry.register(
+            "recordings_unproven",
+            "Recordings sent in finish that the call statistics have not shown as files yet",
+            m.recordings_unproven.clone(),
         );
         // Every series from the start, at zero: a dashboard or alert sees "none yet", not nothing.
         for job in [JobKind::Sync, JobKind::Lines, JobKind::Reconcile] {
@@ -267,6 +275,9 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
                 .get_or_create(&PathLabel { path })
                 .set(n);
         }
+    }
+    if let Ok(n) = sh.ctx.store.lock().record_checks_pending() {
+        sh.metrics.recordings_unproven.set(n);
     }
     if let Ok(Some(c)) = sh.ctx.store.lock().cursor(HISTORY_STREAM) {
         sh.metrics

@@ -559,6 +559,7 @@ async fn the_daemon_runs_its_schedule_serves_health_and_metrics_holds_the_lock_a
         "ubsync_calls_pushed_total 3",
         "ubsync_tasks_created_total 1",
         "ubsync_cursor_lag_seconds",
+        "ubsync_recordings_unproven 0",
         "ubsync_last_success_timestamp_seconds{job=\"sync\"}",
         "ubsync_bitrix24_requests_total",
         "ubsync_unitalk_request_units_total",
