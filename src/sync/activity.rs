@@ -202,50 +202,9 @@ pub(super) async fn push_activity(
         }
     }
 
-    let mut plans = Vec::new();
-    let mut facts: HashMap<String, (CallFacts, String)> = HashMap::new();
-    let mut skipped = Vec::new();
-    let mut script_failed = Vec::new();
-    for d in fresh {
-        let Some(entity) = entities.get(&d.facts.client_number).cloned() else {
-            if !cfg.rules.leads.create.allows(d.facts.way) {
-                let mut l = d.item.ledger.clone();
-                l.stage = Stage::Skipped;
-                l.reason = Some(format!(
-                    "no CRM entity has this number and leads are not created for {} calls (rules.leads.create)",
-                    if d.facts.way == super::call::Way::In { "incoming" } else { "outgoing" }
-                ));
-                skipped.push(l);
-            }
-            continue;
-        };
-        let user = user_for(&ctx.cfg, &d.facts, users).expect("checked above");
-        let mut l = d.item.ledger.clone();
-        l.responsible_id = Some(user);
-        l.crm_entity_type = Some(entity.kind.clone());
-        l.crm_entity_id = Some(entity.id);
-        let command = plan::activity_add(cfg, &d.facts, &entity, user, operator_name(&d.facts));
-        let commands = match scripted(&ctx.cfg, &d.facts, &d.item.raw, vec![command]) {
-            Ok(c) => c,
-            Err(e) => {
-                script_failed.push((d, e));
-                continue;
-            }
-        };
-        facts.insert(
-            d.facts.id.clone(),
-            (d.facts.clone(), d.item.content_hash.clone()),
-        );
-        plans.push(Chain {
-            plan: CallPlan {
-                call_id: d.facts.id.clone(),
-                commands,
-            },
-            row: l,
-            non_idempotent: true,
-        });
-    }
-    settle_script_errors(ctx, opts, s, script_failed, now)?;
+    let planned = push_plan::plan_activity(cfg, fresh, &entities, users);
+    let (plans, facts, skipped) = (planned.chains, planned.facts, planned.skips);
+    settle_quarantines(ctx, opts, s, planned.quarantines, now)?;
     if opts.dry_run {
         s.plan
             .extend(plans.iter().flat_map(|c| describe_plan(&c.plan)));

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::call::CallFacts;
 use super::gather::{no_user_reason, user_for};
-use super::plan::{self, CallPlan, Portal};
+use super::plan::{self, CallPlan, Entity, Portal};
 use super::Due;
 use crate::bitrix24::api;
 use crate::bitrix24::batch::Command;
@@ -32,6 +32,8 @@ pub(super) struct PushPlan {
     /// Each planned call's facts and content hash (to record its outcome).
     pub facts: HashMap<String, (CallFacts, String)>,
     pub quarantines: Vec<(LedgerRow, NewQuarantine)>,
+    /// Calls that need nothing in Bitrix24, with the row that says why (`skipped`).
+    pub skips: Vec<LedgerRow>,
 }
 
 impl PushPlan {
@@ -165,6 +167,52 @@ pub(super) fn scripted(
     Ok(commands)
 }
 
+/// Activity mode's plan for new calls, once their clients' CRM entities are known (looked up,
+/// or created as leads): one `crm.activity.add` each. A call whose number has no entity waits
+/// for its lead, or is skipped when leads are not created for its direction.
+pub(super) fn plan_activity(
+    cfg: &Config,
+    fresh: Vec<Due>,
+    entities: &HashMap<String, Entity>,
+    users: &HashMap<String, i64>,
+) -> PushPlan {
+    let mut out = PushPlan::default();
+    for d in fresh {
+        let Some(entity) = entities.get(&d.facts.client_number) else {
+            if !cfg.rules.leads.create.allows(d.facts.way) {
+                let mut l = d.item.ledger.clone();
+                l.stage = Stage::Skipped;
+                l.reason = Some(format!(
+                    "no CRM entity has this number and leads are not created for {} calls (rules.leads.create)",
+                    if d.facts.way == super::call::Way::In { "incoming" } else { "outgoing" }
+                ));
+                out.skips.push(l);
+            }
+            continue;
+        };
+        let Some(user) = user_for(cfg, &d.facts, users) else {
+            out.refuse_no_user(&d);
+            continue;
+        };
+        let mut row = d.item.ledger.clone();
+        row.responsible_id = Some(user);
+        row.crm_entity_type = Some(entity.kind.clone());
+        row.crm_entity_id = Some(entity.id);
+        let command = plan::activity_add(
+            cfg,
+            &d.facts,
+            entity,
+            user,
+            d.facts.operator_line.as_deref(),
+        );
+        match scripted(cfg, &d.facts, &d.item.raw, vec![command]) {
+            Ok(commands) => out.add(&d, commands, row),
+            Err(e) => out.refuse_script(&d, e),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +334,61 @@ mod tests {
         };
         let p = plan_telephony(&off, one(), &users, refused);
         assert_eq!(methods(&p, "1"), vec![reg, fin]);
+    }
+
+    #[test]
+    fn an_activity_is_planned_for_a_known_client_and_an_unknown_one_waits_or_is_skipped() {
+        let activity = |create: bool| {
+            Config::parse(
+                &format!("[unitalk]\napi_key=\"k\"\n[bitrix24]\nmode=\"activity\"\nwebhook_url=\"https://p.bitrix24.ua/rest/1/x/\"\n[activity]\ncreate_leads = {create}\n"),
+                std::path::Path::new("/x.toml"),
+                &Default::default(),
+            )
+            .unwrap()
+        };
+        let users: HashMap<String, i64> = [("101".to_string(), 5)].into();
+        let known = due(
+            1,
+            "ANSWER",
+            Some("https://rec/1.mp3"),
+            "101",
+            Stage::Pending,
+        );
+        let entities: HashMap<String, Entity> = [(
+            known.facts.client_number.clone(),
+            Entity {
+                kind: "CONTACT".into(),
+                id: 797,
+            },
+        )]
+        .into();
+        let p = plan_activity(&activity(true), vec![known], &entities, &users);
+        assert_eq!(methods(&p, "1"), vec!["crm.activity.add"]);
+        let fields = &p.chains[0].plan.commands[0].params["fields"];
+        assert_eq!(
+            (fields["OWNER_TYPE_ID"].clone(), fields["OWNER_ID"].clone()),
+            (json!(3), json!(797))
+        );
+        assert_eq!(fields["ORIGIN_ID"], json!("unitalk-1"));
+        assert_eq!(p.chains[0].row.crm_entity_id, Some(797));
+        assert!(
+            p.chains[0].non_idempotent,
+            "probed by ORIGIN_ID before any resend"
+        );
+
+        let unknown = || vec![due(2, "ANSWER", None, "101", Stage::Pending)];
+        let p = plan_activity(&activity(true), unknown(), &HashMap::new(), &users);
+        assert!(
+            p.chains.is_empty() && p.skips.is_empty(),
+            "waits for its lead"
+        );
+        let p = plan_activity(&activity(false), unknown(), &HashMap::new(), &users);
+        assert_eq!(p.skips.len(), 1);
+        assert_eq!(p.skips[0].stage, Stage::Skipped);
+        assert!(p.skips[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("rules.leads.create"));
     }
 }
