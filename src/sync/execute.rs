@@ -306,6 +306,9 @@ pub(super) fn settle_quarantines(
         }));
         return Ok(());
     }
+    for (l, q) in &quarantines {
+        tracing::warn!(call = %l.call_id, reason = %q.reason, "call quarantined, nothing sent");
+    }
     let (rows, entries): (Vec<LedgerRow>, Vec<NewQuarantine>) = quarantines.into_iter().unzip();
     s.quarantined += entries.len() as u64;
     ctx.store.lock().apply(&rows, &entries, None, now)?;

@@ -48,7 +48,6 @@ impl PushPlan {
 
     /// A call the rules script refused: quarantined with the script's message.
     pub fn refuse_script(&mut self, d: &Due, reason: String) {
-        tracing::warn!(call = %d.facts.id, %reason, "the rules script failed; the call is quarantined");
         self.quarantines
             .push(quarantine_item(&d.item, "unitalk", reason));
     }
