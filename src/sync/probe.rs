@@ -1,7 +1,7 @@
 //! Probing calls whose outcome is unknown: looked up in Bitrix24 (statistics by
 //! `EXTERNAL_CALL_ID`, activities by `ORIGIN_ID`, tasks) and continued from what is found.
 
-use super::ledger::take_entity;
+use super::ledger::found_in_statistics;
 use super::*;
 use crate::bitrix24::api::{tasks::TaskRow, telephony::CallRecord};
 
@@ -82,19 +82,12 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
             l.in_flight_since = None;
             match (hit, ctx.cfg.bitrix24.mode) {
                 (Some(row), Mode::Telephony) => {
-                    let rec = CallRecord::decode(&row);
-                    take_entity(&mut l, &rec);
-                    l.b24_call_id = rec.call_id.or(l.b24_call_id);
-                    l.b24_stat_id = rec.stat_id;
-                    l.b24_activity_id = rec.activity_id;
-                    // A file proves the recording; a URL alone is what finish was given (its
-                    // download is checked later, see `record_check.rs`).
-                    if rec.record_file || rec.record_url {
-                        l.record_url = stored_facts(ctx, &known, &w.raw).and_then(|f| f.link);
-                        l.record_check_at = (!rec.record_file && l.record_url.is_some())
-                            .then(|| now + secs(ctx.cfg.sync.record_check_after));
-                    }
-                    l.stage = Stage::Finished;
+                    l = found_in_statistics(
+                        l,
+                        &CallRecord::decode(&row),
+                        stored_facts(ctx, &known, &w.raw).and_then(|f| f.link),
+                        now + secs(ctx.cfg.sync.record_check_after),
+                    );
                 }
                 (Some(row), Mode::Activity) => {
                     l.b24_activity_id = api::crm::activity_id(&row);

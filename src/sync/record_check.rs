@@ -3,12 +3,14 @@
 //! With `sync.record_url_on_finish` (the default), a link known when a call is finished goes in
 //! `finish` itself: two commands per call instead of three. Bitrix24 documents that parameter as
 //! deprecated and reports no error when its download fails, so such a recording is unproven
-//! (`record_check_at` in the ledger). `sync.record_check_after` later, the call statistics over
-//! the calls' time ranges are read (50 calls a command, 50 pages a request) and a row's
-//! `RECORD_FILE_ID` proves the file; a complete listing without it sends the link again with
-//! `attachRecord`, which does report errors (the call goes back to `finished` without a
-//! recording, and the ordinary push attaches it). An incomplete listing proves nothing either
-//! way: the calls stay due.
+//! (`record_check_at` in the ledger). Right after the push (or `sync.record_check_after` later)
+//! the call statistics over the calls' time ranges are read (50 calls a command, 50 pages a
+//! request) and a row's `RECORD_FILE_ID` proves the file; a complete listing without it sends
+//! the link again with `attachRecord`, which does report errors (the call goes back to
+//! `finished` without a recording, and the pass pushes again). An incomplete listing proves
+//! nothing either way: the calls stay due, for 30 minutes, and are then sent again unproven.
+//! A check that finds none of three or more links downloaded turns finish's link off for this
+//! portal (the fact `bitrix24.finish_record_url`).
 
 use chrono::{DateTime, Duration, Utc};
 

@@ -68,22 +68,19 @@ pub(super) async fn verify_by_listing(
     {
         let rec = &listed[&w.ledger.call_id][0];
         let f = stored_facts(ctx, &known, &w.raw);
-        let mut l = w.ledger.clone();
-        ledger::take_entity(&mut l, rec);
-        match ctx.cfg.bitrix24.mode {
-            Mode::Telephony => {
-                l.b24_call_id = rec.call_id.clone();
-                l.b24_stat_id = rec.stat_id;
-                l.b24_activity_id = rec.activity_id;
-                if rec.record_file || rec.record_url {
-                    l.record_url = f.as_ref().and_then(|f| f.link.clone());
-                    l.record_check_at = (!rec.record_file && l.record_url.is_some())
-                        .then(|| now + secs(ctx.cfg.sync.record_check_after));
-                }
-            }
-            Mode::Activity => l.b24_activity_id = rec.activity_id,
-        }
-        l.stage = Stage::Finished;
+        let mut l = match ctx.cfg.bitrix24.mode {
+            Mode::Telephony => ledger::found_in_statistics(
+                w.ledger.clone(),
+                rec,
+                f.as_ref().and_then(|f| f.link.clone()),
+                now + secs(ctx.cfg.sync.record_check_after),
+            ),
+            Mode::Activity => LedgerRow {
+                b24_activity_id: rec.activity_id,
+                stage: Stage::Finished,
+                ..w.ledger.clone()
+            },
+        };
         // A missed call may have its task already: the probe looks for it before one is added.
         if f.as_ref().is_some_and(|f| f.missed) && ctx.cfg.tasks.enabled {
             l.task_in_flight_since = Some(w.started_at);

@@ -223,8 +223,9 @@ async fn show_tells_one_calls_story_and_runs_lists_the_run_log() {
     assert!(text(&none).contains("no runs"), "{}", text(&none));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
+/// The scenario plus an answered call on inner line 109, which no Bitrix24 user has, and no
+/// default user: the call can only be quarantined. Returns its id.
+async fn env_with_a_call_nobody_takes() -> (TestEnv, u64) {
     let mut s = scenario();
     let stuck = s.add_call(
         at("12:00:00"),
@@ -237,6 +238,12 @@ async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
     );
     let env = env(s).await;
     env.edit_config(|t| t.replace("default_user_id = 1\n", ""));
+    (env, stuck)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_releases_a_quarantined_call_once_its_cause_is_fixed() {
+    let (env, stuck) = env_with_a_call_nobody_takes().await;
     let out = env.ubsync(&["sync"]).await;
     assert!(text(&out).contains("quarantined 1"), "{}", text(&out));
     let status = env.ubsync(&["status"]).await;
@@ -733,18 +740,7 @@ async fn the_daemon_keeps_working_and_stops_on_sigterm_when_its_stderr_and_stdou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_lists_the_calls_it_would_quarantine_and_quarantines_none() {
-    let mut s = scenario();
-    let stuck = s.add_call(
-        at("12:00:00"),
-        "IN",
-        "380501112233",
-        &["109"],
-        "ANSWER",
-        5,
-        None,
-    );
-    let env = env(s).await;
-    env.edit_config(|t| t.replace("default_user_id = 1\n", ""));
+    let (env, stuck) = env_with_a_call_nobody_takes().await;
     // A first dry run creates the store; the second must leave it byte-identical.
     let first = env.ubsync(&["sync", "--dry-run"]).await;
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));

@@ -76,6 +76,16 @@ fn telephony_commands(env: &TestEnv, from: usize) -> Vec<String> {
         .collect()
 }
 
+/// Whether every answered call's statistics row holds a recording file.
+fn answered_have_files(env: &TestEnv) -> bool {
+    env.sims
+        .bitrix24
+        .stats()
+        .iter()
+        .filter(|r| r.status_code == "200")
+        .all(|r| r.record_file_id.is_some())
+}
+
 fn count(commands: &[String], method: &str) -> usize {
     commands.iter().filter(|c| c.as_str() == method).count()
 }
@@ -217,13 +227,7 @@ async fn a_statistics_answer_that_proves_nothing_changes_nothing() {
     env.clock.advance(Duration::minutes(1));
     let s = pass(&ctx).await.unwrap();
     assert_eq!((s.records_proven, s.records_resent), (0, 3), "{s:?}");
-    assert!(env
-        .sims
-        .bitrix24
-        .stats()
-        .iter()
-        .filter(|r| r.status_code == "200")
-        .all(|r| r.record_file_id.is_some()));
+    assert!(answered_have_files(&env));
     assert_eq!(env.sims.bitrix24.calls().len(), 4);
 }
 
@@ -406,13 +410,7 @@ async fn statistics_that_cannot_be_read_never_strand_a_recording() {
         s.records_resent, 3,
         "sent again unproven after 30 minutes: {s:?}"
     );
-    assert!(env
-        .sims
-        .bitrix24
-        .stats()
-        .iter()
-        .filter(|r| r.status_code == "200")
-        .all(|r| r.record_file_id.is_some()));
+    assert!(answered_have_files(&env));
     assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
     assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
 }
