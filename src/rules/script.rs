@@ -3,8 +3,10 @@
 //! `register(call, params)`, `finish(call, params)`, `task(call, fields)`,
 //! `activity(call, fields)` (name the parameters anything but `call`, a rhai keyword: `c`) —
 //! each receiving the call (and the planned fields) as maps and
-//! returning the changed ones. Sandboxed: rhai has no file or network access; an operation limit,
-//! size limits and a time limit bound every run; `print` goes to the log. A script error
+//! returning the changed ones. Sandboxed: `import` and `eval` do not compile and no module
+//! resolver is installed, so a script reaches no file and no network; an operation limit,
+//! size limits and a time limit bound every run; `print` goes to the log (20 lines of 500
+//! characters a run at most). A script error
 //! quarantines that call with the script's message; it never stops the pass.
 
 use std::collections::HashSet;
@@ -36,6 +38,8 @@ pub struct Script {
     engine: Arc<Engine>,
     /// When the running function started (the engine's progress callback reads it).
     started: Arc<std::sync::Mutex<Instant>>,
+    /// Lines printed by the running function (reset at each run).
+    prints: Arc<std::sync::atomic::AtomicU32>,
     ast: Arc<AST>,
     path: PathBuf,
     defined: HashSet<&'static str>,
@@ -50,8 +54,49 @@ impl std::fmt::Debug for Script {
     }
 }
 
-fn engine(max_operations: u64, started: Arc<std::sync::Mutex<Instant>>) -> Engine {
+/// Lines of `print`/`debug` one function run may write to the log; more are dropped (with one
+/// line saying so), so a script cannot flood the journal.
+const PRINT_LINES: u32 = 20;
+/// Characters of one printed line kept in the log.
+const PRINT_CHARS: usize = 500;
+
+/// The symbols a script may not use, each a way out of the sandbox: `import` loads a file
+/// (rhai's default resolver reads `NAME.rhai` beside the working directory, or any absolute
+/// path), `eval` compiles text at run time past every check made at load.
+const DISABLED: &[(&str, &str)] = &[
+    ("import", "a script cannot import modules (no file access)"),
+    ("eval", "a script cannot eval text (everything is compiled at load)"),
+];
+
+/// One printed line for the log: cut to `PRINT_CHARS`, and counted against `PRINT_LINES`.
+fn printed(printed: &std::sync::atomic::AtomicU32, text: &str) -> Option<String> {
+    let n = printed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n > PRINT_LINES {
+        return None;
+    }
+    if n == PRINT_LINES {
+        return Some(format!(
+            "(further output of this run dropped: at most {PRINT_LINES} lines a run)"
+        ));
+    }
+    let mut line: String = text.chars().take(PRINT_CHARS).collect();
+    if line.len() < text.len() {
+        line.push('…');
+    }
+    Some(line)
+}
+
+fn engine(
+    max_operations: u64,
+    started: Arc<std::sync::Mutex<Instant>>,
+    prints: Arc<std::sync::atomic::AtomicU32>,
+) -> Engine {
     let mut e = Engine::new();
+    // No module may be loaded from anywhere, whatever `import` is spelled as.
+    e.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    for (symbol, _) in DISABLED {
+        e.disable_symbol(*symbol);
+    }
     e.on_progress(move |_| {
         let since = started.lock().map(|t| t.elapsed()).unwrap_or_default();
         (since > TIME_LIMIT).then(|| Dynamic::from("time limit"))
@@ -62,8 +107,17 @@ fn engine(max_operations: u64, started: Arc<std::sync::Mutex<Instant>>) -> Engin
     e.set_max_string_size(256 * 1024);
     e.set_max_array_size(10_000);
     e.set_max_map_size(10_000);
-    e.on_print(|s| tracing::info!(target: "ubsync::script", "{s}"));
-    e.on_debug(|s, _, _| tracing::debug!(target: "ubsync::script", "{s}"));
+    let p = prints.clone();
+    e.on_print(move |s| {
+        if let Some(line) = printed(&p, s) {
+            tracing::info!(target: "ubsync::script", "{line}")
+        }
+    });
+    e.on_debug(move |s, _, _| {
+        if let Some(line) = printed(&prints, s) {
+            tracing::debug!(target: "ubsync::script", "{line}")
+        }
+    });
     e
 }
 
@@ -93,10 +147,16 @@ impl Script {
         let source = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
         let started = Arc::new(std::sync::Mutex::new(Instant::now()));
-        let engine = engine(max_operations, started.clone());
-        let ast = engine
-            .compile(&source)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let prints = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let engine = engine(max_operations, started.clone(), prints.clone());
+        let ast = engine.compile(&source).map_err(|e| {
+            let why = DISABLED
+                .iter()
+                .find(|(symbol, _)| e.to_string().contains(&format!("'{symbol}'")))
+                .map(|(_, why)| format!(": {why}"))
+                .unwrap_or_default();
+            format!("{}: {e}{why}", path.display())
+        })?;
         let mut defined = HashSet::new();
         for f in ast.iter_functions() {
             if let Some((name, arity)) = STAGES.iter().find(|(n, _)| *n == f.name) {
@@ -113,6 +173,7 @@ impl Script {
         Ok(Self {
             engine: Arc::new(engine),
             started,
+            prints,
             ast: Arc::new(ast),
             path: path.to_path_buf(),
             defined,
@@ -127,6 +188,7 @@ impl Script {
         if let Ok(mut t) = self.started.lock() {
             *t = Instant::now();
         }
+        self.prints.store(0, std::sync::atomic::Ordering::Relaxed);
         let mut scope = Scope::new();
         self.engine
             .call_fn::<Dynamic>(&mut scope, &self.ast, stage, args)
@@ -285,5 +347,66 @@ mod tests {
         // No file access: rhai has no such function.
         let s = script(r#"fn filter(c) { open_file("/etc/passwd") }"#).unwrap();
         assert!(s.filter(&call()).is_err());
+    }
+
+    #[test]
+    fn no_import_of_any_file_compiles_relative_or_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.rhai");
+        std::fs::write(&secret, "export const token = \"s3cr3t\";").unwrap();
+        let relative = dir.path().join("rel.rhai");
+        std::fs::write(
+            &relative,
+            "import \"secret\" as s;\nfn filter(c) { s::token }",
+        )
+        .unwrap();
+        let absolute = dir.path().join("abs.rhai");
+        std::fs::write(
+            &absolute,
+            format!(
+                "fn filter(c) {{ import \"{}\" as s; s::token }}",
+                secret.with_extension("").display()
+            ),
+        )
+        .unwrap();
+        let rel = Script::load(&relative, 10_000);
+        let abs = Script::load(&absolute, 10_000);
+        for e in [rel.unwrap_err(), abs.unwrap_err()] {
+            assert!(e.contains("cannot import modules"), "{e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn eval_recursion_and_huge_values_are_bounded() {
+        let e = script(r#"fn filter(c) { eval("true") }"#).unwrap_err();
+        assert!(e.contains("cannot eval"), "{e}");
+        let s = script("fn f(n) { f(n + 1) } fn filter(c) { f(0) }").unwrap();
+        assert!(s.filter(&call()).is_err(), "deep recursion stops");
+        let s = script(r#"fn filter(c) { let s = "x"; loop { s += s; } }"#).unwrap();
+        assert!(s.filter(&call()).is_err(), "a string cannot grow without end");
+        let s = script("fn filter(c) { let a = []; loop { a.push(1); } }").unwrap();
+        assert!(s.filter(&call()).is_err(), "an array cannot grow without end");
+    }
+
+    #[test]
+    fn print_flooding_is_cut_to_a_few_short_lines_a_run() {
+        let n = std::sync::atomic::AtomicU32::new(0);
+        let long = "y".repeat(10_000);
+        let lines: Vec<_> = (0..1000).filter_map(|_| printed(&n, &long)).collect();
+        assert_eq!(lines.len() as u32, PRINT_LINES + 1);
+        assert!(lines[0].chars().count() <= PRINT_CHARS + 1);
+        assert!(lines.last().unwrap().contains("dropped"));
+        // Through the engine: a script printing in a loop still answers, and the counter
+        // starts again at the next run.
+        let s = script(r#"fn filter(c) { for i in 0..300 { print("flood " + i); } true }"#)
+            .unwrap();
+        assert_eq!(s.filter(&call()).unwrap(), None);
+        assert_eq!(
+            s.prints.load(std::sync::atomic::Ordering::Relaxed),
+            300,
+            "every line was counted"
+        );
+        assert_eq!(s.filter(&call()).unwrap(), None);
     }
 }
