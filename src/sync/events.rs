@@ -148,6 +148,6 @@ fn observe_from(
 ) -> Result<u64, SyncError> {
     let records = sift_twins(ctx, records, path)?;
     let before = s.new;
-    pull::observe(ctx, &records, s)?;
+    pull::observe(ctx, &records, pull::pushed_range(ctx.clock.now()), s)?;
     Ok(s.new - before)
 }

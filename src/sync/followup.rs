@@ -108,7 +108,7 @@ pub async fn recheck_recordings(ctx: &SyncCtx, s: &mut PassSummary) -> Result<()
         s.pulled += records.len() as u64;
         s.recording_rechecks += 1;
         let records = super::events::sift_twins(ctx, &records, "poll")?;
-        observe(ctx, &records, s)?;
+        observe(ctx, &records, (w.start, w.end), s)?;
         let checked: Vec<(String, DateTime<Utc>)> = due
             .iter()
             .filter(|(_, t, _)| *t >= w.start && *t < w.end)
@@ -151,7 +151,7 @@ pub async fn sweep_long_calls(
         s.pulled += records.len() as u64;
         s.swept_windows += 1;
         let records = super::events::sift_twins(ctx, &records, "poll")?;
-        observe(ctx, &records, s)?;
+        observe(ctx, &records, (w.start, w.end), s)?;
     }
     ctx.store.lock().set_cursor(SWEEP_STREAM, now, now)?;
     Ok(())

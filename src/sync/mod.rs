@@ -339,7 +339,7 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
         s.pulled += records.len() as u64;
         let before = s.new + s.changed;
         let records = events::sift_twins(ctx, &records, "poll")?;
-        let hold = observe(ctx, &records, s)?;
+        let hold = observe(ctx, &records, (w.start, w.end), s)?;
         staged += s.new + s.changed - before;
         // A dry run records nothing, so an early push would plan the same calls twice.
         if staged >= u64::from(cfg.sync.stage_limit) && !opts.dry_run {

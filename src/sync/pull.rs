@@ -224,26 +224,47 @@ async fn page_window(
     Ok(verdict)
 }
 
-/// Stores a window's records; unreadable ones go to quarantine. Returns the start of the oldest
-/// recent call still `DIALING`, which holds the cursor back.
+/// How far a record's start may lie outside the range it was asked for (Unitalk's dates are wall
+/// times in `unitalk.timezone`; a day covers any offset and a call spanning midnight).
+const PLAUSIBLE_SLACK_DAYS: i64 = 1;
+
+/// The range of starts a record is plausible in: the range that was asked for, with
+/// `PLAUSIBLE_SLACK_DAYS` either side. A record outside it carries a broken date.
+pub(super) fn plausible_range(
+    asked: (DateTime<Utc>, DateTime<Utc>),
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let slack = Duration::days(PLAUSIBLE_SLACK_DAYS);
+    (asked.0 - slack, asked.1 + slack)
+}
+
+/// The range a record arriving by webhook is plausible in: no range was asked for, so the last
+/// year up to now.
+pub(super) fn pushed_range(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    (now - Duration::days(365), now)
+}
+
+/// Stores records asked for in `asked` (a window, or `pushed_range` for webhooks); unreadable
+/// ones and ones whose start lies outside `plausible_range(asked)` go to quarantine. Returns the
+/// start of the oldest recent call still `DIALING`, which holds the cursor back.
 pub(super) fn observe(
     ctx: &SyncCtx,
     records: &[Value],
+    asked: (DateTime<Utc>, DateTime<Utc>),
     s: &mut PassSummary,
 ) -> Result<Option<DateTime<Utc>>, SyncError> {
     let now = ctx.clock.now();
+    let (lo, hi) = plausible_range(asked);
     let mut obs = Vec::new();
     let mut quarantine = Vec::new();
     let mut hold: Option<DateTime<Utc>> = None;
     for raw in records {
         match super::parse(ctx, raw) {
-            Ok(c)
-                if c.started_at < now - Duration::days(366)
-                    || c.started_at > now + Duration::days(1) =>
-            {
+            Ok(c) if c.started_at < lo || c.started_at > hi => {
                 let reason = format!(
-                    "its start {} is outside [now - 1 year, now + 1 day]: a broken date, not a call to push",
-                    c.started_at.to_rfc3339()
+                    "its start {} is outside [{}, {}] (the range asked for, a day either side): a broken date, not a call to push",
+                    c.started_at.to_rfc3339(),
+                    lo.to_rfc3339(),
+                    hi.to_rfc3339()
                 );
                 tracing::warn!(%reason, id = %c.id, "quarantining a Unitalk record");
                 quarantine.push(NewQuarantine {

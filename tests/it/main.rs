@@ -11,6 +11,7 @@ mod clicks;
 mod config_validation;
 mod faults;
 mod official_client;
+mod old_history;
 mod pipeline;
 mod pipeline_v2;
 mod properties;
