@@ -65,7 +65,10 @@ const PRINT_CHARS: usize = 500;
 /// path), `eval` compiles text at run time past every check made at load.
 const DISABLED: &[(&str, &str)] = &[
     ("import", "a script cannot import modules (no file access)"),
-    ("eval", "a script cannot eval text (everything is compiled at load)"),
+    (
+        "eval",
+        "a script cannot eval text (everything is compiled at load)",
+    ),
 ];
 
 /// One printed line for the log: cut to `PRINT_CHARS`, and counted against `PRINT_LINES`.
@@ -384,9 +387,15 @@ mod tests {
         let s = script("fn f(n) { f(n + 1) } fn filter(c) { f(0) }").unwrap();
         assert!(s.filter(&call()).is_err(), "deep recursion stops");
         let s = script(r#"fn filter(c) { let s = "x"; loop { s += s; } }"#).unwrap();
-        assert!(s.filter(&call()).is_err(), "a string cannot grow without end");
+        assert!(
+            s.filter(&call()).is_err(),
+            "a string cannot grow without end"
+        );
         let s = script("fn filter(c) { let a = []; loop { a.push(1); } }").unwrap();
-        assert!(s.filter(&call()).is_err(), "an array cannot grow without end");
+        assert!(
+            s.filter(&call()).is_err(),
+            "an array cannot grow without end"
+        );
     }
 
     #[test]
@@ -399,8 +408,8 @@ mod tests {
         assert!(lines.last().unwrap().contains("dropped"));
         // Through the engine: a script printing in a loop still answers, and the counter
         // starts again at the next run.
-        let s = script(r#"fn filter(c) { for i in 0..300 { print("flood " + i); } true }"#)
-            .unwrap();
+        let s =
+            script(r#"fn filter(c) { for i in 0..300 { print("flood " + i); } true }"#).unwrap();
         assert_eq!(s.filter(&call()).unwrap(), None);
         assert_eq!(
             s.prints.load(std::sync::atomic::Ordering::Relaxed),

@@ -74,6 +74,9 @@ pub struct SimCall {
     /// Served verbatim instead of the fields above (for malformed-record tests); `date` and
     /// `seconds_full` still decide when it becomes visible.
     pub raw_override: Option<serde_json::Value>,
+    /// Served as older Unitalk records are: `state` and `secondsFullTime` null, `secondsTalk`
+    /// null when no one talked; only `cause` tells the outcome.
+    pub older_format: bool,
 }
 
 /// Everything both simulators are seeded with.
@@ -277,6 +280,7 @@ impl Scenario {
                 link_delay,
                 source: "REGULAR".into(),
                 raw_override: None,
+                older_format: false,
                 group: None,
                 meta: None,
             });
@@ -312,6 +316,7 @@ impl Scenario {
             link_delay: Duration::zero(),
             source: "REGULAR".into(),
             raw_override: None,
+            older_format: false,
             group: None,
             meta: None,
         });

@@ -477,6 +477,13 @@ fn render_call(c: &SimCall, tz: Tz, now: DateTime<Utc>) -> Value {
         "callback": false,
         "source": c.source,
     });
+    if c.older_format {
+        v["state"] = Value::Null;
+        v["secondsFullTime"] = Value::Null;
+        if c.seconds_talk == 0 {
+            v["secondsTalk"] = Value::Null;
+        }
+    }
     if let Some(g) = &c.group {
         v["lastGroupName"] = Value::String(g.clone());
     }
@@ -551,6 +558,7 @@ async fn direct_call(State(sim): State<UnitalkSim>, headers: HeaderMap, body: By
         link_delay: Duration::zero(),
         source: "REGULAR".into(),
         raw_override: None,
+        older_format: false,
         group: None,
         meta: echoed,
     });

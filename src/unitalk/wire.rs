@@ -204,6 +204,32 @@ pub fn record_id(raw: &Value, field: &str) -> Option<String> {
     call_id(raw.get(field), field).ok()
 }
 
+/// The outcome of a record without `state` and without talk time, from its ITU-T Q.850 hang-up
+/// `cause` (Asterisk's `HANGUPCAUSE`), where the code leaves no doubt; `None` where it does
+/// (no cause, an unknown code, or a normal clearing whose talk time is not given: it may have
+/// been a conversation). `talk` is `secondsTalk` as given (`None` when absent or null).
+///
+/// | cause | meaning | outcome |
+/// |---|---|---|
+/// | 16, 31 | normal clearing / unspecified | `NOANSWER` when `secondsTalk` is given as 0, else unknown |
+/// | 17 | user busy | `BUSY` |
+/// | 18, 19 | no user responding / no answer | `NOANSWER` |
+/// | 21 | call rejected | `BUSY` |
+/// | 1, 3, 22, 28 | unallocated / no route / number changed / invalid format | `NOT_EXIST` |
+/// | 20, 27 | subscriber absent / destination out of order | `UNREACHABLE` |
+/// | 34, 38, 41, 42, 102, 127 | no circuit / network out of order / failure / congestion / timer / interworking | `FAIL` |
+pub fn state_from_cause(cause: Option<i64>, talk: Option<u32>) -> Option<CallState> {
+    Some(match cause? {
+        16 | 31 if talk == Some(0) => CallState::NoAnswer,
+        17 | 21 => CallState::Busy,
+        18 | 19 => CallState::NoAnswer,
+        1 | 3 | 22 | 28 => CallState::NotExist,
+        20 | 27 => CallState::Unreachable,
+        34 | 38 | 41 | 42 | 102 | 127 => CallState::Fail,
+        _ => return None,
+    })
+}
+
 /// Parses one history record with the default identity field `id`; `tz` is Unitalk's zone.
 pub fn parse_call(raw: &Value, tz: Tz) -> Result<Call, RecordError> {
     parse_call_as(raw, tz, "id")
@@ -252,13 +278,16 @@ pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, Record
     let direction = text(obj.get("direction"))
         .map(|d| Direction::parse(&d))
         .unwrap_or(Direction::Other(String::new()));
-    // `state: null` is seen in production data: talk time proves an answer; without it the
-    // outcome is unknown (`Other("")`, quarantined by the classifier rather than taken for a
-    // missed call).
+    // `state: null` is seen in production data (older records): talk time proves an answer;
+    // otherwise the Q.850 `cause` says what happened where it is unambiguous
+    // (`state_from_cause`); what stays unknown is `Other("")`, quarantined by the classifier
+    // rather than taken for a missed call.
+    let cause = text(obj.get("cause")).and_then(|c| c.trim().parse::<i64>().ok());
+    let talk = num("secondsTalk")?;
     let state = match text(obj.get("state")) {
         Some(s) => CallState::parse(&s),
         None if seconds_talk > 0 => CallState::Answer,
-        None => CallState::Other(String::new()),
+        None => state_from_cause(cause, talk).unwrap_or(CallState::Other(String::new())),
     };
     Ok(Call {
         started_at: local_to_utc(local_start, tz),
@@ -270,7 +299,7 @@ pub fn parse_call_as(raw: &Value, tz: Tz, id_field: &str) -> Result<Call, Record
         seconds_full: seconds_full.max(seconds_talk),
         seconds_talk,
         state,
-        cause: text(obj.get("cause")).and_then(|c| c.parse().ok()),
+        cause,
         link: text(obj.get("link")).filter(|l| l.starts_with("http")),
         source: text(obj.get("source")),
         group: text(obj.get("lastGroupName")).filter(|g| !g.trim().is_empty()),
@@ -454,6 +483,49 @@ mod tests {
             parse_call(&r, Kyiv).unwrap().state,
             CallState::Other(String::new())
         );
+    }
+
+    #[test]
+    fn a_null_state_takes_its_outcome_from_an_unambiguous_cause() {
+        let rec = |cause: Value, talk: Value| {
+            parse_call(
+                &json!({"id": 1, "date": "2026-11-22 10:00:00", "state": null,
+                        "secondsFullTime": null, "secondsTalk": talk, "cause": cause}),
+                Kyiv,
+            )
+            .unwrap()
+            .state
+        };
+        let unknown = CallState::Other(String::new());
+        for (cause, talk, want) in [
+            (json!(19), json!(null), CallState::NoAnswer),
+            (json!("18"), json!(null), CallState::NoAnswer),
+            (json!(17), json!(null), CallState::Busy),
+            (json!(21), json!(0), CallState::Busy),
+            (json!(16), json!(0), CallState::NoAnswer),
+            (json!("16"), json!("0"), CallState::NoAnswer),
+            (json!(31), json!(0), CallState::NoAnswer),
+            (json!(1), json!(null), CallState::NotExist),
+            (json!(27), json!(null), CallState::Unreachable),
+            (json!(127), json!(null), CallState::Fail),
+            // Talk time is the stronger proof.
+            (json!(19), json!(25), CallState::Answer),
+            // A normal clearing without talk time may have been a conversation.
+            (json!(16), json!(null), unknown.clone()),
+            (json!(999), json!(0), unknown.clone()),
+            (json!(null), json!(0), unknown.clone()),
+            (json!("x"), json!(0), unknown.clone()),
+        ] {
+            assert_eq!(rec(cause.clone(), talk.clone()), want, "{cause} {talk}");
+        }
+        // A stated `state` is never overridden by `cause`.
+        let c = parse_call(
+            &json!({"id": 1, "date": "2026-11-22 10:00:00", "state": "ANSWER", "cause": 19,
+                    "secondsTalk": 0}),
+            Kyiv,
+        )
+        .unwrap();
+        assert_eq!(c.state, CallState::Answer);
     }
 
     #[test]

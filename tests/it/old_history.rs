@@ -18,9 +18,12 @@ use crate::cli_sync::env;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_of_a_day_two_years_back_delivers_its_calls() {
     let old = yesterday() - Duration::days(730);
-    let mut s = Scenario::empty(KYIV)
-        .with_operator(10, "101")
-        .with_client(CrmKind::Contact, 797, "+380501112233", 10);
+    let mut s = Scenario::empty(KYIV).with_operator(10, "101").with_client(
+        CrmKind::Contact,
+        797,
+        "+380501112233",
+        10,
+    );
     s.add_call(
         at(old, "10:00:00"),
         "IN",
@@ -50,5 +53,53 @@ async fn a_backfill_of_a_day_two_years_back_delivers_its_calls() {
     assert_eq!(env.sims.bitrix24.stats().len(), 2, "{t}");
     assert_eq!(env.sims.bitrix24.tasks().len(), 1, "the missed call's task");
     let status = env.ubsync(&["status"]).await;
-    assert!(!text(&status).contains("quarantined 1"), "{}", text(&status));
+    assert!(
+        !text(&status).contains("quarantined 1"),
+        "{}",
+        text(&status)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_records_without_state_take_the_outcome_from_cause_and_a_missed_call_gets_its_task() {
+    let day = yesterday();
+    let mut s = Scenario::empty(KYIV).with_operator(10, "101");
+    let mut older = |s: &mut Scenario, hms: &str, from: &str, state: &str, talk, cause| {
+        let id = s.add_call(at(day, hms), "IN", from, &["101"], state, talk, None);
+        let c = s.calls.iter_mut().find(|c| c.id == id).unwrap();
+        c.older_format = true;
+        c.cause = cause;
+        id
+    };
+    let missed = older(&mut s, "10:00:00", "380671234567", "NOANSWER", 0, Some(19));
+    let busy = older(&mut s, "10:10:00", "380671234568", "BUSY", 0, Some(17));
+    let talked = older(&mut s, "10:20:00", "380671234569", "ANSWER", 40, Some(16));
+    // A normal clearing without talk time: it may have been a conversation.
+    let unknown = older(&mut s, "10:30:00", "380671234570", "ANSWER", 0, Some(16));
+    let env = env(s).await;
+    let out = env.ubsync(&["sync"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let stats = env.sims.bitrix24.stats();
+    let code = |id: u64| {
+        stats
+            .iter()
+            .find(|r| {
+                r.external_call_id
+                    .as_deref()
+                    .is_some_and(|e| e.ends_with(&id.to_string()))
+            })
+            .map(|r| r.status_code.clone())
+    };
+    assert_eq!(code(missed).as_deref(), Some("304"), "{stats:?}");
+    assert_eq!(code(busy).as_deref(), Some("486"), "{stats:?}");
+    assert_eq!(code(talked).as_deref(), Some("200"), "{stats:?}");
+    assert_eq!(code(unknown), None, "an unknown outcome is not pushed");
+    assert_eq!(
+        env.sims.bitrix24.tasks().len(),
+        2,
+        "the missed and the busy call get their tasks"
+    );
+    let show = env.ubsync(&["show", &unknown.to_string()]).await;
+    assert!(text(&show).contains("quarantined"), "{}", text(&show));
 }
