@@ -75,10 +75,19 @@ pub(super) async fn probe_in_flight(ctx: &SyncCtx, s: &mut PassSummary) -> Resul
         let mut l = w.ledger.clone();
         let ext = format!("unitalk-{}", l.call_id);
         if l.stage == Stage::InFlight {
-            let Some(res) = found.results.get(&key("p", &l.call_id)) else {
-                continue; // the probe itself failed; try again next pass
+            // Only a list proves anything: a failed lookup, or an answer of another shape,
+            // leaves the call in flight for the next probe.
+            let Some(res) = found
+                .results
+                .get(&key("p", &l.call_id))
+                .and_then(Value::as_array)
+            else {
+                continue;
             };
-            let hit = res.as_array().and_then(|a| a.first()).cloned();
+            let hit = match ctx.cfg.bitrix24.mode {
+                Mode::Telephony => res.first().cloned(),
+                Mode::Activity => api::crm::activity_for(res, &ext).cloned(),
+            };
             l.in_flight_since = None;
             match (hit, ctx.cfg.bitrix24.mode) {
                 (Some(row), Mode::Telephony) => {

@@ -1,7 +1,8 @@
 //! Verify-first: a lost, emptied or replaced state file is not a fresh portal. The first pass
 //! over an empty ledger sets `ledger.verify_before`; every call that started before it is
 //! looked up in Bitrix24 before its first registration (listed by date; held ones continue from
-//! their record, the rest are probed).
+//! their record, the rest are probed; in telephony mode a complete listing also proves absence,
+//! in activity mode only the probe by `ORIGIN_ID` does).
 
 use super::*;
 
@@ -22,8 +23,8 @@ pub(super) fn verify_policy(ctx: &SyncCtx, now: DateTime<Utc>) -> Result<(), Syn
 
 /// Verify-first, the cheap part: lists what Bitrix24 holds over the range of the calls still to
 /// verify (statistics or ubsync's activities by date, 50 pages a request). When the listing is
-/// complete, a call it does not hold was never pushed (a task comes only after its call), so it
-/// is verified at once; a call it holds once continues from its listed record (its ids, its
+/// complete, a call it does not hold was never pushed (a task comes only after its call), so in
+/// telephony mode it is verified at once (in activity mode it is probed); a call it holds once continues from its listed record (its ids, its
 /// recording: a file, or a URL to check), so only a missed call's task is still looked up.
 /// Calls held twice, and every call when the listing is incomplete, are probed one by one.
 pub(super) async fn verify_by_listing(
@@ -41,11 +42,19 @@ pub(super) async fn verify_by_listing(
         return Ok(());
     }
     let now = ctx.clock.now();
-    let absent: Vec<String> = pending
-        .iter()
-        .map(|(id, _)| id.clone())
-        .filter(|id| !listed.contains_key(id))
-        .collect();
+    // Absence from a listing by date proves a call was never pushed only where the portal's
+    // date filter is trusted: the statistics' `CALL_START_DATE`. Activities are listed by the
+    // `START_TIME` ubsync wrote, which portals (and their fakes) have been seen to compare in
+    // another zone or not at all, so in activity mode a call the listing does not hold is looked
+    // up by its `ORIGIN_ID` (the probe, 50 a request), never taken as absent.
+    let absent: Vec<String> = match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => pending
+            .iter()
+            .map(|(id, _)| id.clone())
+            .filter(|id| !listed.contains_key(id))
+            .collect(),
+        Mode::Activity => Vec::new(),
+    };
     if !absent.is_empty() {
         tracing::info!(calls = absent.len(), held = listed.len(), "Bitrix24 holds none of these calls (listed by date): they are pushed without a lookup each");
         s.verified += absent.len() as u64;

@@ -75,13 +75,17 @@ async fn campaign(seed: u64, mode: &str) {
             1,
         )
     });
-    env.sims
-        .bitrix24
-        .configure(|c| c.finish_record_downloads = downloads);
+    // A portal whose activity listing reads START_TIME without its offset (a lost state file
+    // must still duplicate nothing).
+    let skewed = rng.random_bool(0.5);
+    env.sims.bitrix24.configure(|c| {
+        c.finish_record_downloads = downloads;
+        c.activity_start_filter_ignores_offset = skewed;
+    });
     let state = env.config().state.path;
     let mut ctx = env.ctx().await;
     let mut log = vec![format!(
-        "record_url_on_finish = {on_finish}, the portal downloads it: {downloads}"
+        "record_url_on_finish = {on_finish}, the portal downloads it: {downloads}, skewed activity listing: {skewed}"
     )];
     let methods = [
         None,

@@ -242,7 +242,7 @@ pub fn activity_of(key: impl Into<String>, origin_id: &str) -> Command {
     Command::new(
         key,
         "crm.activity.list",
-        json!({"filter": {"ORIGINATOR_ID": ORIGINATOR, "ORIGIN_ID": origin_id}, "select": ["ID", "OWNER_TYPE_ID", "OWNER_ID"]}),
+        json!({"filter": {"ORIGINATOR_ID": ORIGINATOR, "ORIGIN_ID": origin_id}, "select": ["ID", "OWNER_TYPE_ID", "OWNER_ID", "ORIGIN_ID"]}),
     )
 }
 
@@ -257,6 +257,18 @@ pub const ACTIVITY_KEY_FIELD: &str = "ORIGIN_ID";
 /// An activity row's `ORIGIN_ID` (ubsync's call key).
 pub fn origin_id(row: &Value) -> Option<String> {
     row.get(ACTIVITY_KEY_FIELD).and_then(as_text)
+}
+
+/// The activity for `origin_id` among a lookup's rows: the row carrying that `ORIGIN_ID`, or,
+/// where the portal leaves `ORIGIN_ID` out of its rows, the first (the filter chose it). A
+/// portal that ignored the filter answers rows for other calls: none of them is taken.
+pub fn activity_for<'a>(rows: &'a [Value], origin_id: &str) -> Option<&'a Value> {
+    if rows.iter().any(|r| r.get(ACTIVITY_KEY_FIELD).is_some()) {
+        rows.iter()
+            .find(|r| self::origin_id(r).as_deref() == Some(origin_id))
+    } else {
+        rows.first()
+    }
 }
 
 /// An activity row's `ID`.

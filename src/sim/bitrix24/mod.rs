@@ -86,6 +86,9 @@ pub struct Bitrix24SimConfig {
     /// in the statistics). `false`: the URL is kept and nothing downloaded, with no error, as
     /// the docs allow.
     pub finish_record_downloads: bool,
+    /// Whether `crm.activity.list` reads a `START_TIME` filter's value as UTC wall time,
+    /// ignoring its offset (as some portals and fakes do): a listing by date then misses calls.
+    pub activity_start_filter_ignores_offset: bool,
 }
 
 /// How a batch's execution time is billed against the operating budget.
@@ -116,6 +119,7 @@ impl Default for Bitrix24SimConfig {
             lead_creation: true,
             batch_billing: BatchBilling::Batch,
             finish_record_downloads: true,
+            activity_start_filter_ignores_offset: false,
         }
     }
 }

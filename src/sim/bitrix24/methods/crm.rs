@@ -238,7 +238,18 @@ pub(super) fn activity_json(a: &Activity) -> Value {
 
 pub(super) fn activity_list(st: &PortalState, p: &Map<String, Value>) -> ApiResult {
     let rows: Vec<Value> = st.data.activities.iter().map(activity_json).collect();
-    let rows = apply_filter(rows, obj(p, "filter"), st.data.tz);
+    let mut filter = obj(p, "filter").cloned();
+    if st.cfg.activity_start_filter_ignores_offset {
+        for (k, v) in filter.iter_mut().flat_map(|f| f.iter_mut()) {
+            let wall = v.as_str().and_then(|t| t.get(..19)).map(str::to_string);
+            if k.ends_with("START_TIME") {
+                if let Some(wall) = wall {
+                    *v = Value::String(format!("{wall}+00:00"));
+                }
+            }
+        }
+    }
+    let rows = apply_filter(rows, filter.as_ref(), st.data.tz);
     let start = int(p, "start").unwrap_or(0);
     let rows = select(rows, p);
     if start < 0 {
