@@ -88,7 +88,23 @@ pub struct LedgerRow {
     pub record_check_at: Option<DateTime<Utc>>,
 }
 
+/// How the reason of a call begins whose activity was left out on purpose (activity mode, no
+/// CRM entity and no lead) while its missed-call task is still due: the row is `Finished`
+/// without any Bitrix24 record of the call.
+pub const NO_ACTIVITY: &str = "no activity: ";
+
 impl LedgerRow {
+    /// Whether the call's activity was left out on purpose (`NO_ACTIVITY`): Bitrix24 holds no
+    /// record of it, only (once made) its task.
+    pub fn activity_left_out(&self) -> bool {
+        self.b24_activity_id.is_none()
+            && self.b24_call_id.is_none()
+            && self
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(NO_ACTIVITY))
+    }
+
     /// A fresh row for a newly observed call.
     pub fn pending(call_id: &str) -> Self {
         Self {

@@ -168,7 +168,8 @@ pub(super) fn scripted(
 
 /// Activity mode's plan for new calls, once their clients' CRM entities are known (looked up,
 /// or created as leads): one `crm.activity.add` each. A call whose number has no entity waits
-/// for its lead, or is skipped when leads are not created for its direction.
+/// for its lead, or, when leads are not created for its direction, gets no activity (a missed
+/// one still gets its task: `ledger::without_activity`).
 pub(super) fn plan_activity(
     cfg: &Config,
     fresh: Vec<Due>,
@@ -179,13 +180,17 @@ pub(super) fn plan_activity(
     for d in fresh {
         let Some(entity) = entities.get(&d.facts.client_number) else {
             if !cfg.rules.leads.create.allows(d.facts.way) {
-                let mut l = d.item.ledger.clone();
-                l.stage = Stage::Skipped;
-                l.reason = Some(format!(
+                let why = format!(
                     "no CRM entity has this number and leads are not created for {} calls (rules.leads.create)",
                     if d.facts.way == super::call::Way::In { "incoming" } else { "outgoing" }
+                );
+                out.skips.push(super::ledger::without_activity(
+                    cfg,
+                    &d.facts,
+                    d.item.ledger.clone(),
+                    &d.item.content_hash,
+                    why,
                 ));
-                out.skips.push(l);
             }
             continue;
         };
@@ -389,5 +394,17 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("rules.leads.create"));
+        // A missed call from an unknown number gets no activity, but its task is still due.
+        let missed = vec![due(3, "NOANSWER", None, "101", Stage::Pending)];
+        let p = plan_activity(&activity(false), missed, &HashMap::new(), &users);
+        let row = &p.skips[0];
+        assert_eq!(row.stage, Stage::Finished, "the task round takes it");
+        assert!(row.activity_left_out(), "{row:?}");
+        assert!(row
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("rules.leads.create"));
+        assert_eq!(row.client.as_deref(), Some("+380501112233"));
     }
 }

@@ -148,7 +148,9 @@ pub fn compare(
     tasks_enabled: bool,
 ) -> ReconcileReport {
     let mut r = ReconcileReport::default();
-    let pushed = |l: &LedgerRow| matches!(l.stage, Stage::Finished | Stage::Done);
+    // A call whose activity was left out on purpose is in Bitrix24 only as its task.
+    let pushed =
+        |l: &LedgerRow| matches!(l.stage, Stage::Finished | Stage::Done) && !l.activity_left_out();
     for c in calls {
         r.in_unitalk.push(c.id.clone());
         let in_b24 = held.get(&c.id).copied().unwrap_or(0) > 0;
@@ -161,11 +163,9 @@ pub fn compare(
             if in_ledger {
                 r.ledger_only.push(c.id.clone());
             }
-            if let Some(l) = c
-                .ledger
-                .as_ref()
-                .filter(|l| matches!(l.stage, Stage::Quarantined | Stage::Skipped))
-            {
+            if let Some(l) = c.ledger.as_ref().filter(|l| {
+                matches!(l.stage, Stage::Quarantined | Stage::Skipped) || l.activity_left_out()
+            }) {
                 r.not_repairable.push((
                     c.id.clone(),
                     l.reason.clone().unwrap_or_else(|| l.stage.as_str().into()),

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod business_rules;
 mod certainty;
 mod chaos;
 mod cli_check;

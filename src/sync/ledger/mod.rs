@@ -180,6 +180,32 @@ pub fn found_in_statistics(
     l
 }
 
+/// A call whose activity is not written (`why`: no CRM entity and no lead for it). A missed call
+/// that needs its task still gets it: the row is `Finished` with a `NO_ACTIVITY` reason, so the
+/// task round takes it (bound to no entity); any other call is `Skipped`.
+pub fn without_activity(
+    cfg: &Config,
+    f: &CallFacts,
+    mut l: LedgerRow,
+    hash: &str,
+    why: String,
+) -> LedgerRow {
+    if needs_task(cfg, f, &l) {
+        l.stage = Stage::Finished;
+        l.reason = Some(format!(
+            "{}{why}; the missed call's task is still made",
+            crate::store::ledger::NO_ACTIVITY
+        ));
+        l.client = Some(f.client_number.clone());
+        l.reached = false;
+        l.pushed_hash = Some(hash.to_string());
+    } else {
+        l.stage = Stage::Skipped;
+        l.reason = Some(why);
+    }
+    l
+}
+
 /// Whether anything is still due for a call whose main record is in Bitrix24.
 pub fn settle_stage(cfg: &Config, f: &CallFacts, mut l: LedgerRow, hash: &str) -> LedgerRow {
     l.client = Some(f.client_number.clone());

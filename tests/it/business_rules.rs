@@ -1,0 +1,82 @@
+//! Business rules found wrong from outside (#19): a missed call always gets its task, the CRM
+//! order decides the binding, backlogs give the tasks real time would.
+
+use chrono::NaiveDateTime;
+use ubsync::sim::scenario::{CrmKind, Scenario};
+use ubsync::store::ledger::Stage;
+
+use crate::harness::{pass, text, TestEnv};
+
+const KYIV: chrono_tz::Tz = chrono_tz::Europe::Kyiv;
+
+fn n(s: &str) -> NaiveDateTime {
+    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").unwrap()
+}
+
+fn start(date: &str) -> String {
+    format!("[sync]\nstart = \"{date}\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_activity_mode_a_missed_call_from_an_unknown_number_without_a_lead_still_gets_its_task()
+{
+    let mut s = Scenario::empty(KYIV)
+        .with_operator(10, "101")
+        .with_operator(11, "102");
+    let missed = s.add_call(
+        n("2026-11-21 10:05:00"),
+        "IN",
+        "380671111111",
+        &["102"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let answered = s.add_call(
+        n("2026-11-21 10:30:00"),
+        "IN",
+        "380671111112",
+        &["101"],
+        "ANSWER",
+        20,
+        None,
+    );
+    let env = TestEnv::start(s).await;
+    env.write_config(
+        "activity",
+        &format!("{}[rules.leads]\ncreate = \"none\"\n", start("2026-11-21")),
+    );
+    let ctx = env.ctx().await;
+    let first = pass(&ctx).await.unwrap();
+    assert!(
+        env.sims.bitrix24.activities().is_empty(),
+        "no entity, no lead: no activity"
+    );
+    let tasks = env.sims.bitrix24.tasks();
+    assert_eq!(tasks.len(), 1, "{first:?}");
+    assert_eq!(
+        tasks[0].responsible_id, 11,
+        "the operator of the line that rang"
+    );
+    assert!(tasks[0].uf_crm_task.is_empty(), "bound to no entity");
+    assert_eq!(
+        tasks[0].xml_id.as_deref(),
+        Some(&*format!("unitalk-{missed}"))
+    );
+    let rows = ctx.store.lock().ledger_rows().unwrap();
+    let row = |id: u64| rows.iter().find(|l| l.call_id == id.to_string()).unwrap();
+    assert_eq!(row(missed).stage, Stage::Done);
+    assert!(row(missed).activity_left_out(), "{:?}", row(missed));
+    assert_eq!(row(answered).stage, Stage::Skipped);
+    // Nothing more to do, and nothing is sent again.
+    let before = env.sims.bitrix24.requests().len();
+    pass(&ctx).await.unwrap();
+    assert_eq!(env.sims.bitrix24.requests().len(), before);
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1);
+    let show = env.ubsync(&["show", &missed.to_string()]).await;
+    let t = text(&show);
+    assert!(
+        t.contains("no activity") && t.contains("rules.leads.create"),
+        "{t}"
+    );
+}
