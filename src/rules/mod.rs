@@ -400,6 +400,15 @@ impl Rules {
             .or(self.hours.as_ref())
     }
 
+    /// Whether `crm_order` puts the types in the order Bitrix24 itself binds a call to (a
+    /// contact, then a company, then a lead): then `register` may choose, and no lookup is
+    /// needed to name the entity.
+    pub fn crm_order_is_bitrix24s(&self) -> bool {
+        let mut ranked: Vec<&str> = ["CONTACT", "COMPANY", "LEAD"].into();
+        ranked.sort_by_key(|k| self.crm_rank(k));
+        ranked == ["CONTACT", "COMPANY", "LEAD"]
+    }
+
     /// Where an entity type comes in `crm_order` (unlisted types last).
     pub fn crm_rank(&self, kind: &str) -> usize {
         self.crm_order

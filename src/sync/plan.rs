@@ -60,12 +60,14 @@ pub fn attach_record(f: &CallFacts, call: &CallRef) -> Option<Command> {
 /// The telephony chain a call still needs, given its ledger row: register → finish →
 /// attachRecord for a new call; finish (→ attachRecord) once registered; only attachRecord
 /// for a finished call whose recording is missing or changed. `user_id` is the Bitrix24 user
-/// the call belongs to.
+/// the call belongs to; `entity` the CRM entity it is registered with (`None`: Bitrix24's
+/// choice).
 pub fn telephony_chain(
     cfg: &Config,
     f: &CallFacts,
     l: &LedgerRow,
     user_id: i64,
+    entity: Option<&Entity>,
     portal: Portal,
 ) -> Vec<Command> {
     // A link that arrives after finish; with attachRecord refused in batches it goes alone.
@@ -101,6 +103,7 @@ pub fn telephony_chain(
                 external_id: &f.external_id,
                 line_number: f.line_number.as_deref(),
                 crm_create: cfg.rules.leads.create.allows(f.way),
+                crm_entity: entity,
             }
             .command(r.clone());
             let call = CallRef::RegisteredBy(r);

@@ -94,6 +94,7 @@ pub(super) fn plan_telephony(
     cfg: &Config,
     due: Vec<Due>,
     users: &HashMap<String, i64>,
+    entities: &HashMap<String, Entity>,
     portal: Portal,
 ) -> PushPlan {
     let mut out = PushPlan::default();
@@ -106,7 +107,8 @@ pub(super) fn plan_telephony(
             out.refuse_no_user(&d);
             continue;
         };
-        let commands = plan::telephony_chain(cfg, &d.facts, l, user, portal);
+        let entity = entities.get(&d.facts.client_number);
+        let commands = plan::telephony_chain(cfg, &d.facts, l, user, entity, portal);
         if commands.is_empty() {
             continue;
         }
@@ -114,6 +116,10 @@ pub(super) fn plan_telephony(
             Ok(commands) => {
                 let mut row = l.clone();
                 row.responsible_id = Some(user);
+                if let Some(e) = entity.filter(|_| l.stage == Stage::Pending) {
+                    row.crm_entity_type = Some(e.kind.clone());
+                    row.crm_entity_id = Some(e.id);
+                }
                 out.add(&d, commands, row);
             }
             Err(e) => out.refuse_script(&d, e),
@@ -287,7 +293,7 @@ mod tests {
             // No user for line 102 and no default user: quarantined, nothing sent.
             due(6, "ANSWER", None, "102", Stage::Pending),
         ];
-        let p = plan_telephony(&cfg(""), calls, &users, YES);
+        let p = plan_telephony(&cfg(""), calls, &users, &HashMap::new(), YES);
         let (reg, fin, att) = (
             "telephony.externalCall.register",
             "telephony.externalCall.finish",
@@ -321,13 +327,13 @@ mod tests {
         // refused in batches, none goes in the chain at all.
         let one = || vec![due(1, "ANSWER", Some(rec), "101", Stage::Pending)];
         let off = cfg("[sync]\nrecord_url_on_finish = false\n");
-        let p = plan_telephony(&off, one(), &users, YES);
+        let p = plan_telephony(&off, one(), &users, &HashMap::new(), YES);
         assert_eq!(methods(&p, "1"), vec![reg, fin, att]);
         let ignored = Portal {
             finish_takes_link: false,
             ..YES
         };
-        let p = plan_telephony(&cfg(""), one(), &users, ignored);
+        let p = plan_telephony(&cfg(""), one(), &users, &HashMap::new(), ignored);
         assert_eq!(methods(&p, "1"), vec![reg, fin, att]);
         assert!(!p.chains[0].plan.commands[1]
             .params
@@ -336,7 +342,7 @@ mod tests {
             attach_in_batch: false,
             ..YES
         };
-        let p = plan_telephony(&off, one(), &users, refused);
+        let p = plan_telephony(&off, one(), &users, &HashMap::new(), refused);
         assert_eq!(methods(&p, "1"), vec![reg, fin]);
     }
 

@@ -30,7 +30,20 @@ pub(super) async fn push_telephony(
             ctx.store.lock().fact(FACT_FINISH_TAKES_LINK)?.as_deref(),
         ),
     };
-    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, portal);
+    // A `rules.crm_order` other than Bitrix24's own names each new call's entity in register.
+    let entities = if ctx.cfg.rules.crm_order_is_bitrix24s() {
+        HashMap::new()
+    } else {
+        let mut numbers: Vec<String> = due
+            .iter()
+            .filter(|d| d.item.ledger.stage == Stage::Pending)
+            .map(|d| d.facts.client_number.clone())
+            .collect();
+        numbers.sort();
+        numbers.dedup();
+        super::activity::find_entities(ctx, &numbers).await?
+    };
+    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, &entities, portal);
     let (commands, batches) = planned.size();
     tracing::debug!(
         calls = planned.chains.len(),

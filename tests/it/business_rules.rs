@@ -80,3 +80,69 @@ async fn in_activity_mode_a_missed_call_from_an_unknown_number_without_a_lead_st
         "{t}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_telephony_mode_rules_crm_order_decides_the_calls_binding_and_its_tasks_responsible() {
+    for (order, kind, id, responsible, uf) in [
+        (
+            "[\"lead\", \"contact\", \"company\"]",
+            CrmKind::Lead,
+            702,
+            18,
+            "L_702",
+        ),
+        (
+            "[\"company\", \"lead\"]",
+            CrmKind::Company,
+            701,
+            17,
+            "CO_701",
+        ),
+        (
+            "[\"contact\", \"company\", \"lead\"]",
+            CrmKind::Contact,
+            700,
+            16,
+            "C_700",
+        ),
+    ] {
+        let mut s = Scenario::empty(KYIV)
+            .with_operator(10, "101")
+            .with_operator(16, "116")
+            .with_operator(17, "117")
+            .with_operator(18, "118")
+            .with_client(CrmKind::Contact, 700, "+380501112233", 16)
+            .with_client(CrmKind::Company, 701, "+380501112233", 17)
+            .with_client(CrmKind::Lead, 702, "+380501112233", 18);
+        s.add_call(
+            n("2026-11-21 10:05:00"),
+            "IN",
+            "380501112233",
+            &["101"],
+            "NOANSWER",
+            0,
+            None,
+        );
+        let env = TestEnv::start(s).await;
+        env.write_config(
+            "telephony",
+            &format!("{}[rules]\ncrm_order = {order}\n", start("2026-11-21")),
+        );
+        let ctx = env.ctx().await;
+        pass(&ctx).await.unwrap();
+        let stats = env.sims.bitrix24.stats();
+        assert_eq!(stats.len(), 1, "{order}");
+        assert_eq!(
+            stats[0].crm_entity,
+            Some((kind, id)),
+            "{order}: the call's binding"
+        );
+        let tasks = env.sims.bitrix24.tasks();
+        assert_eq!(tasks.len(), 1, "{order}");
+        assert_eq!(
+            tasks[0].responsible_id, responsible,
+            "{order}: the task's responsible"
+        );
+        assert_eq!(tasks[0].uf_crm_task, vec![uf.to_string()], "{order}");
+    }
+}

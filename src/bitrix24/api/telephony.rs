@@ -38,6 +38,8 @@ pub struct Register<'a> {
     pub line_number: Option<&'a str>,
     /// Let Bitrix24 create a lead for an unknown number.
     pub crm_create: bool,
+    /// The CRM entity the call belongs to (`rules.crm_order`); `None` lets Bitrix24 choose.
+    pub crm_entity: Option<&'a super::crm::Entity>,
 }
 
 impl Register<'_> {
@@ -51,6 +53,10 @@ impl Register<'_> {
         });
         if let Some(line) = self.line_number {
             p["LINE_NUMBER"] = json!(line);
+        }
+        if let Some(e) = self.crm_entity {
+            p["CRM_ENTITY_TYPE"] = json!(e.kind);
+            p["CRM_ENTITY_ID"] = json!(e.id);
         }
         Command::new(key, "telephony.externalCall.register", p)
     }
@@ -252,11 +258,35 @@ mod tests {
             external_id: "unitalk-7",
             line_number: None,
             crm_create: true,
+            crm_entity: None,
         }
         .command("r_7");
         assert_eq!(c.params["TYPE"], json!(2));
         assert_eq!(c.params["CRM_CREATE"], json!(1));
         assert!(!c.params.contains_key("LINE_NUMBER"));
+        assert!(
+            !c.params.contains_key("CRM_ENTITY_TYPE"),
+            "Bitrix24 chooses"
+        );
+        let lead = super::super::crm::Entity {
+            kind: "LEAD".into(),
+            id: 18,
+        };
+        let c = Register {
+            user_id: 5,
+            phone: "+380501112233",
+            incoming: true,
+            start: "2026-11-22T14:00:00+02:00",
+            external_id: "unitalk-7",
+            line_number: None,
+            crm_create: true,
+            crm_entity: Some(&lead),
+        }
+        .command("r_7");
+        assert_eq!(
+            (&c.params["CRM_ENTITY_TYPE"], &c.params["CRM_ENTITY_ID"]),
+            (&json!("LEAD"), &json!(18))
+        );
     }
 
     #[test]
