@@ -7,6 +7,8 @@
 //! requests, whose new pair is stored before it is used. Errors never carry URLs (webhook codes
 //! and tokens live there).
 
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -136,6 +138,9 @@ fn transport_error(e: reqwest::Error, url: &Url, key: &str, timeout: u64) -> Bit
     }
 }
 
+/// Fact: the methods Bitrix24 paused (429 `OPERATION_TIME_LIMIT`), as `{"method": unix end}`.
+pub const FACT_OPERATING_PAUSES: &str = "bitrix24.operating_paused";
+
 impl Bitrix24Client {
     pub fn new(
         cfg: &Bitrix24Config,
@@ -167,6 +172,17 @@ impl Bitrix24Client {
             .ok()
             .flatten()
             .and_then(|u| Url::parse(&u).ok());
+        let operating = OperatingTracker::new(cfg.operating_limit);
+        let now = clock.now();
+        let pauses = store.lock().fact(FACT_OPERATING_PAUSES).ok().flatten();
+        for (method, until) in pauses
+            .and_then(|p| serde_json::from_str::<HashMap<String, i64>>(&p).ok())
+            .unwrap_or_default()
+        {
+            if let Some(until) = DateTime::from_timestamp(until, 0) {
+                operating.restore(&method, until, now);
+            }
+        }
         Ok(Self {
             http,
             auth,
@@ -176,7 +192,7 @@ impl Bitrix24Client {
                 cfg.max_per_10s,
                 cfg.retry_base_delay,
             ),
-            operating: OperatingTracker::new(cfg.operating_limit),
+            operating,
             store,
             clock,
             timeout_secs: cfg.request_timeout.as_secs(),
@@ -187,6 +203,26 @@ impl Bitrix24Client {
             rate_limit_patience: RATE_LIMIT_PATIENCE,
             stats: Arc::new(ClientStats::default()),
         })
+    }
+
+    /// Records the methods the portal paused (429 `OPERATION_TIME_LIMIT`) in the state, so the
+    /// next process rests them too: a pass five minutes after a 429 sends nothing to a method
+    /// still in its ten-minute window.
+    fn keep_pauses(&self, now: DateTime<Utc>) {
+        let pauses: HashMap<String, i64> = self
+            .operating
+            .paused(now)
+            .into_iter()
+            .map(|(m, t)| (m, t.timestamp()))
+            .collect();
+        let text = serde_json::to_string(&pauses).unwrap_or_default();
+        if let Err(e) = self
+            .store
+            .lock()
+            .set_fact(FACT_OPERATING_PAUSES, &text, now)
+        {
+            tracing::warn!(error = %e, "cannot record Bitrix24's pause in the state; a pass in another process may call the method before it resumes");
+        }
     }
 
     /// Sets how long 503 `QUERY_LIMIT_EXCEEDED` is waited out (zero: report it at once, as
@@ -312,6 +348,7 @@ impl Bitrix24Client {
             {
                 self.stats.operation_limited.fetch_add(1, Ordering::Relaxed);
                 self.operating.pause(&c.method, now);
+                self.keep_pauses(now);
             }
         }
         Ok(out)
@@ -371,6 +408,7 @@ impl Bitrix24Client {
                 }
                 Err(Bitrix24Error::OperationLimit { .. }) => {
                     let until = self.operating.pause(method, self.clock.now());
+                    self.keep_pauses(self.clock.now());
                     return Err(Bitrix24Error::OperationLimit {
                         method: method.into(),
                         reset_at: Some(until.timestamp()),

@@ -204,6 +204,27 @@ impl OperatingTracker {
         until
     }
 
+    /// Takes up a pause that an earlier process recorded (`paused`), unless it has ended.
+    pub fn restore(&self, method: &str, until: DateTime<Utc>, now: DateTime<Utc>) {
+        if until > now {
+            self.lock()
+                .entry(method.to_lowercase())
+                .or_default()
+                .paused_until = Some(until);
+        }
+    }
+
+    /// Every method paused at `now`, with its end: what a later process must honour too.
+    pub fn paused(&self, now: DateTime<Utc>) -> Vec<(String, DateTime<Utc>)> {
+        let mut out: Vec<_> = self
+            .lock()
+            .iter()
+            .filter_map(|(m, b)| b.paused_until.filter(|t| *t > now).map(|t| (m.clone(), t)))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Until when `method` is paused, if it is.
     pub fn paused_until(&self, method: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.lock()

@@ -11,6 +11,7 @@ mod cli_sync;
 mod clicks;
 mod config_validation;
 mod faults;
+mod limits;
 mod official_client;
 mod old_history;
 mod pipeline;
