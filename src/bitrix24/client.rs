@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::batch::{self, Command};
-use super::limit::{OperatingTracker, RequestBudget};
+use super::limit::{BucketLevel, OperatingTracker, RequestBudget};
 use super::redirect;
 use super::wire::{self, BatchOutcome, Decoded, Envelope, ErrorBody};
 use super::{auth_hint, Bitrix24Error};
@@ -63,6 +63,10 @@ pub struct Bitrix24Client {
     pub budget: RequestBudget,
     /// Per-method operating-time budgets.
     pub operating: OperatingTracker,
+    /// The portal's bucket as counted here, kept in the state after every request.
+    bucket: Mutex<Option<BucketLevel>>,
+    per_second: f64,
+    keeps_bucket: bool,
     store: SharedStore,
     clock: Clock,
     /// `bitrix24.request_timeout`, in seconds (for messages).
@@ -138,6 +142,9 @@ fn transport_error(e: reqwest::Error, url: &Url, key: &str, timeout: u64) -> Bit
     }
 }
 
+/// Fact: the portal's bucket as this client left it (`BucketLevel`).
+pub const FACT_BUCKET: &str = "bitrix24.bucket";
+
 /// Fact: the methods Bitrix24 paused (429 `OPERATION_TIME_LIMIT`), as `{"method": unix end}`.
 pub const FACT_OPERATING_PAUSES: &str = "bitrix24.operating_paused";
 
@@ -172,6 +179,25 @@ impl Bitrix24Client {
             .ok()
             .flatten()
             .and_then(|u| Url::parse(&u).ok());
+        let budget = RequestBudget::new(
+            cfg.burst,
+            cfg.per_second,
+            cfg.max_per_10s,
+            cfg.retry_base_delay,
+        );
+        // What an earlier process left in the portal's bucket is still there.
+        let left = store.lock().fact(FACT_BUCKET).ok().flatten();
+        let left = left.as_deref().and_then(BucketLevel::decode);
+        if let Some(left) = left {
+            let level = left.drained_to(clock.now(), f64::from(cfg.per_second.get()));
+            if level >= 1.0 {
+                tracing::debug!(
+                    level,
+                    "the portal's bucket still holds an earlier process's requests"
+                );
+                budget.preload(level.ceil() as u32);
+            }
+        }
         let operating = OperatingTracker::new(cfg.operating_limit);
         let now = clock.now();
         let pauses = store.lock().fact(FACT_OPERATING_PAUSES).ok().flatten();
@@ -186,12 +212,10 @@ impl Bitrix24Client {
         Ok(Self {
             http,
             auth,
-            budget: RequestBudget::new(
-                cfg.burst,
-                cfg.per_second,
-                cfg.max_per_10s,
-                cfg.retry_base_delay,
-            ),
+            budget,
+            bucket: Mutex::new(left),
+            per_second: f64::from(cfg.per_second.get()),
+            keeps_bucket: true,
             operating,
             store,
             clock,
@@ -203,6 +227,40 @@ impl Bitrix24Client {
             rate_limit_patience: RATE_LIMIT_PATIENCE,
             stats: Arc::new(ClientStats::default()),
         })
+    }
+
+    /// A client that does not record the portal's bucket in the state (a dry run leaves the
+    /// state file as it was; its few reads are counted by this process's limiter alone).
+    pub fn without_keeping_the_bucket(mut self) -> Self {
+        self.keeps_bucket = false;
+        self
+    }
+
+    /// Counts one request in the portal's bucket as kept in the state (`FACT_BUCKET`), for the
+    /// next process's limiter.
+    fn keep_bucket(&self) {
+        if !self.keeps_bucket {
+            return;
+        }
+        let now = self.clock.now();
+        let level = {
+            let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let next = b
+                .unwrap_or(BucketLevel {
+                    level: 0.0,
+                    at: now,
+                })
+                .after_request(now, self.per_second);
+            *b = Some(next);
+            next
+        };
+        if let Err(e) = self
+            .store
+            .lock()
+            .set_fact(FACT_BUCKET, &level.encode(), now)
+        {
+            tracing::debug!(error = %e, "cannot keep the portal's bucket level in the state");
+        }
     }
 
     /// Records the methods the portal paused (429 `OPERATION_TIME_LIMIT`) in the state, so the
@@ -513,6 +571,7 @@ impl Bitrix24Client {
         }
     }
 
+    #[allow(clippy::disallowed_methods)] // the one request to the portal, after `budget.acquire`
     async fn send(
         &self,
         method: &str,
@@ -521,6 +580,7 @@ impl Bitrix24Client {
     ) -> Result<Envelope, Bitrix24Error> {
         self.budget.acquire().await;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.keep_bucket();
         let url_for_errors = url.clone();
         let resp =
             self.http.post(url).json(body).send().await.map_err(|e| {
@@ -648,6 +708,7 @@ impl Bitrix24Client {
     }
 
     /// Exchanges `refresh_token` at the OAuth server and stores the new pair at once.
+    #[allow(clippy::disallowed_methods)] // the OAuth server, not the portal: outside its budget
     pub async fn exchange(&self, refresh_token: &str) -> Result<OAuthTokens, Bitrix24Error> {
         let Auth::OAuth {
             client_id,

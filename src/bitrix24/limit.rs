@@ -55,11 +55,16 @@ impl RequestBudget {
         retry_base: Duration,
     ) -> Self {
         Self {
-            // One request of headroom: our bucket and the portal's drain on different clocks, and
-            // a request admitted on the last slot here can arrive a moment early there.
-            bucket: RateLimiter::direct(Quota::per_second(per_second).allow_burst(
-                NonZeroU32::new(burst.get().saturating_sub(1).max(1)).expect("at least one"),
-            )),
+            // A second's drain of headroom (at least one request): our bucket and the portal's
+            // drain on different clocks, a portal may drain in whole seconds rather than
+            // continuously, and a request admitted on the last slot here can arrive a moment
+            // early there.
+            bucket: RateLimiter::direct(
+                Quota::per_second(per_second).allow_burst(
+                    NonZeroU32::new(burst.get().saturating_sub(per_second.get().max(1)).max(1))
+                        .expect("at least one"),
+                ),
+            ),
             max_per_10s: max_per_10s.get() as usize,
             min_penalty: retry_base / 2,
             max_penalty: retry_base * 8,
@@ -120,6 +125,16 @@ impl RequestBudget {
         }
     }
 
+    /// Takes `n` requests out of the bucket at once (as many as it holds): requests an earlier
+    /// process sent that the portal's bucket still counts.
+    pub fn preload(&self, n: u32) {
+        for _ in 0..n {
+            if self.bucket.check().is_err() {
+                break;
+            }
+        }
+    }
+
     /// The portal refused a request with 503: space requests further apart.
     pub fn on_rate_limited(&self) {
         let mut st = self.lock();
@@ -144,6 +159,45 @@ impl RequestBudget {
     /// The current extra spacing (zero when the portal is not pushing back).
     pub fn penalty(&self) -> Duration {
         self.lock().penalty
+    }
+}
+
+/// The portal's leaky bucket as this client last left it (`bitrix24-api.md` §2.1): how many
+/// requests it held at `at`. Kept in the state, so a process started right after another (a
+/// timer's next pass, a restart, `reconcile` after `sync`) does not take a full bucket for
+/// granted while the portal's is still full.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketLevel {
+    pub level: f64,
+    pub at: DateTime<Utc>,
+}
+
+impl BucketLevel {
+    /// The level after one more request at `now`, given the portal drains `per_second`.
+    pub fn after_request(self, now: DateTime<Utc>, per_second: f64) -> Self {
+        Self {
+            level: self.drained_to(now, per_second) + 1.0,
+            at: now,
+        }
+    }
+
+    /// The level left at `now`.
+    pub fn drained_to(self, now: DateTime<Utc>, per_second: f64) -> f64 {
+        let secs = (now - self.at).num_milliseconds().max(0) as f64 / 1000.0;
+        (self.level - secs * per_second).max(0.0)
+    }
+
+    /// `level at` as kept in the state.
+    pub fn encode(self) -> String {
+        format!("{:.3} {}", self.level, self.at.timestamp_millis())
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let (level, at) = s.split_once(' ')?;
+        Some(Self {
+            level: level.parse().ok()?,
+            at: DateTime::from_timestamp_millis(at.parse().ok()?)?,
+        })
     }
 }
 
@@ -327,6 +381,32 @@ mod tests {
             "other methods keep working"
         );
         assert!(t.paused_until("crm.lead.list", until).is_none());
+    }
+
+    #[test]
+    fn the_bucket_level_drains_at_the_portals_rate_and_survives_its_text() {
+        let t0 = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let mut b = BucketLevel { level: 0.0, at: t0 };
+        for _ in 0..40 {
+            b = b.after_request(t0, 2.0);
+        }
+        assert_eq!(b.level, 40.0);
+        let later = t0 + chrono::Duration::seconds(5);
+        assert_eq!(b.drained_to(later, 2.0), 30.0);
+        assert_eq!(b.drained_to(t0 + chrono::Duration::minutes(1), 2.0), 0.0);
+        assert_eq!(BucketLevel::decode(&b.encode()), Some(b));
+        assert_eq!(BucketLevel::decode("garbage"), None);
+    }
+
+    #[test]
+    fn a_preloaded_bucket_lets_through_only_what_is_left() {
+        let b = RequestBudget::new(nz(50), nz(2), nz(50), Duration::from_secs(1));
+        b.preload(40);
+        let mut free = 0;
+        while b.bucket.check().is_ok() {
+            free += 1;
+        }
+        assert_eq!(free, 8, "48 of headroom-adjusted burst, 40 already used");
     }
 
     #[test]

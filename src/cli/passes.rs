@@ -49,7 +49,8 @@ pub(super) async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Resul
         let scratch = store.in_memory_copy()?;
         let real = SharedStore::new(store);
         let mut ctx = context(cfg, SharedStore::new(scratch))?;
-        ctx.b24 = Bitrix24Client::new(&ctx.cfg.bitrix24, real, ctx.clock.clone())?;
+        ctx.b24 = Bitrix24Client::new(&ctx.cfg.bitrix24, real, ctx.clock.clone())?
+            .without_keeping_the_bucket();
         let result = run_pass(
             &ctx,
             &PassOptions {

@@ -2,6 +2,9 @@
 //! POSTed to a URL, with the faults that matter (lost, duplicated, out of order, form bodies,
 //! and a `dbid` that differs from the history `id`).
 
+// A simulator calls the application as the upstream would: no limiter of ubsync applies.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::HashSet;
 
 use serde_json::{json, Value};

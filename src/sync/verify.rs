@@ -46,13 +46,18 @@ pub(super) async fn verify_by_listing(
     // date filter is trusted: the statistics' `CALL_START_DATE`. Activities are listed by the
     // `START_TIME` ubsync wrote, which portals (and their fakes) have been seen to compare in
     // another zone or not at all, so in activity mode a call the listing does not hold is looked
-    // up by its `ORIGIN_ID` (the probe, 50 a request), never taken as absent.
-    let absent: Vec<String> = match ctx.cfg.bitrix24.mode {
-        Mode::Telephony => pending
+    // up by its `ORIGIN_ID` (the probe, 50 a request), unless the portal holds no activity of
+    // ubsync's at all (a fresh install: one request proves it).
+    let unlisted = || {
+        pending
             .iter()
             .map(|(id, _)| id.clone())
             .filter(|id| !listed.contains_key(id))
-            .collect(),
+            .collect::<Vec<String>>()
+    };
+    let absent: Vec<String> = match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => unlisted(),
+        Mode::Activity if listed.is_empty() && holds_no_activity_of_ours(ctx).await? => unlisted(),
         Mode::Activity => Vec::new(),
     };
     if !absent.is_empty() {
@@ -105,4 +110,20 @@ pub(super) async fn verify_by_listing(
     ctx.store.lock().apply(&rows, &[], None, now)?;
     ctx.store.lock().set_verified(&ids, now)?;
     Ok(())
+}
+
+/// Whether the portal answers that it holds no activity of ubsync's at all, whatever its time.
+/// Anything else (a row, an error, an answer of another shape) proves nothing.
+async fn holds_no_activity_of_ours(ctx: &SyncCtx) -> Result<bool, SyncError> {
+    let any = Command::new("any", "crm.activity.list", api::crm::any_activity_of_ours());
+    let out = match lookup(ctx, vec![any]).await {
+        Ok(out) => out,
+        Err(SyncError::Bitrix24(e)) if e.is_retryable() => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(out
+        .results
+        .get("any")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty))
 }

@@ -48,3 +48,36 @@ async fn a_429_without_a_reset_time_rests_batch_ten_minutes_across_passes() {
     let status = env.ubsync(&["status"]).await;
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_started_right_after_another_does_not_take_a_full_bucket_for_granted() {
+    // Burst 50, 2 per second, as a portal has it; system time on both sides.
+    let env = env(scenario()).await;
+    {
+        let first = env.ctx().await;
+        for _ in 0..48 {
+            first
+                .b24
+                .call("user.current", serde_json::json!({}))
+                .await
+                .unwrap();
+        }
+    }
+    // The next process (a timer's next pass) starts at once: the portal's bucket is still full.
+    let second = env.ctx().await;
+    for _ in 0..6 {
+        second
+            .b24
+            .call("user.current", serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    let refused: Vec<_> = env
+        .sims
+        .bitrix24
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 503)
+        .collect();
+    assert!(refused.is_empty(), "over the portal's bucket: {refused:?}");
+}

@@ -1,5 +1,8 @@
 //! The integration test binary: real HTTP against the simulators, and the real `ubsync` binary.
 
+// Tests call the simulators and the daemon directly, as an upstream or an admin would.
+#![allow(clippy::disallowed_methods)]
+
 mod harness;
 
 mod business_rules;

@@ -64,7 +64,7 @@ async fn a_backfill_of_a_day_two_years_back_delivers_its_calls() {
 async fn older_records_without_state_take_the_outcome_from_cause_and_a_missed_call_gets_its_task() {
     let day = yesterday();
     let mut s = Scenario::empty(KYIV).with_operator(10, "101");
-    let mut older = |s: &mut Scenario, hms: &str, from: &str, state: &str, talk, cause| {
+    let older = |s: &mut Scenario, hms: &str, from: &str, state: &str, talk, cause| {
         let id = s.add_call(at(day, hms), "IN", from, &["101"], state, talk, None);
         let c = s.calls.iter_mut().find(|c| c.id == id).unwrap();
         c.older_format = true;

@@ -251,6 +251,12 @@ pub fn activities_by_start(from: &str, to: &str, start: u64) -> Value {
     json!({"filter": {"ORIGINATOR_ID": ORIGINATOR, ">=START_TIME": from, "<START_TIME": to}, "select": ["ID", "ORIGIN_ID"], "order": {"ID": "ASC"}, "start": start})
 }
 
+/// The parameters of a page of any of ubsync's activities, whatever their time: an empty answer
+/// proves the portal holds none of them.
+pub fn any_activity_of_ours() -> Value {
+    json!({"filter": {"ORIGINATOR_ID": ORIGINATOR}, "select": ["ID", "ORIGIN_ID"], "order": {"ID": "DESC"}, "start": 0})
+}
+
 /// The field of an activity row that carries ubsync's call key.
 pub const ACTIVITY_KEY_FIELD: &str = "ORIGIN_ID";
 

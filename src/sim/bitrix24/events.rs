@@ -3,6 +3,9 @@
 //! after registering the call itself, without `EXTERNAL_CALL_ID`) and a CRM callback form
 //! (`ONEXTERNALCALLBACKSTART`, no `CALL_ID`) — POSTed form-encoded with PHP bracket keys.
 
+// A simulator calls the application as the upstream would: no limiter of ubsync applies.
+#![allow(clippy::disallowed_methods)]
+
 use serde_json::{json, Map, Value};
 
 use super::{ApiError, ApiOk, ApiResult, Bitrix24Sim, PortalState};
