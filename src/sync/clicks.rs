@@ -437,8 +437,10 @@ const OFFLINE_PAGES: usize = 10;
 
 /// The offline route: reads `event.offline.get` into the inbox. Where the plan has the
 /// reserve-then-confirm mode (`feature.get rest_offline_extended`), events are reserved
-/// (`clear=0`), stored, then cleared: none is lost to a crash. Elsewhere they are removed as they
-/// are read (`clear=1`); a crash between the read and the store loses those (logged).
+/// (`clear=0`) under ubsync's own `process_id` (kept in the state), stored, then cleared: a
+/// reserving get whose answer was lost gives the same events again at the next poll, and a
+/// clear whose answer was lost is sent again first. Elsewhere they are removed as they are read
+/// (`clear=1`); a crash between the read and the store loses those (logged).
 /// Returns how many events were stored.
 pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
     if !(ctx.cfg.webhooks.bitrix24_events && ctx.cfg.webhooks.bitrix24_offline) {
@@ -461,26 +463,61 @@ pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
         }
     };
     let mut stored = 0;
-    for _ in 0..OFFLINE_PAGES {
-        let (method, params) = api::events::offline_get(!extended, 50);
-        let env = ctx.b24.call(method, params).await?;
-        let (process, events) = api::events::offline_events(&env.result);
-        let now = ctx.clock.now();
-        let mut ids = Vec::new();
-        for e in &events {
-            ctx.store.lock().inbox_add(
-                "bitrix24",
-                &e.stored_form().to_string(),
-                Some("application/json"),
-                now,
-            )?;
-            stored += 1;
-            ids.extend(e.id.clone());
+    let process = if extended {
+        Some(offline_process_id(ctx)?)
+    } else {
+        None
+    };
+    // A clear whose answer was lost is sent again before anything else.
+    // Until it goes, the stored events would come back with the next reserving get.
+    if let Some(process) = &process {
+        if let Err(e) = send_owed_clear(ctx, process).await {
+            tracing::warn!(error = %e, "the owed event.offline.clear failed; trying again at the next poll");
+            return Ok(0);
         }
-        if extended && !events.is_empty() {
-            if let Some(process) = process {
-                let (method, params) = api::events::offline_clear(&process, &ids);
-                ctx.b24.call(method, params).await?;
+    }
+    for _ in 0..OFFLINE_PAGES {
+        let (method, params) = match &process {
+            Some(p) => api::events::offline_reserve(p, 50),
+            None => api::events::offline_get(true, 50),
+        };
+        let env = ctx.b24.call(method, params).await?;
+        let (answered, events) = api::events::offline_events(&env.result);
+        if let (Some(ours), Some(theirs)) = (&process, &answered) {
+            if ours != theirs {
+                tracing::warn!("the portal reserved offline events under another process_id than ubsync's; a lost answer could hide them until they expire");
+            }
+        }
+        let now = ctx.clock.now();
+        let ids: Vec<String> = events.iter().filter_map(|e| e.id.clone()).collect();
+        {
+            // The events and the clear they await are stored together: a crash after this
+            // leaves them in the inbox and the clear to be sent again.
+            let store = ctx.store.lock();
+            for e in &events {
+                store.inbox_add(
+                    "bitrix24",
+                    &e.stored_form().to_string(),
+                    Some("application/json"),
+                    now,
+                )?;
+                stored += 1;
+            }
+            if process.is_some() && !ids.is_empty() {
+                store.set_fact(
+                    FACT_OFFLINE_TO_CLEAR,
+                    &serde_json::to_string(&ids).unwrap_or_default(),
+                    now,
+                )?;
+            }
+        }
+        if let Some(process) = answered.as_ref().or(process.as_ref()).filter(|_| extended) {
+            if !ids.is_empty() {
+                if let Err(e) = send_owed_clear(ctx, process).await {
+                    // The events are stored: the clear is owed and goes first next time.
+                    tracing::warn!(error = %e, "event.offline.clear failed; it is sent again at the next poll");
+                    break;
+                }
             }
         }
         if events.len() < 50 {
@@ -488,4 +525,42 @@ pub async fn poll_offline(ctx: &SyncCtx) -> Result<u64, SyncError> {
         }
     }
     Ok(stored)
+}
+
+/// The portal fact naming ubsync's own offline `process_id` (made once, kept for good).
+const FACT_OFFLINE_PROCESS: &str = "bitrix24.offline_process_id";
+
+/// The ids of offline events stored in the inbox whose `event.offline.clear` has not been
+/// answered yet (a JSON list).
+const FACT_OFFLINE_TO_CLEAR: &str = "bitrix24.offline_to_clear";
+
+/// ubsync's offline `process_id`: made and stored before the first reserving get, so a get
+/// whose answer is lost reserves under an id the next poll knows.
+fn offline_process_id(ctx: &SyncCtx) -> Result<String, SyncError> {
+    let store = ctx.store.lock();
+    if let Some(p) = store.fact(FACT_OFFLINE_PROCESS)? {
+        return Ok(p);
+    }
+    let p = format!("ubsync{:032x}", rand::random::<u128>());
+    store.set_fact(FACT_OFFLINE_PROCESS, &p, ctx.clock.now())?;
+    Ok(p)
+}
+
+/// Sends the clear owed for events already in the inbox (if any) and forgets it once the portal
+/// answers; a clear whose answer is lost is simply sent again (clearing twice is harmless).
+async fn send_owed_clear(ctx: &SyncCtx, process: &str) -> Result<(), SyncError> {
+    let owed = ctx.store.lock().fact(FACT_OFFLINE_TO_CLEAR)?;
+    let ids: Vec<String> = owed
+        .as_deref()
+        .and_then(|o| serde_json::from_str(o).ok())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let (method, params) = api::events::offline_clear(process, &ids);
+    ctx.b24.call(method, params).await?;
+    ctx.store
+        .lock()
+        .set_fact(FACT_OFFLINE_TO_CLEAR, "[]", ctx.clock.now())?;
+    Ok(())
 }

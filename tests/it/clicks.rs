@@ -460,3 +460,64 @@ async fn an_echoed_meta_matches_a_click_exactly_even_when_the_line_does_not() {
         .iter()
         .any(|c| c.external_call_id.as_deref() == Some("unitalk-900001")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserving_offline_get_whose_answer_was_lost_still_rings_the_click_and_a_lost_clear_is_sent_again(
+) {
+    use ubsync::sim::{Fault, FaultKind};
+    let env = TestEnv::start(
+        ubsync::sim::Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101"),
+    )
+    .await;
+    env.sims.bitrix24.set_offline_extended(true);
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22\"\n[webhooks]\nbitrix24_events = true\nbitrix24_route = \"offline\"\n",
+    );
+    let ctx = env.ctx().await;
+    ubsync::sync::bind_events(&ctx).await.unwrap();
+    env.sims
+        .bitrix24
+        .click_to_call(10, "+380671239999", None)
+        .await;
+    // The portal reserves the event, then the connection drops: the process is killed with
+    // the answer in flight.
+    env.sims.bitrix24.inject(Fault::once(
+        Some("event.offline.get"),
+        FaultKind::CommitThenDrop,
+    ));
+    assert!(ubsync::sync::poll_offline(&ctx).await.is_err());
+    assert_eq!(
+        env.sims.bitrix24.offline_queue_len(),
+        1,
+        "reserved in the portal, unknown here"
+    );
+    drop(ctx);
+    // A new process: the same process_id takes the reserved event again.
+    let ctx = env.ctx().await;
+    // Its clear is refused before it runs (a 502): it is owed, and sent again next time.
+    env.sims.bitrix24.inject(Fault::once(
+        Some("event.offline.clear"),
+        FaultKind::Html(502),
+    ));
+    let first = crate::harness::pass(&ctx).await;
+    assert_eq!(
+        env.sims.unitalk.direct_calls().len(),
+        1,
+        "{first:?}: the click rang"
+    );
+    assert_eq!(
+        env.sims.bitrix24.offline_queue_len(),
+        1,
+        "the clear was lost"
+    );
+    let again = ubsync::sync::poll_offline(&ctx).await.unwrap();
+    assert_eq!(again, 0, "nothing is stored twice");
+    assert_eq!(
+        env.sims.bitrix24.offline_queue_len(),
+        0,
+        "the owed clear went"
+    );
+    crate::harness::pass(&ctx).await.unwrap();
+    assert_eq!(env.sims.unitalk.direct_calls().len(), 1, "it rang once");
+}

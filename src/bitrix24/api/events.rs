@@ -110,6 +110,16 @@ pub fn offline_get(clear: bool, limit: u32) -> Request {
     )
 }
 
+/// `event.offline.get` reserving (`clear=0`) under ubsync's own `process_id`: the events that
+/// process reserved and has not cleared come back with the free ones it reserves now, so a
+/// reservation whose answer was lost is never hidden in the portal.
+pub fn offline_reserve(process_id: &str, limit: u32) -> Request {
+    (
+        "event.offline.get",
+        json!({"clear": 0, "limit": limit, "process_id": process_id}),
+    )
+}
+
 /// One queued offline event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OfflineEvent {

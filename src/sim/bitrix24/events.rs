@@ -80,7 +80,8 @@ pub(super) fn unbind(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult 
 }
 
 /// `event.offline.get`: with `clear=1` (default) the events are removed as they are read; with
-/// `clear=0` they are reserved under a `process_id` until `event.offline.clear`.
+/// `clear=0` they are reserved under a `process_id` (the one given, else a new one) until
+/// `event.offline.clear`; a given `process_id` gets its own reserved events again.
 pub(super) fn offline_get(st: &mut PortalState, p: &Map<String, Value>) -> ApiResult {
     let clear = p
         .iter()
@@ -102,16 +103,21 @@ pub(super) fn offline_get(st: &mut PortalState, p: &Map<String, Value>) -> ApiRe
             "Not available on this plan",
         ));
     }
-    let process = format!(
-        "p{}",
-        st.offline.len() + st.events.len() + rand::random::<u16>() as usize
-    );
+    // A given `process_id` takes the events it reserved before (not yet cleared) again, then
+    // reserves free ones under it ("to select again the records this process has not processed").
+    let given = text(p, "process_id").filter(|p| !p.is_empty());
+    let process = given.clone().unwrap_or_else(|| {
+        format!(
+            "p{}",
+            st.offline.len() + st.events.len() + rand::random::<u16>() as usize
+        )
+    });
     let mut events = Vec::new();
     for (id, ev, data, reserved) in st.offline.iter_mut() {
         if events.len() == limit {
             break;
         }
-        if reserved.is_some() {
+        if reserved.is_some() && (given.is_none() || *reserved != given) {
             continue;
         }
         events.push(json!({"ID": id.to_string(), "TIMESTAMP_X": "", "EVENT_NAME": ev, "EVENT_DATA": data, "EVENT_ADDITIONAL": {}, "MESSAGE_ID": format!("m{id}")}));
