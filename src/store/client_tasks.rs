@@ -110,6 +110,23 @@ impl Store {
             .optional()?)
     }
 
+    /// Whether a call in Bitrix24 reached `client` after `after` and before `before`: a task
+    /// open at `after` was completed by then, in passes that ran as the calls came.
+    pub fn reached_between(
+        &self,
+        client: &str,
+        after: DateTime<Utc>,
+        before: DateTime<Utc>,
+    ) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM ledger l JOIN calls c ON c.call_id = l.call_id
+               WHERE l.client = ?1 AND l.reached = 1 AND c.started_at > ?2 AND c.started_at < ?3
+                 AND l.stage IN ('finished', 'done'))",
+            params![client, ts(after), ts(before)],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Whether another call of `client` has a task being created (its outcome not recorded yet).
     pub fn task_in_flight_for(&self, client: &str, except: &str) -> Result<bool> {
         Ok(self.conn.query_row(

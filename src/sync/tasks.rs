@@ -247,11 +247,16 @@ fn decide(
                     }
                     continue;
                 }
-                // (`task_comment` without a task: the open task refused this call.)
+                // (`task_comment` without a task: the open task refused this call.) A task
+                // whose client was reached after its last missed call and before this one is
+                // done for this call's purposes (completed by `close_reached` this pass), as it
+                // would have been had the passes run as the calls came: this call opens another.
                 if !d.item.ledger.task_comment {
                     if let Some(t) = store.open_task_for(&client)? {
-                        out.followups.push((d, t));
-                        continue;
+                        if !store.reached_between(&client, t.last_missed(), d.item.started_at)? {
+                            out.followups.push((d, t));
+                            continue;
+                        }
                     }
                 }
             }

@@ -146,3 +146,78 @@ async fn in_telephony_mode_rules_crm_order_decides_the_calls_binding_and_its_tas
         assert_eq!(tasks[0].uf_crm_task, vec![uf.to_string()], "{order}");
     }
 }
+
+/// A client's calls: missed, called back (answered), missed twice more, and another client's
+/// missed call between them.
+fn backlog() -> Scenario {
+    let mut s = Scenario::empty(KYIV).with_operator(10, "101").with_client(
+        CrmKind::Contact,
+        797,
+        "+380501112233",
+        10,
+    );
+    for (hms, from, state, talk) in [
+        ("13:05:00", "380501112233", "NOANSWER", 0),
+        ("13:12:00", "380671111111", "NOANSWER", 0),
+        ("13:15:00", "380501112233", "ANSWER", 40),
+        ("13:25:00", "380501112233", "NOANSWER", 0),
+        ("13:31:00", "380501112233", "BUSY", 0),
+    ] {
+        s.add_call(
+            n(&format!("2026-11-22 {hms}")),
+            "IN",
+            from,
+            &["101"],
+            state,
+            talk,
+            None,
+        );
+    }
+    s
+}
+
+/// The tasks a portal ends with: (call key, completed, number of missed calls it names).
+fn tasks_of(env: &TestEnv) -> Vec<(Option<String>, i64, usize)> {
+    let mut t: Vec<_> = env
+        .sims
+        .bitrix24
+        .tasks()
+        .into_iter()
+        .map(|t| {
+            let named = t.description.matches("unitalk-").count();
+            (t.xml_id, t.status, named)
+        })
+        .collect();
+    t.sort();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_pushed_in_one_pass_ends_with_the_tasks_passes_run_in_real_time_give() {
+    use chrono::{Duration, TimeZone, Utc};
+    use ubsync::clock::Clock;
+    let start = Utc.with_ymd_and_hms(2026, 11, 22, 11, 0, 0).unwrap();
+    let end = Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap();
+    let config = "[sync]\nstart = \"2026-11-22\"\n";
+
+    let live = TestEnv::with(backlog(), Default::default(), Clock::manual(start)).await;
+    live.write_config("telephony", config);
+    let ctx = live.ctx().await;
+    while live.clock.now() < end {
+        live.clock.advance(Duration::minutes(1));
+        pass(&ctx).await.unwrap();
+    }
+
+    let backlog_env = TestEnv::with(backlog(), Default::default(), Clock::manual(end)).await;
+    backlog_env.write_config("telephony", config);
+    let ctx = backlog_env.ctx().await;
+    pass(&ctx).await.unwrap();
+    pass(&ctx).await.unwrap();
+
+    let (live_tasks, backlog_tasks) = (tasks_of(&live), tasks_of(&backlog_env));
+    assert_eq!(live_tasks.len(), 3, "{live_tasks:?}");
+    assert_eq!(
+        backlog_tasks, live_tasks,
+        "one pass over the backlog, or passes as calls came"
+    );
+}
