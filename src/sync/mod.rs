@@ -374,8 +374,10 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     push_due(ctx, opts, s).await?;
     if !opts.dry_run {
         // Recordings sent in finish are proven now (or once `record_check_after` has passed);
-        // the ones Bitrix24 does not show go again, by attachRecord, in this pass.
-        if record_check::check_finish_records(ctx, s).await? > 0 {
+        // the ones Bitrix24 does not show go again, by attachRecord, in this pass (those of a
+        // check made during the push, while the portal was being learnt, too).
+        let resent = record_check::check_finish_records(ctx, s).await?;
+        if resent > 0 || s.records_resent > 0 {
             push_due(ctx, opts, s).await?;
         }
         followup::watch_new(ctx, s)?;

@@ -12,24 +12,18 @@ pub(super) const FACT_ATTACH_IN_BATCH: &str = "bitrix24.attach_record_in_batch";
 /// `finish` downloaded, `yes` once one was.
 pub(super) const FACT_FINISH_TAKES_LINK: &str = "bitrix24.finish_record_url";
 
+/// Calls whose recording goes in `finish` that are sent first, and checked at once, while the
+/// portal's handling of finish's link is unknown: at most this many recordings are sent twice
+/// on a portal that does not download them.
+const LEARN_FROM: usize = 25;
+
 pub(super) async fn push_telephony(
     ctx: &SyncCtx,
     opts: &PassOptions,
     s: &mut PassSummary,
-    due: Vec<Due>,
+    mut due: Vec<Due>,
     users: &HashMap<String, i64>,
 ) -> Result<(), SyncError> {
-    let now = ctx.clock.now();
-    // Uploaded recordings go one request each (a file is no batch parameter).
-    let attach_in_batch = ctx.cfg.recordings.delivery == Delivery::Link
-        && ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
-    let portal = plan::Portal {
-        attach_in_batch,
-        finish_takes_link: record_check::finish_takes_link(
-            ctx,
-            ctx.store.lock().fact(FACT_FINISH_TAKES_LINK)?.as_deref(),
-        ),
-    };
     // A `rules.crm_order` other than Bitrix24's own names each new call's entity in register.
     let entities = if ctx.cfg.rules.crm_order_is_bitrix24s() {
         HashMap::new()
@@ -43,7 +37,60 @@ pub(super) async fn push_telephony(
         numbers.dedup();
         super::activity::find_entities(ctx, &numbers).await?
     };
-    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, &entities, portal);
+    // While this portal has not shown whether it downloads finish's link, a first slice of the
+    // calls goes alone and is checked at once: the rest are planned with what it taught.
+    let unknown = ctx.store.lock().fact(FACT_FINISH_TAKES_LINK)?.is_none();
+    let learning = unknown
+        && !opts.dry_run
+        && ctx.cfg.sync.record_url_on_finish
+        && ctx.cfg.sync.record_check_after.is_zero()
+        && ctx.cfg.recordings.delivery == Delivery::Link;
+    if learning {
+        let with_link = |d: &Due| {
+            d.facts.link.is_some()
+                && matches!(d.item.ledger.stage, Stage::Pending | Stage::Registered)
+        };
+        let mut linked = 0;
+        let cut = due
+            .iter()
+            .position(|d| {
+                linked += usize::from(with_link(d));
+                linked > LEARN_FROM
+            })
+            .unwrap_or(due.len());
+        if linked >= 1 {
+            let rest = due.split_off(cut);
+            send_telephony(ctx, opts, s, due, users, &entities).await?;
+            if record_check::check_finish_records(ctx, s).await? > 0 {
+                tracing::info!("recordings sent in finish were not downloaded: the rest of this push sends them by attachRecord");
+            }
+            due = rest;
+        }
+    }
+    send_telephony(ctx, opts, s, due, users, &entities).await
+}
+
+/// Plans and sends telephony chains for `due`, with what the portal has shown it takes.
+async fn send_telephony(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+    s: &mut PassSummary,
+    due: Vec<Due>,
+    users: &HashMap<String, i64>,
+    entities: &HashMap<String, crate::bitrix24::api::crm::Entity>,
+) -> Result<(), SyncError> {
+    let now = ctx.clock.now();
+    // Uploaded recordings go one request each (a file is no batch parameter).
+    let attach_in_batch = ctx.cfg.recordings.delivery == Delivery::Link
+        && ctx.store.lock().fact(FACT_ATTACH_IN_BATCH)?.as_deref() != Some("no");
+    let portal = plan::Portal {
+        attach_in_batch,
+        finish_takes_link: record_check::finish_takes_link(
+            ctx,
+            ctx.store.lock().fact(FACT_FINISH_TAKES_LINK)?.as_deref(),
+        ),
+    };
+    let planned = push_plan::plan_telephony(&ctx.cfg, due, users, entities, portal);
     let (commands, batches) = planned.size();
     tracing::debug!(
         calls = planned.chains.len(),

@@ -414,3 +414,52 @@ async fn statistics_that_cannot_be_read_never_strand_a_recording() {
     assert_eq!(env.sims.bitrix24.calls().len(), 4, "no second registration");
     assert_eq!(ctx.store.lock().record_checks_pending().unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_push_learns_a_portal_that_does_not_download_finishs_links_from_its_first_batch() {
+    // 300 answered calls with links on a portal that keeps finish's link but never downloads it.
+    let mut s = Scenario::empty(chrono_tz::Europe::Kyiv).with_operator(10, "101");
+    for i in 0..300 {
+        s.add_call(
+            n("2026-11-22 13:00:00") + Duration::seconds(i * 7),
+            "IN",
+            &format!("38050{:07}", 1_000_000 + i),
+            &["101"],
+            "ANSWER",
+            30,
+            Some(&format!("https://rec.example/{i}.mp3")),
+        );
+    }
+    let b24 = Bitrix24SimConfig {
+        finish_record_downloads: false,
+        burst: 1000.0,
+        ..Default::default()
+    };
+    let env = TestEnv::with(s, b24, Clock::manual(t0())).await;
+    env.write_config(
+        "telephony",
+        "[sync]\nstart = \"2026-11-22 12:00:00\"\n[tasks]\nenabled = false\n",
+    );
+    let ctx = env.ctx().await;
+    let p = pass(&ctx).await.unwrap();
+    let sent = telephony_commands(&env, 0);
+    let requests = env.sims.bitrix24.requests().len();
+    assert_eq!(count(&sent, "telephony.externalcall.register"), 300, "{p}");
+    // Every recording is attached (proven by attachRecord's answer) …
+    assert_eq!(
+        count(&sent, "telephony.externalcall.attachrecord"),
+        300,
+        "{p}"
+    );
+    assert!(answered_have_files(&env), "{p}");
+    // … and only the first batch's were sent in finish before the portal was learnt.
+    assert!(p.records_resent <= 25, "{p}: {requests} requests");
+    assert_eq!(
+        ctx.store
+            .lock()
+            .fact("bitrix24.finish_record_url")
+            .unwrap()
+            .as_deref(),
+        Some("no:0")
+    );
+}
