@@ -84,7 +84,8 @@ pub fn is_phone_like(n: &str) -> bool {
             .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')'))
 }
 
-/// Whether `n` looks like an inner line: a known operator line, or a short all-digit number.
+/// Whether `n` looks like an inner line: a known operator line, or a short all-digit number
+/// (the test for a record whose direction does not say which side is the client).
 pub fn is_inner(n: &str, known_lines: &HashSet<String>) -> bool {
     let n = n.trim();
     known_lines.contains(n)
@@ -135,15 +136,36 @@ pub fn classify(
     if call.state == CallState::Dialing {
         return Disposition::NotFinal;
     }
+    // Two tests of a number: `known` is an operator's line (Unitalk's `/users/list`), or too
+    // short (4 digits or fewer) for any outside number; `inner` is that or any 5-digit number.
+    // Where the record states its direction, the other side is the client unless `known`, so a
+    // 5-digit service number (`74321`) calling in, or called, is a client. Only a record
+    // without a usable direction is read by length alone.
     let inner = |n: &str| is_inner(n, known_lines);
-    let external_to: Vec<&String> = call.to.iter().filter(|t| !inner(t)).collect();
+    let known = |n: &str| {
+        let n = n.trim();
+        known_lines.contains(n)
+            || (!n.is_empty() && n.len() <= 4 && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let stated = matches!(call.direction, Direction::In | Direction::Out);
+    let outside = |n: &str| if stated { !known(n) } else { !inner(n) };
+    let external_to: Vec<&String> = call.to.iter().filter(|t| outside(t)).collect();
     let internal = match &call.direction {
         Direction::Inner => true,
+        Direction::In => known(&call.from) && !call.to.is_empty() && external_to.is_empty(),
         _ => inner(&call.from) && !call.to.is_empty() && external_to.is_empty(),
     };
     if internal {
         if cfg.skip_internal {
-            return Disposition::Skip("internal call (sync.skip_internal = true)".into());
+            return Disposition::Skip(format!(
+                "internal call: {} to {} are inner lines (sync.skip_internal = true)",
+                if call.from.is_empty() {
+                    "?"
+                } else {
+                    &call.from
+                },
+                call.to.join(", ")
+            ));
         }
         // Pushed as an outgoing call to the other extension.
         let other = call.to.first().cloned().unwrap_or_default();
@@ -369,6 +391,57 @@ mod tests {
         ));
         let c = call(
             json!({"id": 3, "date": "2026-11-22 10:00:00", "direction": "INNER", "from": "101", "to": ["102"], "state": "ANSWER"}),
+        );
+        assert!(matches!(
+            classify(&c, &lines(), &cfg(), &Rules::default()),
+            Disposition::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn a_five_digit_client_number_is_a_client_where_the_record_says_which_side_it_is() {
+        // A service number calls in: the record says IN, and 74321 is no operator's line.
+        let c = call(
+            json!({"id": 5, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "74321", "to": ["101"], "state": "NOANSWER"}),
+        );
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
+            panic!("an incoming call from a short number is not internal")
+        };
+        assert_eq!(f.way, Way::In);
+        assert!(f.client_number.ends_with("74321"), "{}", f.client_number);
+        assert_eq!(f.operator_line.as_deref(), Some("101"));
+        assert!(f.missed);
+        // An operator dials it.
+        let c = call(
+            json!({"id": 6, "date": "2026-11-22 10:00:00", "direction": "OUT", "from": "102", "to": ["74321"], "state": "ANSWER"}),
+        );
+        let Disposition::Push(f) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
+            panic!("an outgoing call to a short number is not internal")
+        };
+        assert_eq!(f.way, Way::Out);
+        assert!(f.client_number.ends_with("74321"), "{}", f.client_number);
+        assert_eq!(f.operator_line.as_deref(), Some("102"));
+        // With skip_internal off, still the right way round (never an outgoing call to the line).
+        let mut keep = cfg();
+        keep.skip_internal = false;
+        let c = call(
+            json!({"id": 7, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "74321", "to": ["101"], "state": "ANSWER"}),
+        );
+        let Disposition::Push(f) = classify(&c, &lines(), &keep, &Rules::default()) else {
+            panic!()
+        };
+        assert_eq!(f.way, Way::In);
+        // Without a direction, length still decides: 101 calling 74321 is internal.
+        let c = call(
+            json!({"id": 8, "date": "2026-11-22 10:00:00", "direction": "", "from": "101", "to": ["74321"], "state": "ANSWER"}),
+        );
+        let Disposition::Skip(why) = classify(&c, &lines(), &cfg(), &Rules::default()) else {
+            panic!()
+        };
+        assert!(why.contains("101 to 74321"), "{why}");
+        // A stated IN from a known line to a known line is internal, and says which lines.
+        let c = call(
+            json!({"id": 9, "date": "2026-11-22 10:00:00", "direction": "IN", "from": "101", "to": ["102"], "state": "ANSWER"}),
         );
         assert!(matches!(
             classify(&c, &lines(), &cfg(), &Rules::default()),

@@ -103,3 +103,45 @@ async fn older_records_without_state_take_the_outcome_from_cause_and_a_missed_ca
     let show = env.ubsync(&["show", &unknown.to_string()]).await;
     assert!(text(&show).contains("quarantined"), "{}", text(&show));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_five_digit_service_number_is_a_client_and_a_skipped_internal_call_says_why() {
+    let day = yesterday();
+    let mut s = Scenario::empty(KYIV)
+        .with_operator(10, "101")
+        .with_operator(11, "102");
+    let service = s.add_call(
+        at(day, "10:00:00"),
+        "IN",
+        "74321",
+        &["101"],
+        "NOANSWER",
+        0,
+        None,
+    );
+    let internal = s.add_call(
+        at(day, "10:10:00"),
+        "OUT",
+        "101",
+        &["102"],
+        "ANSWER",
+        20,
+        None,
+    );
+    let env = env(s).await;
+    let out = env.ubsync(&["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stats = env.sims.bitrix24.stats();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0].call_type, 2, "incoming");
+    assert!(stats[0].phone.ends_with("74321"), "{}", stats[0].phone);
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1, "the missed call's task");
+    let show = env.ubsync(&["show", &internal.to_string()]).await;
+    let t = text(&show);
+    assert!(
+        t.contains("internal call") && t.contains("101 to 102"),
+        "{t}"
+    );
+    let show = env.ubsync(&["show", &service.to_string()]).await;
+    assert!(!text(&show).contains("internal"), "{}", text(&show));
+}
