@@ -82,10 +82,19 @@ pub const JOBS: [&str; 5] = ["sync", "backfill", "reconcile", "retry", "events"]
 
 /// What a run did: its summary line, else its stored summary, else its error.
 fn what_happened(r: &RunRecord) -> String {
-    r.summary
+    let reconcile = r
+        .summary
         .as_ref()
-        .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok())
-        .map(|s| s.to_string())
+        .filter(|_| r.job == "reconcile")
+        .and_then(|s| serde_json::from_value::<crate::sync::runlog::ReconcileRun>(s.clone()).ok());
+    reconcile
+        .map(|run| run.to_string())
+        .or_else(|| {
+            r.summary
+                .as_ref()
+                .and_then(|s| serde_json::from_value::<crate::sync::PassSummary>(s.clone()).ok())
+                .map(|s| s.to_string())
+        })
         .or_else(|| r.summary.as_ref().map(Value::to_string))
         .or(r.error.clone())
         .unwrap_or_default()

@@ -8,28 +8,9 @@ pub(super) async fn run_logged(
     job: &str,
     opts: &PassOptions,
 ) -> anyhow::Result<crate::sync::PassSummary> {
-    let run_id = ctx.store.lock().begin_run(job, ctx.clock.now())?;
+    let run_id = crate::sync::runlog::begin(ctx, job);
     let result = run_pass(ctx, opts).await;
-    let now = ctx.clock.now();
-    match &result {
-        Ok(summary) => ctx.store.lock().finish_run(
-            run_id,
-            now,
-            "ok",
-            Some(&serde_json::to_value(summary)?),
-            None,
-        )?,
-        Err(e) => {
-            let outcome = if matches!(e, SyncError::Cancelled) {
-                "interrupted"
-            } else {
-                "failed"
-            };
-            ctx.store
-                .lock()
-                .finish_run(run_id, now, outcome, None, Some(&e.to_string()))?
-        }
-    }
+    crate::sync::runlog::finish_pass(ctx, run_id, &result);
     Ok(result?)
 }
 

@@ -131,25 +131,11 @@ pub(super) async fn reconcile(
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
     let ctx = context(cfg, store)?;
     cancel_on_signals(ctx.cancel.clone());
-    let run_id = ctx.store.lock().begin_run("reconcile", ctx.clock.now())?;
+    let run_id = crate::sync::runlog::begin(&ctx, "reconcile");
     let result = crate::sync::reconcile::reconcile(&ctx, start, end, dry_run).await;
+    crate::sync::runlog::finish_reconcile(&ctx, run_id, &result);
     let now = ctx.clock.now();
-    let (report, summary) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.store
-                .lock()
-                .finish_run(run_id, now, "failed", None, Some(&e.to_string()))?;
-            return Err(e.into());
-        }
-    };
-    ctx.store.lock().finish_run(
-        run_id,
-        now,
-        "ok",
-        Some(&serde_json::to_value(&report)?),
-        None,
-    )?;
+    let (report, summary) = result?;
     crate::redact::say(report.table().trim_end_matches('\n'));
     crate::store::files::create_private_dir(&reports)
         .with_context(|| format!("cannot create {}", reports.display()))?;
@@ -179,6 +165,10 @@ pub(super) async fn reconcile(
                 report.unknown.len()
             ),
             (false, true) => "differences found; run without --dry-run to repair them".to_string(),
+            (false, false) if !report.not_repaired.is_empty() => format!(
+                "{} differences could not be repaired (see \"not repaired\", with why); the rest were",
+                report.not_repaired.len()
+            ),
             (false, false) if report.duplicated_in_bitrix24.is_empty() =>
                 "differences repaired".to_string(),
             (false, false) =>

@@ -284,12 +284,13 @@ const OFFLINE_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 /// `events`.
 async fn run_events(sh: &Shared) {
     let ctx = &sh.ctx;
-    let run_id = ctx.store.lock().begin_run("events", ctx.clock.now()).ok();
+    let run_id = crate::sync::runlog::begin(ctx, "events");
     let opts = PassOptions {
         events_only: true,
         ..PassOptions::default()
     };
     let r = run_pass(ctx, &opts).await;
+    crate::sync::runlog::finish_pass(ctx, run_id, &r);
     let now = ctx.clock.now();
     // Events runs come with every webhook: two days of them are kept, not the usual thirty.
     let _ = ctx
@@ -297,26 +298,9 @@ async fn run_events(sh: &Shared) {
         .lock()
         .prune_runs_of("events", now - Duration::days(2));
     match &r {
-        Ok(s) => {
-            tracing::info!("events: {s}");
-            if let Some(id) = run_id {
-                let _ = ctx.store.lock().finish_run(
-                    id,
-                    now,
-                    "ok",
-                    serde_json::to_value(s).ok().as_ref(),
-                    None,
-                );
-            }
-        }
+        Ok(s) => tracing::info!("events: {s}"),
         Err(e) => {
-            tracing::warn!(error = %e, "processing events failed; the next sync pass takes them up");
-            if let Some(id) = run_id {
-                let _ = ctx
-                    .store
-                    .lock()
-                    .finish_run(id, now, "failed", None, Some(&e.to_string()));
-            }
+            tracing::warn!(error = %e, "processing events failed; the next sync pass takes them up")
         }
     }
 }
@@ -326,25 +310,9 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
     let started = ctx.clock.now();
     let result: Result<Option<PassSummary>, String> = match kind {
         JobKind::Sync => {
-            let run_id = ctx.store.lock().begin_run("sync", started).ok();
+            let run_id = crate::sync::runlog::begin(ctx, "sync");
             let r = run_pass(ctx, &PassOptions::default()).await;
-            if let Some(id) = run_id {
-                let now = ctx.clock.now();
-                let _ = match &r {
-                    Ok(s) => ctx.store.lock().finish_run(
-                        id,
-                        now,
-                        "ok",
-                        serde_json::to_value(s).ok().as_ref(),
-                        None,
-                    ),
-                    Err(e) => {
-                        ctx.store
-                            .lock()
-                            .finish_run(id, now, "failed", None, Some(&e.to_string()))
-                    }
-                };
-            }
+            crate::sync::runlog::finish_pass(ctx, run_id, &r);
             r.map(|s| {
                 // A pass that found nothing to do is not news (the daemon's first pass is: it
                 // says the daemon works).
@@ -382,25 +350,9 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
                     .expect("midnight"),
                 tz,
             );
-            let run_id = ctx.store.lock().begin_run("reconcile", started).ok();
+            let run_id = crate::sync::runlog::begin(ctx, "reconcile");
             let result = reconcile(ctx, from, to, false).await;
-            if let Some(id) = run_id {
-                let now = ctx.clock.now();
-                let _ = match &result {
-                    Ok((_, summary)) => ctx.store.lock().finish_run(
-                        id,
-                        now,
-                        "ok",
-                        serde_json::to_value(summary).ok().as_ref(),
-                        None,
-                    ),
-                    Err(e) => {
-                        ctx.store
-                            .lock()
-                            .finish_run(id, now, "failed", None, Some(&e.to_string()))
-                    }
-                };
-            }
+            crate::sync::runlog::finish_reconcile(ctx, run_id, &result);
             match result {
                 Ok((report, summary)) => {
                     tracing::info!(

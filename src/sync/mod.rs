@@ -29,6 +29,7 @@ mod push_plan;
 use push_plan::{quarantine_item, scripted, Chain};
 pub mod reconcile;
 mod record_check;
+pub mod runlog;
 mod verify;
 use verify::{verify_by_listing, verify_policy};
 mod summary;

@@ -53,6 +53,9 @@ pub struct ReconcileReport {
     /// What was repaired (empty on a dry run).
     pub repaired_calls: Vec<String>,
     pub repaired_tasks: Vec<String>,
+    /// Differences a repair was attempted for that are still there after the repair pass:
+    /// (call id, why). Never counted as repaired.
+    pub not_repaired: Vec<(String, String)>,
 }
 
 impl ReconcileReport {
@@ -72,7 +75,8 @@ impl ReconcileReport {
             || (!self.dry_run
                 && self.unknown.is_empty()
                 && self.duplicated_in_bitrix24.is_empty()
-                && self.not_repairable.is_empty())
+                && self.not_repairable.is_empty()
+                && self.not_repaired.is_empty())
     }
 
     /// The readable table `ubsync reconcile` prints.
@@ -116,6 +120,12 @@ impl ReconcileReport {
         if !self.dry_run {
             row("repaired calls", &self.repaired_calls);
             row("repaired tasks", &self.repaired_tasks);
+            let failed: Vec<String> = self
+                .not_repaired
+                .iter()
+                .map(|(id, why)| format!("{id} ({why})"))
+                .collect();
+            row("not repaired", &failed);
         }
         let table = crate::table::render(&table);
         format!(
@@ -135,6 +145,7 @@ impl ReconcileReport {
 #[derive(Debug, Clone)]
 pub struct CallView {
     pub id: String,
+    /// Missed, and a task is wanted for it (the task rules do not exclude it).
     pub missed: bool,
     pub ledger: Option<LedgerRow>,
 }
@@ -172,7 +183,12 @@ pub fn compare(
                 ));
             }
         }
-        if tasks_enabled && c.missed && in_b24 {
+        // A call whose client was reached before its task was made needs none (by design).
+        let no_task_due = c
+            .ledger
+            .as_ref()
+            .is_some_and(|l| l.task_id.is_none() && l.task_closed_by.is_some());
+        if tasks_enabled && c.missed && in_b24 && !no_task_due {
             let task_ok = c
                 .ledger
                 .as_ref()
@@ -374,7 +390,9 @@ pub async fn reconcile(
             continue;
         }
         if let Disposition::Push(f) = classify(&call, &known, &cfg.sync, &cfg.rules) {
-            pushable.push((call, raw, f.missed));
+            // Whether a task is wanted for it: missed, and not excluded by the task rules.
+            let wants_task = f.missed && cfg.rules.skip_task(&f).is_none();
+            pushable.push((call, raw, wants_task));
         }
     }
 
@@ -518,7 +536,54 @@ pub async fn reconcile(
         store.apply(&rows, &[], None, now)?;
     }
     push_due(ctx, &PassOptions::default(), &mut summary).await?;
+    // What was meant to be repaired counts only when the ledger shows it done.
+    settle_repairs(ctx, &mut report)?;
     Ok((report, summary))
+}
+
+/// Keeps in `repaired_calls`/`repaired_tasks` only what the repair pass did: a call now in
+/// Bitrix24 (finished), a task now made. The rest moves to `not_repaired`, with why.
+fn settle_repairs(ctx: &SyncCtx, report: &mut ReconcileReport) -> Result<(), SyncError> {
+    let store = ctx.store.lock();
+    let why = |l: Option<&LedgerRow>| match l {
+        None => "not in the state".to_string(),
+        Some(l) => l
+            .reason
+            .clone()
+            .or_else(|| l.last_error.clone())
+            .unwrap_or_else(|| format!("still {} after the repair pass", l.stage.as_str())),
+    };
+    let mut calls = Vec::new();
+    for id in std::mem::take(&mut report.repaired_calls) {
+        let l = store.ledger_row(&id)?;
+        let done = l.as_ref().is_some_and(|l| {
+            matches!(l.stage, Stage::Finished | Stage::Done)
+                && (l.b24_call_id.is_some() || l.b24_activity_id.is_some())
+        });
+        if done {
+            calls.push(id);
+        } else {
+            report.not_repaired.push((id, why(l.as_ref())));
+        }
+    }
+    let mut tasks = Vec::new();
+    for id in std::mem::take(&mut report.repaired_tasks) {
+        let l = store.ledger_row(&id)?;
+        if l.as_ref().is_some_and(|l| l.task_id.is_some()) {
+            tasks.push(id);
+        } else {
+            let reason = match l.as_ref() {
+                Some(l) if l.task_closed_by.is_some() => {
+                    "no task is due: the client was reached after the call".to_string()
+                }
+                other => why(other),
+            };
+            report.not_repaired.push((id, reason));
+        }
+    }
+    report.repaired_calls = calls;
+    report.repaired_tasks = tasks;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ mod pipeline;
 mod pipeline_v2;
 mod properties;
 mod record_check;
+mod reports;
 mod recordings;
 mod rules;
 mod security;

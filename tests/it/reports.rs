@@ -1,0 +1,60 @@
+//! Reports that say exactly what was done (#20), through the real binary: the run log, reconcile's
+//! repairs, progress, the summary, metrics, dry runs, and the diagnoses that point at the fault.
+
+use ubsync::sim::{Fault, FaultKind};
+
+use crate::cli_sync::{env, scenario, yesterday};
+use crate::harness::{text, ONE_TASK_EACH};
+
+fn flat(t: &str) -> String {
+    t.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_that_did_not_happen_is_never_reported_done_and_the_run_log_says_what_reconcile_did(
+) {
+    let env = env(scenario()).await;
+    env.write_config(
+        "telephony",
+        &format!("[sync]\nstart = \"{}\"\n{ONE_TASK_EACH}", yesterday()),
+    );
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    // The portal lost the missed call's task, and refuses new tasks for now.
+    let task = env.sims.bitrix24.tasks()[0].id;
+    env.sims.bitrix24.forget_task(task);
+    env.sims
+        .bitrix24
+        .inject(Fault::times(Some("tasks.task.add"), FaultKind::Html(502), 100));
+    let day = yesterday().to_string();
+    let out = env.ubsync(&["reconcile", "--from", &day]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "a difference remains: {t}");
+    let f = flat(&t);
+    assert!(f.contains("repaired tasks 0"), "{t}");
+    assert!(f.contains("not repaired 1 1002"), "{t}");
+    assert!(!t.contains("differences repaired"), "{t}");
+    let runs = env.ubsync(&["runs"]).await;
+    let r = flat(&text(&runs));
+    assert!(
+        r.contains("reconcile") && r.contains("differences") && r.contains("1 tasks missing"),
+        "{r}"
+    );
+    assert!(r.contains("1 not repaired"), "{r}");
+
+    // The portal takes tasks again: the next reconcile repairs it, and says so.
+    env.sims.bitrix24.clear_faults();
+    let out = env.ubsync(&["reconcile", "--from", &day]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(flat(&t).contains("repaired tasks 1 1002"), "{t}");
+    assert_eq!(env.sims.bitrix24.tasks().len(), 1);
+    let status = env.ubsync(&["status"]).await;
+    let s = flat(&text(&status));
+    assert!(
+        s.contains("last reconcile") && s.contains("repaired 0 calls and 1 tasks"),
+        "{s}"
+    );
+    // Settled: a dry run finds nothing left.
+    let dry = env.ubsync(&["reconcile", "--from", &day, "--dry-run"]).await;
+    assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
+}
