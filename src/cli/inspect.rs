@@ -96,6 +96,10 @@ fn what_happened(r: &RunRecord) -> String {
                 .map(|s| s.to_string())
         })
         .or_else(|| r.summary.as_ref().map(Value::to_string))
+        .map(|done| match &r.error {
+            Some(e) => format!("{e}; done before that: {done}"),
+            None => done,
+        })
         .or(r.error.clone())
         .unwrap_or_default()
 }

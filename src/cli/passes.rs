@@ -9,9 +9,15 @@ pub(super) async fn run_logged(
     opts: &PassOptions,
 ) -> anyhow::Result<crate::sync::PassSummary> {
     let run_id = crate::sync::runlog::begin(ctx, job);
-    let result = run_pass(ctx, opts).await;
-    crate::sync::runlog::finish_pass(ctx, run_id, &result);
-    Ok(result?)
+    let (summary, result) = crate::sync::run_pass_partial(ctx, opts).await;
+    crate::sync::runlog::finish_pass(ctx, run_id, &summary, &result);
+    if let Err(e) = result {
+        if summary.done() + summary.leads + summary.tasks > 0 {
+            crate::say!("{job}: stopped ({e}); done before that: {summary}");
+        }
+        return Err(e.into());
+    }
+    Ok(summary)
 }
 
 pub(super) async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Result<u8> {

@@ -79,7 +79,8 @@ pub(super) async fn backfill(path: &std::path::Path, from: &str, to: &str) -> an
         // Ctrl-C or a failure: what was done so far, and how to go on.
         if let Some(p) = progress.latest() {
             crate::say!(
-                "backfill: stopped after {} calls read, {} pushed, {} tasks; run the same command again to continue from {}",
+                "backfill: stopped after {} calls done ({} read), {} pushed, {} tasks; run the same command again to continue from {}",
+                done_before + p.done,
                 done_before + p.pulled,
                 p.pushed,
                 p.tasks,

@@ -138,10 +138,9 @@ impl Default for Metrics {
             m.recordings_unproven.clone(),
         );
         // Every series from the start, at zero: a dashboard or alert sees "none yet", not nothing.
-        for job in [JobKind::Sync, JobKind::Lines, JobKind::Reconcile] {
-            let label = JobLabel {
-                job: job.as_str().into(),
-            };
+        let jobs = [JobKind::Sync, JobKind::Lines, JobKind::Reconcile].map(JobKind::as_str);
+        for job in jobs.into_iter().chain(["events"]) {
+            let label = JobLabel { job: job.into() };
             let _ = m.passes.get_or_create(&label);
             let _ = m.failures.get_or_create(&label);
         }
@@ -166,16 +165,10 @@ struct BuildLabel {
 }
 
 impl Metrics {
-    pub(super) fn record(
-        &self,
-        job: JobKind,
-        ok: bool,
-        s: Option<&PassSummary>,
-        now: DateTime<Utc>,
-    ) {
-        let label = JobLabel {
-            job: job.as_str().into(),
-        };
+    /// Counts a run of `job` (`sync`, `lines`, `reconcile`, `events`) and what it did, also
+    /// when it failed part way.
+    pub(super) fn record(&self, job: &str, ok: bool, s: Option<&PassSummary>, now: DateTime<Utc>) {
+        let label = JobLabel { job: job.into() };
         self.passes.get_or_create(&label).inc();
         if ok {
             self.last_success.get_or_create(&label).set(now.timestamp());

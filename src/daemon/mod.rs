@@ -25,7 +25,7 @@ mod metrics;
 use metrics::Metrics;
 
 use crate::schedule::{JobKind, Schedule};
-use crate::sync::{reconcile::reconcile, run_pass, PassOptions, PassSummary, SyncCtx};
+use crate::sync::{reconcile::reconcile, PassOptions, PassSummary, SyncCtx};
 
 /// Shared between the worker and the HTTP endpoints.
 struct Shared {
@@ -289,9 +289,11 @@ async fn run_events(sh: &Shared) {
         events_only: true,
         ..PassOptions::default()
     };
-    let r = run_pass(ctx, &opts).await;
-    crate::sync::runlog::finish_pass(ctx, run_id, &r);
+    let (summary, r) = crate::sync::run_pass_partial(ctx, &opts).await;
+    crate::sync::runlog::finish_pass(ctx, run_id, &summary, &r);
     let now = ctx.clock.now();
+    sh.metrics.record("events", r.is_ok(), Some(&summary), now);
+    let r = r.map(|_| summary);
     // Events runs come with every webhook: two days of them are kept, not the usual thirty.
     let _ = ctx
         .store
@@ -308,11 +310,17 @@ async fn run_events(sh: &Shared) {
 async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
     let ctx = &sh.ctx;
     let started = ctx.clock.now();
+    // What a failed pass did before it failed still counts in the metrics.
+    let mut partial: Option<PassSummary> = None;
     let result: Result<Option<PassSummary>, String> = match kind {
         JobKind::Sync => {
             let run_id = crate::sync::runlog::begin(ctx, "sync");
-            let r = run_pass(ctx, &PassOptions::default()).await;
-            crate::sync::runlog::finish_pass(ctx, run_id, &r);
+            let (summary, r) = crate::sync::run_pass_partial(ctx, &PassOptions::default()).await;
+            crate::sync::runlog::finish_pass(ctx, run_id, &summary, &r);
+            if r.is_err() {
+                partial = Some(summary.clone());
+            }
+            let r = r.map(|_| summary);
             r.map(|s| {
                 // A pass that found nothing to do is not news (the daemon's first pass is: it
                 // says the daemon works).
@@ -371,14 +379,16 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
     let now = ctx.clock.now();
     match result {
         Ok(summary) => {
-            sh.metrics.record(kind, true, summary.as_ref(), now);
+            sh.metrics
+                .record(kind.as_str(), true, summary.as_ref(), now);
             true
         }
         Err(e) => {
             tracing::warn!(job = kind.as_str(), error = %e, "job failed; it will back off and retry");
             *sh.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("{}: {e}", kind.as_str()));
-            sh.metrics.record(kind, false, None, now);
+            sh.metrics
+                .record(kind.as_str(), false, partial.as_ref(), now);
             false
         }
     }

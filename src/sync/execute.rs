@@ -201,6 +201,7 @@ pub(super) async fn send_plans(
         let now = ctx.clock.now();
         let mut rows = Vec::new();
         let mut quarantine = Vec::new();
+        let mut reached = 0;
         for ((p, original), marked) in batch.iter().zip(originals).zip(marked) {
             // The batch answered, but without this call's results: its outcome is unknown, so
             // it stays in flight and is probed, never re-sent as if it had not run.
@@ -212,7 +213,13 @@ pub(super) async fn send_plans(
                 rows.push(marked);
                 continue;
             }
+            let before = original.stage;
             let (row, reason) = record(&p.call_id, original, &out);
+            if matches!(row.stage, Stage::Finished | Stage::Done)
+                && !matches!(before, Stage::Finished | Stage::Done)
+            {
+                reached += 1;
+            }
             if let Some(reason) = reason {
                 s.quarantined += 1;
                 quarantine.push(NewQuarantine {
@@ -230,6 +237,8 @@ pub(super) async fn send_plans(
             rows.push(row);
         }
         ctx.store.lock().apply(&rows, &quarantine, None, now)?;
+        s.pushed_so_far += reached;
+        s.tell_progress();
         // Methods the portal paused (429) in this batch: their calls wait for a later pass.
         for c in &commands {
             if let Some(until) = ctx.b24.operating.paused_until(&c.method, now) {

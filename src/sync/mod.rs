@@ -217,6 +217,16 @@ pub(crate) fn secs(d: std::time::Duration) -> Duration {
 
 /// Runs one pass. See the module docs.
 pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, SyncError> {
+    let (s, r) = run_pass_partial(ctx, opts).await;
+    r.map(|_| s)
+}
+
+/// [`run_pass`], with what the pass did up to its end even when it failed or was interrupted
+/// (the run log keeps it: a cancelled backfill still says what it created).
+pub async fn run_pass_partial(
+    ctx: &SyncCtx,
+    opts: &PassOptions,
+) -> (PassSummary, Result<(), SyncError>) {
     use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
     let counters = || {
@@ -233,8 +243,12 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
         ]
     };
     let before = counters();
-    let mut s = PassSummary::default();
+    let mut s = PassSummary {
+        progress: opts.progress.clone(),
+        ..PassSummary::default()
+    };
     let result = pass(ctx, opts, &mut s).await;
+    s.progress = None;
     let after = counters();
     let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
     s.bitrix24_requests = d[0];
@@ -246,7 +260,7 @@ pub async fn run_pass(ctx: &SyncCtx, opts: &PassOptions) -> Result<PassSummary, 
     s.unitalk_units = d[6];
     s.faults_survived += d[7];
     s.elapsed_ms = started.elapsed().as_millis() as u64;
-    result.map(|_| s)
+    (s, result)
 }
 
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
@@ -357,16 +371,8 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
             .lock()
             .apply(&[], &[], Some((&opts.stream, position)), ctx.clock.now())?;
         s.cursor = Some(position.to_rfc3339());
-        if let Some(p) = &opts.progress {
-            (p.0)(&Progress {
-                windows_done: s.windows,
-                windows_total: total,
-                pulled: s.pulled,
-                pushed: s.pushed,
-                tasks: s.tasks,
-                position: Some(position),
-            });
-        }
+        s.windows_total = total;
+        s.tell_progress();
     }
     if opts.range.is_none() {
         followup::recheck_recordings(ctx, s).await?;

@@ -115,6 +115,7 @@ pub(super) async fn check_finish_records(
         _ => None,
     };
     s.records_proven += proven.len() as u64;
+    s.recordings += proven.len() as u64;
     s.records_resent += unproven.len() as u64;
     let mut store = ctx.store.lock();
     store.settle_record_checks(&proven, &unproven, now)?;

@@ -112,11 +112,13 @@ fn finish(
     }
 }
 
-/// Finishes a pass's run (`sync`, `retry`, `backfill`, `events`).
-pub fn finish_pass(ctx: &SyncCtx, id: Option<i64>, r: &Result<PassSummary, SyncError>) {
+/// Finishes a pass's run (`sync`, `retry`, `backfill`, `events`) with what it did, also when it
+/// failed or was interrupted part way.
+pub fn finish_pass(ctx: &SyncCtx, id: Option<i64>, s: &PassSummary, r: &Result<(), SyncError>) {
+    let summary = serde_json::to_value(s).ok();
     match r {
-        Ok(s) => finish(ctx, id, "ok", serde_json::to_value(s).ok(), None),
-        Err(e) => finish(ctx, id, failure(e), None, Some(e.to_string())),
+        Ok(()) => finish(ctx, id, "ok", summary, None),
+        Err(e) => finish(ctx, id, failure(e), summary, Some(e.to_string())),
     }
 }
 

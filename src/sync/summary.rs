@@ -13,7 +13,9 @@ pub struct Progress {
     pub pulled: u64,
     pub pushed: u64,
     pub tasks: u64,
-    /// The cursor after the window.
+    /// Calls done so far: pushed, skipped or quarantined (what a progress bar counts).
+    pub done: u64,
+    /// The cursor after the last window read.
     pub position: Option<DateTime<Utc>>,
 }
 
@@ -24,6 +26,13 @@ pub struct ProgressFn(pub std::sync::Arc<dyn Fn(&Progress) + Send + Sync>);
 impl fmt::Debug for ProgressFn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ProgressFn")
+    }
+}
+
+/// A callback is no part of what a pass did: two summaries are equal whatever they report to.
+impl PartialEq for ProgressFn {
+    fn eq(&self, _: &Self) -> bool {
+        true
     }
 }
 
@@ -67,7 +76,12 @@ pub struct PassSummary {
     pub from_webhooks: u64,
     /// Calls that reached Bitrix24 in this pass.
     pub pushed: u64,
+    /// Recordings proven attached in this pass: by `attachRecord`'s answer, or (sent in
+    /// `finish`) by the call statistics.
     pub recordings: u64,
+    /// Recording links sent in `finish` in this pass: unproven until a check finds the file
+    /// (counted in `recordings` then, or sent again).
+    pub recordings_in_finish: u64,
     pub tasks: u64,
     /// Missed calls folded into their client's open task (`tasks.one_per_client`).
     pub tasks_folded: u64,
@@ -105,6 +119,42 @@ pub struct PassSummary {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plan: Vec<String>,
     pub cursor: Option<String>,
+    /// Where progress goes while the pass runs (not stored).
+    #[serde(skip)]
+    pub progress: Option<ProgressFn>,
+    /// Calls whose main record reached Bitrix24 so far, counted batch by batch for progress
+    /// (`pushed` is settled per push; not stored).
+    #[serde(skip)]
+    pub pushed_so_far: u64,
+    /// Windows the pass plans to read (not stored).
+    #[serde(skip)]
+    pub windows_total: u64,
+}
+
+impl PassSummary {
+    /// Calls done: pushed, skipped or quarantined.
+    pub fn done(&self) -> u64 {
+        self.pushed.max(self.pushed_so_far) + self.skipped + self.quarantined
+    }
+
+    /// Reports where the pass stands to its progress callback, if it has one.
+    pub fn tell_progress(&self) {
+        if let Some(p) = &self.progress {
+            (p.0)(&Progress {
+                windows_done: self.windows,
+                windows_total: self.windows_total,
+                pulled: self.pulled,
+                pushed: self.pushed.max(self.pushed_so_far),
+                tasks: self.tasks,
+                done: self.done(),
+                position: self
+                    .cursor
+                    .as_deref()
+                    .and_then(|c| DateTime::parse_from_rfc3339(c).ok())
+                    .map(|c| c.with_timezone(&Utc)),
+            });
+        }
+    }
 }
 
 impl fmt::Display for PassSummary {
@@ -154,11 +204,11 @@ impl fmt::Display for PassSummary {
                 self.recording_rechecks, self.swept_windows, self.recordings_given_up
             )?;
         }
-        if self.records_proven + self.records_resent > 0 {
+        if self.recordings_in_finish + self.records_proven + self.records_resent > 0 {
             write!(
                 f,
-                "; recordings sent with finish: {} proven attached, {} not there (sent again)",
-                self.records_proven, self.records_resent
+                "; recording links sent in finish: {}, proven attached: {}, not there (sent again): {}",
+                self.recordings_in_finish, self.records_proven, self.records_resent
             )?;
         }
         if self.clicks + self.clicks_dialed + self.clicks_claimed + self.clicks_cancelled > 0 {

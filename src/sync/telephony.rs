@@ -127,6 +127,7 @@ async fn send_telephony(
     let cfg = &ctx.cfg;
     let mut pushed = 0;
     let mut recordings = 0;
+    let mut in_finish = 0;
     let mut refused_in_batch = false;
     let mut accepted_in_batch = false;
     send_plans(
@@ -151,7 +152,12 @@ async fn send_telephony(
                 pushed += 1;
             }
             if row.record_url.is_some() && row.record_url != had_record {
-                recordings += 1;
+                // A link in finish proves nothing yet: counted apart until a check finds it.
+                if row.record_check_at.is_some() {
+                    in_finish += 1;
+                } else {
+                    recordings += 1;
+                }
             }
             (row, reason)
         },
@@ -160,6 +166,7 @@ async fn send_telephony(
     .await?;
     s.pushed += pushed;
     s.recordings += recordings;
+    s.recordings_in_finish += in_finish;
     if refused_in_batch {
         tracing::warn!("this portal refuses attachRecord inside a batch; recordings now go as separate requests");
         ctx.store.lock().set_fact(FACT_ATTACH_IN_BATCH, "no", now)?;

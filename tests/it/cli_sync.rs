@@ -367,7 +367,8 @@ async fn backfill_prints_plain_progress_when_not_on_a_terminal_and_completes() {
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
         t.contains("backfill: about 3 calls in the range (0 already done)")
-            && t.contains("backfill: 3/3 calls read")
+            && t.contains("backfill: 0/3 calls done")
+            && t.contains("backfill: 3/3 calls done")
             && t.contains("calls/s")
             && t.contains("ETA"),
         "{t}"

@@ -454,6 +454,10 @@ async fn a_first_push_learns_a_portal_that_does_not_download_finishs_links_from_
     assert!(answered_have_files(&env), "{p}");
     // … and only the first batch's were sent in finish before the portal was learnt.
     assert!(p.records_resent <= 25, "{p}: {requests} requests");
+    // The summary counts a recording once, when proven (attachRecord's answer); links sent in
+    // finish are counted apart.
+    assert_eq!(p.recordings, 300, "{p}");
+    assert_eq!(p.recordings_in_finish, p.records_resent, "{p}");
     assert_eq!(
         ctx.store
             .lock()

@@ -22,9 +22,11 @@ async fn a_repair_that_did_not_happen_is_never_reported_done_and_the_run_log_say
     // The portal lost the missed call's task, and refuses new tasks for now.
     let task = env.sims.bitrix24.tasks()[0].id;
     env.sims.bitrix24.forget_task(task);
-    env.sims
-        .bitrix24
-        .inject(Fault::times(Some("tasks.task.add"), FaultKind::Html(502), 100));
+    env.sims.bitrix24.inject(Fault::times(
+        Some("tasks.task.add"),
+        FaultKind::Html(502),
+        100,
+    ));
     let day = yesterday().to_string();
     let out = env.ubsync(&["reconcile", "--from", &day]).await;
     let t = text(&out);
@@ -55,6 +57,8 @@ async fn a_repair_that_did_not_happen_is_never_reported_done_and_the_run_log_say
         "{s}"
     );
     // Settled: a dry run finds nothing left.
-    let dry = env.ubsync(&["reconcile", "--from", &day, "--dry-run"]).await;
+    let dry = env
+        .ubsync(&["reconcile", "--from", &day, "--dry-run"])
+        .await;
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
 }

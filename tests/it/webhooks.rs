@@ -58,6 +58,33 @@ async fn a_webhook_call_lands_at_once_and_the_same_call_polled_later_lands_nowhe
         "the three external calls finished from webhooks alone: {:?}",
         registered(&env)
     );
+    // The events path counts in the metrics like every pass (once its runs have ended).
+    let metrics = || async {
+        env.http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(
+        eventually(|| async { metrics().await.contains("ubsync_calls_pushed_total 3") }).await,
+        "{}",
+        metrics().await
+    );
+    let metrics = metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ubsync_passes_total{job=\"events\"}") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("ubsync_bitrix24_requests_total 0\n"),
+        "{metrics}"
+    );
     child.kill().await.unwrap();
     // The poller, later: the same calls, under the same ids.
     let out = env.ubsync(&["sync"]).await;
