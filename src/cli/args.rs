@@ -64,9 +64,11 @@ pub enum Command {
     /// Run one sync pass: pull new Unitalk calls, push them to Bitrix24, create missed-call tasks.
     /// This is what the systemd timer runs. Ends with a one-line summary.
     Sync {
-        /// Print the commands that would be sent, per call, and send nothing to Bitrix24. The pass
-        /// plans on an in-memory copy of the state: the state file is left byte for byte as it was (only a
-        /// refreshed OAuth token pair is stored, since Bitrix24 voids the old one at once).
+        /// Print the commands that would be sent, per call, and write nothing to Bitrix24. The
+        /// lookups a real pass makes first (verify-first, probes) are made (reads only) and
+        /// listed as `lookup call ID:` lines. The pass plans on an in-memory copy of the state:
+        /// the state file is left byte for byte as it was (only a refreshed OAuth token pair is
+        /// stored, since Bitrix24 voids the old one at once).
         #[arg(long)]
         dry_run: bool,
     },

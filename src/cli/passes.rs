@@ -51,9 +51,14 @@ pub(super) async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Resul
         for line in &summary.plan {
             crate::say!("{line}");
         }
+        let lookups = summary
+            .plan
+            .iter()
+            .filter(|l| l.starts_with("lookup "))
+            .count();
         crate::say!(
-            "dry run: {} commands planned, nothing sent to Bitrix24; {}",
-            summary.plan.len(),
+            "dry run: {} commands planned after {lookups} lookups (reads only), nothing written to Bitrix24; {}",
+            summary.plan.len() - lookups,
             summary
         );
         return Ok(0);

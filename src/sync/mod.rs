@@ -285,8 +285,9 @@ async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<
     let now = trusted_now(ctx);
     if !opts.dry_run {
         alert_lines(ctx, s).await?;
-        verify_policy(ctx, now)?;
     }
+    // (A dry run decides on its in-memory copy too: it says which calls it would look up.)
+    verify_policy(ctx, now)?;
     let mut stored = ctx.store.lock().cursor(&opts.stream)?;
     if let Some(c) = stored.filter(|c| *c > now + Duration::minutes(CLOCK_TOLERANCE_MINUTES)) {
         // A cursor in the future: an earlier pass ran with a clock ahead. Everything since then
@@ -444,13 +445,59 @@ async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Res
     Ok(())
 }
 
+/// The lookups a pass makes before sending (verify-first after a lost state, probes of calls
+/// whose outcome is unknown), as a dry run's plan lines `lookup call ID: …`.
+fn dry_run_lookups(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let method = match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => "voximplant.statistic.get by EXTERNAL_CALL_ID",
+        Mode::Activity => "crm.activity.list by ORIGIN_ID",
+    };
+    let store = ctx.store.lock();
+    let mut ids = HashSet::new();
+    let before = store
+        .fact(FACT_VERIFY_BEFORE)?
+        .as_deref()
+        .and_then(crate::store::parse_ts);
+    if let Some(before) = before {
+        for (id, _) in store.unverified(before)? {
+            s.plan.push(format!(
+                "lookup call {id}: it started before this state file began, so Bitrix24 is asked first (a listing by date, then {method} where that proves nothing); the plan below follows the answer"
+            ));
+            ids.insert(id);
+        }
+    }
+    for w in store.work_due(ctx.clock.now() + Duration::days(36500))? {
+        let id = &w.ledger.call_id;
+        if ids.contains(id) {
+            continue;
+        }
+        if w.ledger.stage == Stage::InFlight {
+            s.plan.push(format!(
+                "lookup call {id}: its last batch had an unknown outcome ({method})"
+            ));
+            ids.insert(id.clone());
+        } else if w.ledger.task_in_flight_since.is_some() {
+            s.plan.push(format!(
+                "lookup call {id}: its task's creation had an unknown outcome (tasks.task.list)"
+            ));
+            ids.insert(id.clone());
+        }
+    }
+    Ok(())
+}
+
 /// One push round: probes, main chains, then missed-call tasks.
 async fn push_round(
     ctx: &SyncCtx,
     opts: &PassOptions,
     s: &mut PassSummary,
 ) -> Result<(), SyncError> {
-    if !opts.dry_run {
+    if opts.dry_run {
+        dry_run_lookups(ctx, s)?;
+    }
+    // Lookups only read: a dry run makes them too, and applies their answers to its in-memory
+    // copy of the state, so its plan is what a real pass would send after them.
+    {
         // (The fact is read in its own statement: an `if let` would hold the store's lock.)
         let verify_before = ctx.store.lock().fact(FACT_VERIFY_BEFORE)?;
         if let Some(before) = verify_before.as_deref().and_then(crate::store::parse_ts) {

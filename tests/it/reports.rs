@@ -62,3 +62,25 @@ async fn a_repair_that_did_not_happen_is_never_reported_done_and_the_run_log_say
         .await;
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_says_which_lookups_it_would_make() {
+    let env = env(scenario()).await;
+    // A fresh state over a portal: every call is looked up before anything is sent for it.
+    let dry = env.ubsync(&["sync", "--dry-run"]).await;
+    let t = text(&dry);
+    assert_eq!(dry.status.code(), Some(0), "{t}");
+    assert!(t.contains("7 commands planned after 3 lookups"), "{t}");
+    for id in ["1001", "1002", "1003"] {
+        assert!(t.contains(&format!("lookup call {id}:")), "{t}");
+    }
+    assert!(env.sims.bitrix24.stats().is_empty(), "nothing sent");
+    // After a real pass nothing is left to look up or send.
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    let dry = env.ubsync(&["sync", "--dry-run"]).await;
+    assert!(
+        text(&dry).contains("0 commands planned after 0 lookups"),
+        "{}",
+        text(&dry)
+    );
+}
