@@ -697,6 +697,44 @@ impl Bitrix24Client {
         found.ok_or(Bitrix24Error::NoTokens { portal: key })
     }
 
+    /// Proves the application's `client_id`/`client_secret`: refreshes the stored pair now (the
+    /// new pair is stored before it is used, as at any refresh). A stored access token keeps
+    /// working for up to an hour with wrong credentials; this fails at once.
+    pub async fn prove_client_credentials(&self) -> Result<(), Bitrix24Error> {
+        let _guard = self.refresh_lock.lock().await;
+        let current = self.tokens()?;
+        self.exchange(&current.refresh_token).await.map(|_| ())
+    }
+
+    /// The portal's host and port, and whether they can be reached: a name that resolves and
+    /// a port that accepts a TCP connection within `within`. `Err` says which of the two failed.
+    /// (No HTTP request: nothing reaches the portal's request budget.)
+    pub async fn reach(&self, within: Duration) -> Result<String, String> {
+        let url = configured_base(&self.auth);
+        let host = url.host_str().unwrap_or("").to_string();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addrs = match tokio::time::timeout(
+            within,
+            tokio::net::lookup_host((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(a)) => a.collect::<Vec<_>>(),
+            Ok(Err(e)) => return Err(format!("the name {host} does not resolve ({e})")),
+            Err(_) => return Err(format!("resolving {host} took longer than {within:?}")),
+        };
+        let Some(addr) = addrs.first() else {
+            return Err(format!("the name {host} resolves to no address"));
+        };
+        match tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_)) => Ok(format!("{host}:{port}")),
+            Ok(Err(e)) => Err(format!("{host}:{port} ({addr}) refuses connections ({e})")),
+            Err(_) => Err(format!(
+                "{host}:{port} ({addr}) did not answer within {within:?}"
+            )),
+        }
+    }
+
     /// Refreshes the OAuth pair unless another task already replaced `stale`.
     async fn refresh(&self, stale_access: &str) -> Result<(), Bitrix24Error> {
         let _guard = self.refresh_lock.lock().await;

@@ -133,8 +133,44 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
     }
 
     // A check gives a verdict now: a full bucket is reported, not waited out.
-    let b24 = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?
+    let b24 = Bitrix24Client::new(&cfg.bitrix24, store.clone(), Clock::system())?
         .with_rate_limit_patience(std::time::Duration::ZERO);
+    // The address first: a mistyped portal is a wrong address, not missing tokens.
+    if let Err(why) = b24.reach(std::time::Duration::from_secs(10)).await {
+        let key = match cfg.bitrix24.mode {
+            Mode::Telephony => "bitrix24.portal_url",
+            Mode::Activity => "bitrix24.webhook_url",
+        };
+        verdict(
+            "bitrix24",
+            "FAIL",
+            &format!("cannot reach the portal: {why}; check {key} in the config"),
+        );
+        note(2);
+        return Ok(worst);
+    }
+    if cfg.bitrix24.mode == Mode::Telephony {
+        // Tokens stored under another address: the address in the config is the suspect.
+        let here = cfg
+            .bitrix24
+            .portal_url
+            .as_ref()
+            .map(crate::bitrix24::portal_key)
+            .unwrap_or_default();
+        let stored = store.lock().token_portals().unwrap_or_default();
+        if !stored.is_empty() && !stored.contains(&here) {
+            verdict(
+                "bitrix24",
+                "FAIL",
+                &format!(
+                    "no OAuth tokens are stored for {here}, but they are for {}: is bitrix24.portal_url right? (a different portal needs its own install)",
+                    stored.join(", ")
+                ),
+            );
+            note(2);
+            return Ok(worst);
+        }
+    }
     match b24.call("user.current", serde_json::Value::Null).await {
         Ok(env) => {
             let r = &env.result;
@@ -165,6 +201,35 @@ pub(super) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
             verdict("bitrix24", "FAIL", &e.to_string());
             note(bitrix24_code(&e));
             return Ok(worst);
+        }
+    }
+    if cfg.bitrix24.mode == Mode::Telephony {
+        // A stored access token works for up to an hour whatever the client credentials; a
+        // refresh proves them (its new pair is stored, as at any refresh).
+        match b24.prove_client_credentials().await {
+            Ok(()) => verdict(
+                "oauth",
+                "ok",
+                "client_id and client_secret proven: the token pair was refreshed and stored",
+            ),
+            Err(e @ Bitrix24Error::Auth { .. }) => {
+                verdict(
+                    "oauth",
+                    "FAIL",
+                    &format!(
+                        "the OAuth server refused a refresh ({e}): the stored access token stops working within an hour; check bitrix24.client_id and client_secret against the application in the portal"
+                    ),
+                );
+                note(2);
+            }
+            Err(e) => {
+                verdict(
+                    "oauth",
+                    "WARN",
+                    &format!("could not prove the client credentials now: {e}"),
+                );
+                note(bitrix24_code(&e));
+            }
         }
     }
     if let Some((status, text)) = check_events(&cfg, &b24).await {

@@ -279,6 +279,15 @@ impl Store {
 
     // ---- OAuth tokens ----------------------------------------------------------------------
 
+    /// The portals OAuth tokens are stored for (host and port, as `portal_key` spells them).
+    pub fn token_portals(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT portal FROM oauth_tokens ORDER BY portal")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn tokens(&self, portal: &str) -> Result<Option<OAuthTokens>> {
         Ok(self
             .conn

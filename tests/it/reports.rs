@@ -84,3 +84,70 @@ async fn a_dry_run_says_which_lookups_it_would_make() {
         text(&dry)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_points_at_a_wrong_portal_address_and_proves_the_client_credentials() {
+    let env = env(scenario()).await;
+    let ok = env.ubsync(&["check"]).await;
+    let t = text(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{t}");
+    assert!(t.contains("client_id and client_secret proven"), "{t}");
+    let good = env.b24();
+    let port = good
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+
+    // A port nothing listens on (a refused connection): the address is named, not the tokens.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    env.edit_config(|t| {
+        t.replacen(
+            &format!("portal_url = \"{good}\""),
+            &format!("portal_url = \"{dead}\""),
+            1,
+        )
+    });
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains("cannot reach the portal") && t.contains("refuses connections"),
+        "{t}"
+    );
+    assert!(
+        t.contains("bitrix24.portal_url") && !t.contains("install the local application"),
+        "{t}"
+    );
+
+    // The same portal under another name: the tokens are where the old name put them.
+    let other = format!("http://localhost:{port}");
+    env.edit_config(|t| {
+        t.replacen(
+            &format!("portal_url = \"{dead}\""),
+            &format!("portal_url = \"{other}\""),
+            1,
+        )
+    });
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains(&format!("they are for 127.0.0.1:{port}")), "{t}");
+
+    // A wrong client secret: the stored access token still works, the refresh does not.
+    env.edit_config(|t| {
+        t.replacen(
+            &format!("portal_url = \"{other}\""),
+            &format!("portal_url = \"{good}\""),
+            1,
+        )
+        .replacen("client_secret = \"", "client_secret = \"wrong", 1)
+    });
+    let out = env.ubsync(&["check"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("oauth") && t.contains("client_secret"), "{t}");
+}
