@@ -43,6 +43,8 @@ pub struct ClientStats {
     pub refreshes: AtomicU64,
     /// Failed requests asked again (refused before sending, or a read whose answer was lost).
     pub retried: AtomicU64,
+    /// Requests the portal answered (with a result): proof that it is reachable and ours.
+    pub answered: AtomicU64,
 }
 
 enum Auth {
@@ -451,6 +453,7 @@ impl Bitrix24Client {
             match self.send(method, url.clone(), &body).await {
                 Ok(env) => {
                     self.budget.on_success();
+                    self.stats.answered.fetch_add(1, Ordering::Relaxed);
                     self.operating
                         .observe(method, env.time.operating, env.time.operating_reset_at);
                     return Ok(env);

@@ -55,7 +55,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration, open the state store, and make one cheap authenticated request
-    /// to Unitalk and to Bitrix24, printing a verdict for each.
+    /// to Unitalk and to Bitrix24, printing a verdict for each. The portal's address is tried
+    /// first (a name that does not resolve, a port that refuses), and in telephony mode a token
+    /// refresh proves client_id and client_secret (the new pair is stored).
     Check {
         /// Skip the requests to Unitalk and Bitrix24.
         #[arg(long)]

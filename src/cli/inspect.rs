@@ -114,16 +114,16 @@ fn run_line(r: &RunRecord, tz: Tz) -> String {
 }
 
 pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
-    let store = Store::open(&cfg.state.path)?;
+    let store = super::open_existing(cfg)?;
     let now = Clock::system().now();
     if json {
-        crate::say!(
-            "{}",
-            serde_json::to_string_pretty(&status_json(&store, now)?)?
-        );
+        let mut v = status_json(&store, now)?;
+        v["state_file"] = Value::String(cfg.state.path.display().to_string());
+        crate::say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let tz = cfg.unitalk.timezone;
+    crate::say!("state file  {}", cfg.state.path.display());
     match store.cursor(crate::sync::HISTORY_STREAM)? {
         Some(c) => crate::say!(
             "cursor      {} ({} behind now)",
@@ -225,7 +225,7 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<u8> {
 
 /// `ubsync runs`: the run log, newest first.
 pub fn runs(cfg: &Config, job: Option<&str>, limit: usize, json: bool) -> anyhow::Result<u8> {
-    let store = Store::open(&cfg.state.path)?;
+    let store = super::open_existing(cfg)?;
     let runs = store.runs(job, limit)?;
     if json {
         let v: Vec<Value> = runs.iter().map(run_json).collect();
@@ -274,7 +274,7 @@ pub fn runs(cfg: &Config, job: Option<&str>, limit: usize, json: bool) -> anyhow
 
 /// `ubsync show`: one call's story.
 pub fn show(cfg: &Config, what: &str, json: bool) -> anyhow::Result<u8> {
-    let store = Store::open(&cfg.state.path)?;
+    let store = super::open_existing(cfg)?;
     let ids = store.find_calls(what, 20)?;
     if ids.is_empty() {
         crate::redact::complain(&format!(

@@ -80,7 +80,7 @@ async fn portal_extensions(cfg: &Config) -> anyhow::Result<Vec<(i64, String, Str
 }
 
 pub(super) async fn lines(cfg: &Config, json_out: bool, offline: bool) -> anyhow::Result<u8> {
-    let store = Store::open(&cfg.state.path)?;
+    let store = super::open_existing(cfg)?;
     let rows = store.lines()?;
     drop(store);
     let tz = cfg.unitalk.timezone;

@@ -287,6 +287,20 @@ fn read_refresh_token(arg: Option<String>, file: Option<PathBuf>) -> anyhow::Res
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// The state file for a command that only reads it (`status`, `runs`, `show`, `lines`, `rules
+/// test`): never created. A missing file is named, with what to do (exit 2).
+pub(super) fn open_existing(cfg: &Config) -> anyhow::Result<Store> {
+    let path = &cfg.state.path;
+    if !path.exists() {
+        anyhow::bail!(UsageError(format!(
+            "there is no state file at {} (state.path in {}): nothing has run with this configuration yet. Run `ubsync sync` first, or point at the state of the install you mean (for the systemd service: `sudo ubsync-svc status`); nothing was created",
+            path.display(),
+            cfg.source.display()
+        )));
+    }
+    Ok(Store::open(path)?)
+}
+
 fn forget_redirect(path: &std::path::Path) -> anyhow::Result<u8> {
     let cfg = load_config(path)?;
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
@@ -431,8 +445,8 @@ fn stale_or(path: &std::path::Path, e: anyhow::Error) -> anyhow::Result<u8> {
     let Ok(store) = Store::open(&cfg.state.path) else {
         return Err(e);
     };
-    let since = match store.last_ok_run("sync") {
-        Ok(Some(t)) => Some((t, "the last successful sync")),
+    let since = match store.last_healthy_sync() {
+        Ok(Some(t)) => Some((t, "the last successful sync (with an answer from Bitrix24)")),
         _ => store
             .first_run_at("sync")
             .ok()

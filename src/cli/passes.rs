@@ -66,7 +66,10 @@ pub(super) async fn sync(path: &std::path::Path, dry_run: bool) -> anyhow::Resul
     let ctx = context(cfg, SharedStore::new(store))?;
     cancel_on_signals(ctx.cancel.clone());
     // On a terminal, a large backlog shows the same bar as a backfill (a timer run shows none).
-    let mut opts = PassOptions::default();
+    let mut opts = PassOptions {
+        heartbeat: true,
+        ..PassOptions::default()
+    };
     let progress = {
         use std::io::IsTerminal as _;
         if std::io::stderr().is_terminal() {

@@ -168,7 +168,7 @@ pub(super) fn rules_test(
     call: Option<String>,
     json_out: bool,
 ) -> anyhow::Result<u8> {
-    let store = Store::open(&cfg.state.path)?;
+    let store = super::open_existing(cfg)?;
     let known: HashSet<String> = store
         .operator_map(Clock::system().now(), Duration::days(3650))?
         .into_keys()

@@ -346,27 +346,47 @@ async fn check_field_mapping(cfg: &Config, b24: &Bitrix24Client) -> Option<(&'st
     })
 }
 
+/// Fact: the SHA-256 of the last refresh token `auth set-refresh-token` exchanged.
+const FACT_EXCHANGED_TOKEN: &str = "bitrix24.exchanged_refresh_token_sha256";
+
 pub(super) async fn set_refresh_token(path: &std::path::Path, token: &str) -> anyhow::Result<u8> {
     let cfg = load_config(path)?;
     telephony_only(&cfg)?;
     let store = SharedStore::new(Store::open(&cfg.state.path)?);
-    let client = Bitrix24Client::new(&cfg.bitrix24, store, Clock::system())?;
+    let client = Bitrix24Client::new(&cfg.bitrix24, store.clone(), Clock::system())?;
+    // Only a digest of a token this install exchanged is kept, to know it again.
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(token.trim().as_bytes()))
+    };
     let tokens = match client.exchange(token.trim()).await {
         Ok(t) => t,
-        // The same bootstrap command run twice: the token was used the first time. When the
-        // stored pair works, there is nothing to do.
-        Err(Bitrix24Error::Auth { code, .. })
-            if code == "invalid_grant"
-                && client.call("app.info", serde_json::json!({})).await.is_ok() =>
-        {
-            crate::say!(
-                "this refresh token was already used; the stored OAuth tokens for {} work, nothing to change",
-                cfg.bitrix24.portal_display()
-            );
-            return Ok(0);
+        Err(Bitrix24Error::Auth { code, .. }) if code == "invalid_grant" => {
+            let works = client.call("app.info", serde_json::json!({})).await.is_ok();
+            let ours = store.lock().fact(FACT_EXCHANGED_TOKEN)?.as_deref() == Some(&digest);
+            let portal = cfg.bitrix24.portal_display();
+            if ours && works {
+                // The same bootstrap command run twice: nothing to do.
+                crate::say!(
+                    "this refresh token was already exchanged by this install; the stored OAuth tokens for {portal} work, nothing to change"
+                );
+                return Ok(0);
+            }
+            let stored = if works {
+                format!("the stored OAuth tokens for {portal} still work and were kept")
+            } else {
+                format!("there are no working OAuth tokens for {portal}: install the local application again (`ubsync auth serve`) or give a fresh refresh token")
+            };
+            crate::redact::complain(&format!(
+                "ubsync: error: the OAuth server refused this refresh token (invalid_grant: mistyped, revoked, or already used elsewhere); nothing changed; {stored}"
+            ));
+            return Ok(2);
         }
         Err(e) => return Err(anyhow::Error::new(e).context("cannot exchange the refresh token")),
     };
+    store
+        .lock()
+        .set_fact(FACT_EXCHANGED_TOKEN, &digest, Clock::system().now())?;
     crate::say!(
         "stored a new OAuth token pair for {} (access token valid until {})",
         cfg.bitrix24.portal_display(),

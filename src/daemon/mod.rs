@@ -40,7 +40,7 @@ struct Shared {
 async fn healthz(State(sh): State<Arc<Shared>>) -> Response {
     let now = sh.ctx.clock.now();
     let max_age = Duration::from_std(sh.ctx.cfg.health_max_age).unwrap_or(Duration::minutes(10));
-    let last = sh.ctx.store.lock().last_ok_run("sync").ok().flatten();
+    let last = sh.ctx.store.lock().last_healthy_sync().ok().flatten();
     let last_error = sh
         .last_error
         .lock()
@@ -315,7 +315,11 @@ async fn run_job(sh: &Shared, kind: JobKind, tz: chrono_tz::Tz) -> bool {
     let result: Result<Option<PassSummary>, String> = match kind {
         JobKind::Sync => {
             let run_id = crate::sync::runlog::begin(ctx, "sync");
-            let (summary, r) = crate::sync::run_pass_partial(ctx, &PassOptions::default()).await;
+            let opts = PassOptions {
+                heartbeat: true,
+                ..PassOptions::default()
+            };
+            let (summary, r) = crate::sync::run_pass_partial(ctx, &opts).await;
             crate::sync::runlog::finish_pass(ctx, run_id, &summary, &r);
             if r.is_err() {
                 partial = Some(summary.clone());

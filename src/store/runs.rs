@@ -33,6 +33,9 @@ pub(crate) fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord>
     })
 }
 
+/// Fact: when Bitrix24 last answered a request (written by a pass).
+pub const LAST_CONTACT: &str = "bitrix24.last_contact";
+
 impl Store {
     pub fn begin_run(&self, job: &str, now: DateTime<Utc>) -> Result<i64> {
         self.conn.execute(
@@ -74,6 +77,19 @@ impl Store {
 
 impl Store {
     /// When `job` last finished successfully.
+    /// Since when sync has been healthy: the earlier of the last successful sync run and the
+    /// last answer from Bitrix24 (fact `bitrix24.last_contact`, where recorded). A pass with
+    /// nothing to do is no proof that the portal is reachable.
+    pub fn last_healthy_sync(&self) -> Result<Option<DateTime<Utc>>> {
+        let run = self.last_ok_run("sync")?;
+        let contact = self.fact(LAST_CONTACT)?.as_deref().and_then(parse_ts);
+        Ok(match (run, contact) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, None) => r,
+            (None, Some(_)) => None,
+        })
+    }
+
     pub fn last_ok_run(&self, job: &str) -> Result<Option<DateTime<Utc>>> {
         let v: Option<String> = self
             .conn

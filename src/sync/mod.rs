@@ -130,6 +130,10 @@ pub struct PassOptions {
     /// Only the events waiting in the inbox, then a push (the daemon, after a webhook): no
     /// pull from Unitalk.
     pub events_only: bool,
+    /// A pass that got no answer from Bitrix24 asks it one cheap question once half of
+    /// `health.max_age` has passed since its last answer (`sync` from the command line and the
+    /// daemon's sync job: the passes whose health is watched).
+    pub heartbeat: bool,
 }
 
 impl Default for PassOptions {
@@ -140,6 +144,7 @@ impl Default for PassOptions {
             range: None,
             progress: None,
             events_only: false,
+            heartbeat: false,
         }
     }
 }
@@ -243,11 +248,16 @@ pub async fn run_pass_partial(
         ]
     };
     let before = counters();
+    let answered = ctx.b24.stats.answered.load(Relaxed);
     let mut s = PassSummary {
         progress: opts.progress.clone(),
         ..PassSummary::default()
     };
-    let result = pass(ctx, opts, &mut s).await;
+    let mut result = pass(ctx, opts, &mut s).await;
+    if result.is_ok() && opts.heartbeat && !opts.dry_run && !opts.events_only {
+        let spoke = ctx.b24.stats.answered.load(Relaxed) > answered;
+        result = heartbeat(ctx, spoke).await;
+    }
     s.progress = None;
     let after = counters();
     let d: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
@@ -261,6 +271,33 @@ pub async fn run_pass_partial(
     s.faults_survived += d[7];
     s.elapsed_ms = started.elapsed().as_millis() as u64;
     (s, result)
+}
+
+/// Keeps proof that Bitrix24 answers even while nothing is due: a pass that got no answer from
+/// it makes one cheap authenticated request (`user.current`) once half of `health.max_age` has
+/// passed since the last answer, so an unreachable portal or a revoked token shows (as a failed
+/// pass, exit 4 past `max_age`) before the health limit, not at the next call.
+async fn heartbeat(ctx: &SyncCtx, spoke: bool) -> Result<(), SyncError> {
+    let now = ctx.clock.now();
+    if !spoke {
+        let last = ctx
+            .store
+            .lock()
+            .fact(crate::store::runs::LAST_CONTACT)?
+            .as_deref()
+            .and_then(crate::store::parse_ts);
+        let half = secs(ctx.cfg.health_max_age) / 2;
+        if last.is_some_and(|t| t <= now && now - t < half) {
+            return Ok(());
+        }
+        ctx.b24.call("user.current", serde_json::json!({})).await?;
+    }
+    ctx.store.lock().set_fact(
+        crate::store::runs::LAST_CONTACT,
+        &crate::store::ts(now),
+        now,
+    )?;
+    Ok(())
 }
 
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {

@@ -62,7 +62,22 @@ async fn check_in_telephony_mode_needs_tokens_then_works_after_set_refresh_token
     // The README's bootstrap run again with the same (now used) token: nothing to do, exit 0.
     let again = env.ubsync(&["auth", "set-refresh-token", &refresh]).await;
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
-    assert!(text(&again).contains("already used"), "{}", text(&again));
+    assert!(
+        text(&again).contains("already exchanged by this install"),
+        "{}",
+        text(&again)
+    );
+    // A token the portal refuses (mistyped, revoked) is an error an admin must see, and the
+    // stored pair is kept.
+    let garbage = env
+        .ubsync(&["auth", "set-refresh-token", "0123456789abcdefgarbage"])
+        .await;
+    let g = text(&garbage);
+    assert_eq!(garbage.status.code(), Some(2), "{g}");
+    assert!(
+        g.contains("refused this refresh token") && g.contains("still work"),
+        "{g}"
+    );
 
     let out = env.ubsync(&["check"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -151,3 +151,69 @@ async fn check_points_at_a_wrong_portal_address_and_proves_the_client_credential
     assert_eq!(out.status.code(), Some(2), "{t}");
     assert!(t.contains("oauth") && t.contains("client_secret"), "{t}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_with_nothing_due_still_shows_an_unreachable_portal_within_max_age() {
+    let env = env(scenario()).await;
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    // Nothing due, the portal answering: a pass sends nothing and exits 0.
+    let quiet = env.ubsync(&["sync"]).await;
+    assert_eq!(quiet.status.code(), Some(0), "{}", text(&quiet));
+    // The portal goes away, and its last answer is older than half of health.max_age (10 min).
+    env.sims
+        .bitrix24
+        .inject(Fault::times(None, FaultKind::Html(502), 1000));
+    {
+        let store = ubsync::store::Store::open(&env.dir.path().join("state/ubsync.db")).unwrap();
+        let now = ubsync::clock::Clock::system().now();
+        let old = now - chrono::Duration::minutes(20);
+        store
+            .set_fact("bitrix24.last_contact", &ubsync::store::ts(old), old)
+            .unwrap();
+    }
+    let out = env.ubsync(&["sync"]).await;
+    let t = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "an outage past health.max_age: {t}"
+    );
+    assert!(t.contains("health.max_age"), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_runs_and_show_name_a_missing_state_file_and_create_none() {
+    let env = env(scenario()).await;
+    // A config pointing at a state no install has (as root with the service's config would).
+    env.edit_config(|t| {
+        t.replace(
+            "path = \"state/ubsync.db\"",
+            "path = \"elsewhere/ubsync.db\"",
+        )
+    });
+    let missing = env.dir.path().join("elsewhere/ubsync.db");
+    for args in [
+        &["status"][..],
+        &["runs"],
+        &["show", "1001"],
+        &["status", "--json"],
+    ] {
+        let out = env.ubsync(args).await;
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {t}");
+        assert!(
+            t.contains("there is no state file at") && t.contains("elsewhere"),
+            "{t}"
+        );
+        assert!(!missing.exists(), "{args:?} created the state file");
+    }
+    env.edit_config(|t| {
+        t.replace(
+            "path = \"elsewhere/ubsync.db\"",
+            "path = \"state/ubsync.db\"",
+        )
+    });
+    let status = env.ubsync(&["status"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    assert!(text(&status).contains("state file  "), "{}", text(&status));
+}
