@@ -47,7 +47,7 @@ pub enum Bitrix24Error {
         hint: String,
     },
     /// Telephony mode without stored OAuth tokens.
-    #[error("no OAuth tokens stored for {portal}; install the local application (`ubsync auth serve`) or run `ubsync auth set-refresh-token TOKEN`")]
+    #[error("no OAuth tokens stored for {portal}; install the local application (`ubsync auth serve`) or pipe a refresh token in: `ubsync auth set-refresh-token - < token.txt`")]
     NoTokens { portal: String },
     /// The portal rejected this request; retrying the same request cannot help.
     #[error("bitrix24 {method} failed with HTTP {status}: {code}: {description}")]

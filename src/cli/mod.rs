@@ -251,8 +251,12 @@ pub const ENV_REFRESH_TOKEN: &str = "UBSYNC_REFRESH_TOKEN";
 /// (`-` or nothing), or, with a warning, the command line.
 fn read_refresh_token(arg: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
     let token = if let Some(path) = file {
-        std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read --token-file {}", path.display()))?
+        std::fs::read_to_string(&path).map_err(|e| {
+            UsageError(format!(
+                "cannot read --token-file {} ({e}); give the file the token was saved in, or pipe the token in with `-`",
+                path.display()
+            ))
+        })?
     } else if let Some(t) = arg.filter(|t| t != "-") {
         tracing::warn!("a token given on the command line is visible in `ps` and shell history; pass `-` and pipe it in, use --token-file, or set {ENV_REFRESH_TOKEN}");
         t
@@ -367,7 +371,7 @@ fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}
         }
-        tracing::warn!("signal received: finishing the batch in flight, then stopping");
+        tracing::warn!("signal received: stopping now; the request in flight is abandoned and its calls are looked up in Bitrix24 by the next pass before anything is sent again");
         cancel.cancel();
     });
 }

@@ -39,6 +39,8 @@ pub(super) async fn backfill(path: &std::path::Path, from: &str, to: &str) -> an
     }
     let _lock = crate::lock::StateLock::acquire(&cfg.state.path)?;
     let stream = format!("backfill:{}..{}", start.to_rfc3339(), end.to_rfc3339());
+    // Messages give times in the account's zone, with its offset.
+    let tz = cfg.unitalk.timezone;
     let store = Store::open(&cfg.state.path)?;
     let resumed = store.cursor(&stream)?;
     // On resume, the calls of the range read before count as done.
@@ -46,7 +48,7 @@ pub(super) async fn backfill(path: &std::path::Path, from: &str, to: &str) -> an
         Some(c) => {
             crate::say!(
                 "backfill: resuming from {} (a previous run stopped there)",
-                c.to_rfc3339()
+                crate::timezone::rfc3339_in(c, tz)
             );
             store.calls_between(start, c)?
         }
@@ -84,7 +86,7 @@ pub(super) async fn backfill(path: &std::path::Path, from: &str, to: &str) -> an
                 done_before + p.pulled,
                 p.pushed,
                 p.tasks,
-                p.position.map(|c| c.to_rfc3339()).unwrap_or_else(|| start.to_rfc3339())
+                p.position.map(|c| crate::timezone::rfc3339_in(c, tz)).unwrap_or_else(|| crate::timezone::rfc3339_in(start, tz))
             );
         }
     }
@@ -92,12 +94,15 @@ pub(super) async fn backfill(path: &std::path::Path, from: &str, to: &str) -> an
     let at = ctx.store.lock().cursor(&stream)?;
     crate::say!("backfill: {summary}");
     if at.is_some_and(|c| c >= end) {
-        crate::say!("backfill: complete up to {}", end.to_rfc3339());
+        crate::say!(
+            "backfill: complete up to {}",
+            crate::timezone::rfc3339_in(end, tz)
+        );
     } else {
         crate::say!(
             "backfill: stopped at {}; run the same command again to continue",
-            at.map(|c| c.to_rfc3339())
-                .unwrap_or_else(|| start.to_rfc3339())
+            at.map(|c| crate::timezone::rfc3339_in(c, tz))
+                .unwrap_or_else(|| crate::timezone::rfc3339_in(start, tz))
         );
     }
     Ok(0)

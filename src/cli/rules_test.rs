@@ -173,6 +173,8 @@ pub(super) fn rules_test(
         .operator_map(Clock::system().now(), Duration::days(3650))?
         .into_keys()
         .collect();
+    // The range searched, said whatever is found.
+    let mut searched = String::new();
     let calls: Vec<(String, String)> = match call {
         Some(id) => {
             let id = id.strip_prefix("unitalk-").unwrap_or(&id).to_string();
@@ -187,15 +189,36 @@ pub(super) fn rules_test(
             }
         }
         None => {
-            let today = Clock::system()
-                .now()
-                .with_timezone(&cfg.unitalk.timezone)
-                .date_naive()
-                .to_string();
-            let from_raw = from.unwrap_or(today);
-            let to_raw = to.unwrap_or_else(|| from_raw.clone());
-            let start = super::ranges::range_bound(cfg, "--from", &from_raw, false)?;
-            let end = super::ranges::range_bound(cfg, "--to", &to_raw, true)?;
+            let tz = cfg.unitalk.timezone;
+            let (start, end) = match (from, to) {
+                (None, None) => {
+                    // The day the last passes covered: the 24 hours before the cursor (or
+                    // before now, before any pass).
+                    let end = store
+                        .cursor(crate::sync::HISTORY_STREAM)?
+                        .unwrap_or_else(|| Clock::system().now());
+                    (end - Duration::days(1), end)
+                }
+                (from, to) => {
+                    let from_raw = from.unwrap_or_else(|| {
+                        Clock::system()
+                            .now()
+                            .with_timezone(&tz)
+                            .date_naive()
+                            .to_string()
+                    });
+                    let to_raw = to.unwrap_or_else(|| from_raw.clone());
+                    (
+                        super::ranges::range_bound(cfg, "--from", &from_raw, false)?,
+                        super::ranges::range_bound(cfg, "--to", &to_raw, true)?,
+                    )
+                }
+            };
+            searched = format!(
+                " between {} and {} ({tz})",
+                start.with_timezone(&tz).format("%Y-%m-%d %H:%M"),
+                end.with_timezone(&tz).format("%Y-%m-%d %H:%M")
+            );
             store.stored_calls(start, end, MAX_CALLS)?
         }
     };
@@ -208,7 +231,9 @@ pub(super) fn rules_test(
         return Ok(0);
     }
     if decisions.is_empty() {
-        crate::say!("no stored calls in that range (a pass pulls them first)");
+        crate::say!(
+            "no stored calls{searched} (a pass pulls them first; --from/--to choose another range)"
+        );
         return Ok(0);
     }
     for d in &decisions {
@@ -216,7 +241,7 @@ pub(super) fn rules_test(
     }
     let count = |k: &str| decisions.iter().filter(|d| d["decision"] == k).count();
     crate::say!(
-        "{} calls: {} pushed, {} skipped, {} quarantined, {} waiting (nothing was sent or written){}",
+        "{} calls{searched}: {} pushed, {} skipped, {} quarantined, {} waiting (nothing was sent or written){}",
         decisions.len(),
         count("push"),
         count("skip"),

@@ -76,10 +76,16 @@ pub(super) async fn sim(args: SimArgs) -> anyhow::Result<u8> {
                 path.display()
             );
         }
-        crate::say!(
-            "Then check the set-up:  ubsync --config {} check",
-            path.display()
-        );
+        let c = path.display();
+        crate::say!("Then, in another terminal:");
+        for next in [
+            "check            # the set-up, one verdict per part",
+            "sync --dry-run   # what a pass would send",
+            "sync             # one pass",
+            "status           # what the state holds",
+        ] {
+            crate::say!("  ubsync --config {c} {next}");
+        }
     }
     crate::say!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c()

@@ -55,7 +55,7 @@ pub enum StoreError {
     #[error("state database error: {0}")]
     Sqlite(rusqlite::Error),
     /// The file is not a database, or damaged.
-    #[error("state database {path} is damaged ({cause}). Restore it from a backup, or move it aside (mv {path} {path}.broken) and run again: a fresh state file looks every call up in Bitrix24 before registering it, so nothing is pushed twice")]
+    #[error("state database {path} is damaged ({cause}). Restore it from a backup, or move it aside (mv {path} {path}.broken) and run again: a fresh state file looks every call up in Bitrix24 before registering it (verify-first), so nothing is pushed twice. The OAuth tokens (telephony mode) go with the old file: give the fresh one a token pair before the next pass, with `ubsync auth set-refresh-token -` (or reinstall the local application); to come back instead, stop ubsync and move the .broken file back")]
     Corrupt {
         path: PathBuf,
         cause: rusqlite::Error,

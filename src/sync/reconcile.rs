@@ -483,8 +483,9 @@ pub async fn reconcile(
             report.unknown.push(id);
         }
     }
-    report.from = from.to_rfc3339();
-    report.to = to.to_rfc3339();
+    // In the account's zone, with its offset, as every message gives times.
+    report.from = rfc3339_in(from, cfg.unitalk.timezone);
+    report.to = rfc3339_in(to, cfg.unitalk.timezone);
     report.dry_run = dry_run;
     let mut summary = PassSummary::default();
     if dry_run {

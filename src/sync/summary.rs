@@ -157,16 +157,21 @@ impl PassSummary {
     }
 }
 
+/// `1 call`, `2 calls`.
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 impl fmt::Display for PassSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "pulled {} calls ({} new, {} changed, {} unchanged) in {} windows; pushed {}, recordings {}, tasks {}, leads {}, skipped {}, quarantined {}; {} Bitrix24 requests, {} Unitalk requests ({} units); {:.1}s",
-            self.pulled,
+            "pulled {} ({} new, {} changed, {} unchanged) in {}; pushed {}, recordings {}, tasks {}, leads {}, skipped {}, quarantined {}; {} Bitrix24 requests, {} Unitalk requests ({} units); {:.1}s",
+            plural(self.pulled, "call"),
             self.new,
             self.changed,
             self.unchanged,
-            self.windows,
+            plural(self.windows, "window"),
             self.pushed,
             self.recordings,
             self.tasks,

@@ -216,7 +216,11 @@ async fn a_corrupt_state_file_stops_with_what_to_do() {
     let t = crate::harness::text(&out);
     assert_ne!(out.status.code(), Some(0), "{t}");
     assert!(
-        t.contains("Restore it from a backup") && t.contains("move it aside"),
+        t.contains("Restore it from a backup")
+            && t.contains("move it aside")
+            && t.contains("OAuth tokens")
+            && t.contains("set-refresh-token")
+            && t.contains("verify-first"),
         "{t}"
     );
     assert!(env.sims.bitrix24.activities().is_empty());

@@ -217,3 +217,57 @@ async fn status_runs_and_show_name_a_missing_state_file_and_create_none() {
     assert_eq!(status.status.code(), Some(0), "{}", text(&status));
     assert!(text(&status).contains("state file  "), "{}", text(&status));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_test_names_the_range_it_searched() {
+    let env = env(scenario()).await;
+    assert_eq!(env.ubsync(&["sync"]).await.status.code(), Some(0));
+    let out = env.ubsync(&["rules", "test"]).await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(" between ") && t.contains("(Europe/Kyiv)"),
+        "{t}"
+    );
+    let day = yesterday().to_string();
+    let out = env.ubsync(&["rules", "test", "--from", &day]).await;
+    let t = text(&out);
+    assert!(t.contains(&format!("3 calls between {day} 00:00")), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_say_what_to_do_and_agree_with_each_other() {
+    let env = crate::harness::TestEnv::start(scenario()).await;
+    env.write_config("telephony", "");
+    // A missing --token-file is a usage error (2), naming the file.
+    let out = env
+        .ubsync(&[
+            "auth",
+            "set-refresh-token",
+            "--token-file",
+            "/nonexistent/token.txt",
+        ])
+        .await;
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("/nonexistent/token.txt"), "{t}");
+    // Without tokens, the hint pipes the token in (never on the command line).
+    let out = env.ubsync(&["sync"]).await;
+    let t = text(&out);
+    assert!(
+        t.contains("set-refresh-token - <") && !t.contains("set-refresh-token TOKEN"),
+        "{t}"
+    );
+    // One of a thing is not "1 things".
+    let s = ubsync::sync::PassSummary {
+        pulled: 1,
+        windows: 1,
+        ..Default::default()
+    };
+    assert!(
+        s.to_string().starts_with("pulled 1 call (1 new")
+            || s.to_string().starts_with("pulled 1 call ("),
+        "{s}"
+    );
+    assert!(s.to_string().contains("in 1 window;"), "{s}");
+}

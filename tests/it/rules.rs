@@ -540,7 +540,10 @@ async fn rules_test_shows_each_calls_decisions_and_sends_nothing() {
         "the rewrite shows:\n{t}"
     );
     assert!(t.contains("\"Call back +380671112200 (101)\""), "{t}");
-    assert!(t.contains("2 calls: 1 pushed, 1 skipped"), "{t}");
+    assert!(
+        t.contains("2 calls between 2026-11-21 00:00 and 2026-11-22 00:00 (Europe/Kyiv): 1 pushed, 1 skipped"),
+        "{t}"
+    );
     let out = env
         .ubsync(&["rules", "test", "--call", &missed.to_string(), "--json"])
         .await;
