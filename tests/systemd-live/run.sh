@@ -29,6 +29,11 @@ set -uo pipefail
 
 SRC=${UBSYNC_SRC:-$(pwd)}                      # the project checkout (run from its root)
 BIN=${UBSYNC_BIN:-$SRC/target/release/ubsync}
+# DEB=path.deb: install the Debian package (packaging/deb/build.sh) instead of the manual steps;
+# DEB2=path.deb (a later version): upgrade to it at the end, then remove and purge.
+DEB=${DEB:-}
+DEB2=${DEB2:-}
+if [ -n "$DEB" ]; then UBIN=/usr/bin/ubsync; UNITS=/lib/systemd/system; else UBIN=/usr/local/bin/ubsync; UNITS=/etc/systemd/system; fi
 BASE=${BASE:-/var/tmp/ubsync-root}            # cached pristine debootstrap root (lower layer)
 WD=${WD:-/tmp/systemd-live}
 RUN=$WD/run                                   # overlay upper/work/root of this run
@@ -144,7 +149,11 @@ mount -t overlay overlay -o "lowerdir=$BASE,upperdir=$RUN/upper,workdir=$RUN/wor
   || { echo "overlay mount failed" >&2; exit 2; }
 R=$RUN/root
 # README: `cargo install --path . --root /usr/local`; we install the already built binary instead.
-install -D -m 0755 "$BIN" "$R/usr/local/bin/ubsync"
+if [ -n "$DEB" ]; then
+  cp "$DEB" "$R/root/ubsync.deb"; [ -n "$DEB2" ] && cp "$DEB2" "$R/root/ubsync-upgrade.deb"
+else
+  install -D -m 0755 "$BIN" "$R/usr/local/bin/ubsync"
+fi
 mkdir -p "$R/root/ubsync-src"
 cp -r "$SRC/README.md" "$SRC/ubsync.example.toml" "$SRC/schedules" "$SRC/systemd" "$R/root/ubsync-src/"
 
@@ -183,6 +192,16 @@ jcount() { jq_ "$1" "$2" -o cat | grep -c "$3"; }
 jgrep() { jq_ "$1" "$3" -o cat | grep -m1 -E "$2"; }
 
 # ---------------------------------------------------------------- README install steps
+if [ -n "$DEB" ]; then
+log "installing the Debian package (dpkg -i)"
+c dpkg -i /root/ubsync.deb >>"$OUT/run.log" 2>&1 \
+  && [ "$(c stat -c %a /etc/ubsync/credentials)" = 700 ] && c test -x /usr/bin/ubsync \
+  && c test -f /lib/systemd/system/ubsync.service && c test -f /etc/ubsync/ubsync.toml \
+  && pass deb-install "$(c dpkg-query -W -f='${Package} ${Version}' ubsync): binary, units, config, credentials dir 0700" \
+  || fail deb-install "see run.log"
+c grep -q '^ExecStart=/usr/bin/ubsync' /lib/systemd/system/ubsync.service \
+  && pass deb-units "units run /usr/bin/ubsync" || fail deb-units "ExecStart does not name /usr/bin/ubsync"
+else
 log "installing ubsync as README 'Deploy on Debian with systemd' says"
 c bash -ec 'cd /root/ubsync-src
 install -d -m 0755 /etc/ubsync /etc/ubsync/schedules /usr/local/share/doc/ubsync
@@ -192,6 +211,7 @@ install -m 0644 schedules/default.toml /etc/ubsync/schedules/default.toml
 install -m 0644 README.md /usr/local/share/doc/ubsync/README.md
 install -m 0644 systemd/*.service systemd/*.timer /etc/systemd/system/' >>"$OUT/run.log" 2>&1 \
   && pass readme-install "files and units installed" || fail readme-install "see run.log"
+fi
 
 if [ "$SECCOMP_KILL" = 1 ]; then
   for u in ubsync.service ubsync-daemon.service ubsync-reconcile.service ubsync@.service; do
@@ -207,7 +227,7 @@ start_sim() {  # name unitalk-port bitrix-port extra-args...
   local n=$1 pu=$2 pb=$3; shift 3
   c mkdir -p /root/$n
   c systemd-run --quiet --unit=ubsync-$n -p RuntimeMaxSec=$MAX_LIFETIME --working-directory=/root/$n \
-    /usr/local/bin/ubsync sim --write-config /root/$n/sim.toml --unitalk 127.0.0.1:$pu --bitrix24 127.0.0.1:$pb "$@"
+    $UBIN sim --write-config /root/$n/sim.toml --unitalk 127.0.0.1:$pu --bitrix24 127.0.0.1:$pb "$@"
   local i tok=""
   for i in $(seq 1 40); do
     tok=$(c journalctl -u ubsync-$n -o cat --no-pager | awk '/refresh token/{print $3; exit}')
@@ -279,7 +299,7 @@ echo "pids_visible=$(ls /proc | grep -c '^[0-9]')"
 EOF
 chmod 0755 "$R/usr/local/sbin/ubsync-probe"
 sed -e 's#^ExecStart=.*#ExecStart=/usr/local/sbin/ubsync-probe#' -e 's#^Description=.*#Description=sandbox probe (ubsync.service settings)#' \
-  "$R/etc/systemd/system/ubsync.service" >"$R/etc/systemd/system/ubsync-probe.service"
+  "$R$UNITS/ubsync.service" >"$R/etc/systemd/system/ubsync-probe.service"
 c systemctl daemon-reload
 S=$(since); c systemctl start ubsync-probe.service; rc=$?
 PROBE=$(jq_ ubsync-probe.service "$S" -o cat | grep -E '^(Seccomp|NoNewPrivs|CapEff|uid=|statedir|usr=|rawcreds|pids)' | tr '\n' ' ')
@@ -322,12 +342,14 @@ deadline=$(( $(date +%s) + 600 ))
 while [ "$(show ubsync-reconcile.service ActiveState)" != inactive ] && [ "$(show ubsync-reconcile.service ActiveState)" != failed ] \
       && [ "$(date +%s)" -lt "$deadline" ]; do sleep 2; done
 res="$(show ubsync-reconcile.service Result)/$(show ubsync-reconcile.service ExecMainStatus)"
-owner=$(c stat -c %U /var/lib/private/ubsync)
+# With no unit running the dynamic user is not allocated (stat says UNKNOWN): compare UIDs with
+# the one the sandbox probe ran as (DynamicUser= derives it from the name `ubsync`).
+owner=$(c stat -c %u /var/lib/private/ubsync); probe_uid=$(sed -n 's/.*uid=\([0-9]*\).*/\1/p' "$OUT/probe.txt")
 lost=$(jq_ "" "$S" -o cat | grep -cE 'Permission denied|readonly database|unable to open database|Failed to set up special execution directory')
 [ "$res" = success/0 ] && pass ubsync-reconcile.service "$(jgrep ubsync-reconcile.service '^report:' "$S")" \
   || fail ubsync-reconcile.service "result $res"
-if [ "$rc_sync" = 0 ] && [[ $res_sync == success/* ]] && [ "$owner" = ubsync ] && [ "$lost" = 0 ]; then
-  pass shared-user "reconcile beside the timer: sync $res_sync, reconcile $res, /var/lib/private/ubsync owned by $owner, no access lost"
+if [ "$rc_sync" = 0 ] && [[ $res_sync == success/* ]] && [ -n "$probe_uid" ] && [ "$owner" = "$probe_uid" ] && [ "$lost" = 0 ]; then
+  pass shared-user "reconcile beside the timer: sync $res_sync, reconcile $res, /var/lib/private/ubsync owned by uid $owner (user ubsync), no access lost"
 else fail shared-user "sync rc $rc_sync $res_sync, reconcile $res, owner $owner, $lost access errors"; fi
 svc status >"$OUT/status-after-reconcile.txt" 2>&1; rc=$?
 grep -q '^last reconcile.* ok:' "$OUT/status-after-reconcile.txt" && [ $rc = 0 ] \
@@ -412,10 +434,12 @@ else fail template-alone "auth rc $rc1, check rc $rc2, pass: ${line:-none}"; fi
 c systemctl disable --now ubsync@demo.timer >>"$OUT/run.log" 2>&1
 S=$(since); TMO=600 c systemctl start ubsync-reconcile@demo.service; rc=$?
 res="$(show ubsync-reconcile@demo.service Result)/$(show ubsync-reconcile@demo.service ExecMainStatus)"
-downer=$(c stat -c %U /var/lib/private/ubsync-demo)
-[ $rc = 0 ] && [ "$res" = success/0 ] && [ "$downer" = ubsync-demo ] \
-  && pass reconcile-template "ubsync-reconcile@demo.service $res, state owned by $downer" \
-  || fail reconcile-template "rc $rc $res, owner $downer"
+# The instance's own user: its directory and state file have one owner, not the main `ubsync`.
+downer=$(c stat -c %u /var/lib/private/ubsync-demo); dbowner=$(c stat -c %u /var/lib/private/ubsync-demo/state/ubsync.db)
+main_uid=$(sed -n 's/.*uid=\([0-9]*\).*/\1/p' "$OUT/probe.txt")
+[ $rc = 0 ] && [ "$res" = success/0 ] && [ "$downer" = "$dbowner" ] && [ "$downer" != "$main_uid" ] \
+  && pass reconcile-template "ubsync-reconcile@demo.service $res, state owned by uid $downer (ubsync-demo, not ubsync's $main_uid)" \
+  || fail reconcile-template "rc $rc $res, dir uid $downer, db uid $dbowner, main uid $main_uid"
 # and the main unit, its state put back, once a template instance has run beside it
 c bash -c 'rm -f /var/lib/ubsync; mv /root/aside/private-ubsync /var/lib/private/ubsync'
 S=$(since); c systemctl start ubsync.service; rc=$?
@@ -429,7 +453,7 @@ for u in ubsync.service ubsync-daemon.service ubsync-reconcile.service ubsync@de
   sc=$(sed -n 's/.*Overall exposure level for .*: \([0-9.]*\) .*/\1/p' "$OUT/security-$u.txt")
   awk -v s="$sc" 'BEGIN{exit !(s != "" && s <= 2.0)}' && pass "security $u" "exposure $sc" || fail "security $u" "exposure ${sc:-?}"
 done
-v=$(c bash -c 'cd /etc/systemd/system && systemd-analyze verify ubsync.service ubsync.timer ubsync-daemon.service ubsync-reconcile.service ubsync-reconcile.timer ubsync@demo.service ubsync@demo.timer ubsync-reconcile@demo.service ubsync-reconcile@demo.timer 2>&1'); rc=$?
+v=$(c bash -c 'cd '"$UNITS"' && systemd-analyze verify ubsync.service ubsync.timer ubsync-daemon.service ubsync-reconcile.service ubsync-reconcile.timer ubsync@demo.service ubsync@demo.timer ubsync-reconcile@demo.service ubsync-reconcile@demo.timer 2>&1'); rc=$?
 [ $rc = 0 ] && [ -z "$v" ] && pass analyze-verify "no findings" || fail analyze-verify "rc $rc: $(echo "$v" | head -3 | tr '\n' ' ')"
 
 # ---------------------------------------------------------------- 10. journal scan
@@ -440,6 +464,28 @@ k=$(grep -E "$UL" "$OUT/journal.txt" | grep -cE "$BAD")
   || fail journal-scan "$k lines: $(grep -E "$UL" "$OUT/journal.txt" | grep -E "$BAD" | head -2 | tr '\n' ' ')"
 grep -E 'ubsync\[[0-9]+\]: .*(Operation not permitted|EPERM|os error 1\))' "$OUT/journal.txt" | head -3 >"$OUT/eperm.txt"
 [ -s "$OUT/eperm.txt" ] && note eperm "$(head -1 "$OUT/eperm.txt")"
+
+# ---------------------------------------------------------------- 11. package upgrade, remove, purge
+if [ -n "$DEB" ] && [ -n "$DEB2" ]; then
+  edited=$(c grep -m1 '^portal_url' /etc/ubsync/ubsync.toml)
+  c dpkg -i /root/ubsync-upgrade.deb >>"$OUT/run.log" 2>&1; rc=$?
+  after=$(c grep -m1 '^portal_url' /etc/ubsync/ubsync.toml)
+  ver=$(c dpkg-query -W -f='${Version}' ubsync)
+  S=$(since); c systemctl start ubsync.service; rc2=$?
+  if [ $rc = 0 ] && [ "$edited" = "$after" ] && [ $rc2 = 0 ] && [ "$(show ubsync.service Result)" = success ]; then
+    pass deb-upgrade "to $ver: the edited /etc/ubsync/ubsync.toml kept ($after), a pass succeeds"
+  else fail deb-upgrade "rc $rc, config '$edited' -> '$after', pass rc $rc2"; fi
+  c dpkg -r ubsync >>"$OUT/run.log" 2>&1; rc=$?
+  if [ $rc = 0 ] && ! c test -e /usr/bin/ubsync && ! c test -e /lib/systemd/system/ubsync.service \
+     && c test -f /etc/ubsync/ubsync.toml && c test -d /var/lib/private/ubsync; then
+    pass deb-remove "binary and units gone; config, secrets and state kept"
+  else fail deb-remove "rc $rc"; fi
+  c dpkg -P ubsync >>"$OUT/run.log" 2>&1; rc=$?
+  if [ $rc = 0 ] && ! c test -e /etc/ubsync/ubsync.toml && ! c test -e /etc/ubsync/credentials \
+     && ! c test -e /var/lib/private/ubsync; then
+    pass deb-purge "config, secrets and state removed"
+  else fail deb-purge "rc $rc: $(c ls -la /etc/ubsync /var/lib/private 2>&1 | tr '\n' ' ' | cut -c1-200)"; fi
+fi
 
 T_END=$(date +%s)
 { echo; echo "container lifetime $(( T_END - T_BOOT )) s, total $(( T_END - T_START )) s, $FAILS failed"; } | tee -a "$OUT/summary.txt"
