@@ -126,7 +126,11 @@ if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null
     || timeout 300 apt-get install -y -qq systemd-container debootstrap >>"$OUT/run.log" 2>&1 \
     || { echo "cannot install systemd-container/debootstrap" >&2; exit 2; }
 fi
-[ -x "$BIN" ] || { echo "no ubsync binary at $BIN" >&2; exit 2; }
+if [ -n "$DEB" ]; then
+  [ -f "$DEB" ] || { echo "no package at $DEB (bash packaging/deb/build.sh)" >&2; exit 2; }
+else
+  [ -x "$BIN" ] || { echo "no ubsync binary at $BIN" >&2; exit 2; }
+fi
 [ -d /run/systemd/nspawn ] || touch "$WD/.created-run-nspawn"
 
 # ---------------------------------------------------------------- base root (cached)
