@@ -46,6 +46,12 @@ struct BudgetState {
     last: Option<Instant>,
 }
 
+/// Requests of the portal's bucket the client leaves unused: a second's drain, between one and a
+/// tenth of the bucket.
+fn headroom(burst: NonZeroU32, per_second: NonZeroU32) -> u32 {
+    per_second.get().min(burst.get() / 10).max(1)
+}
+
 impl RequestBudget {
     /// `retry_base` scales the spacing after 503s (from half of it up to eight times it).
     pub fn new(
@@ -55,14 +61,19 @@ impl RequestBudget {
         retry_base: Duration,
     ) -> Self {
         Self {
-            // A second's drain of headroom (at least one request): our bucket and the portal's
-            // drain on different clocks, a portal may drain in whole seconds rather than
-            // continuously, and a request admitted on the last slot here can arrive a moment
-            // early there.
+            // A second's drain of headroom, at least one request and at most a tenth of the
+            // bucket: our bucket and the portal's drain on different clocks, a portal may drain
+            // in whole seconds rather than continuously, and a request admitted on the last
+            // slot here can arrive a moment early there. (50 and 2/s: 48.)
             bucket: RateLimiter::direct(
                 Quota::per_second(per_second).allow_burst(
-                    NonZeroU32::new(burst.get().saturating_sub(per_second.get().max(1)).max(1))
-                        .expect("at least one"),
+                    NonZeroU32::new(
+                        burst
+                            .get()
+                            .saturating_sub(headroom(burst, per_second))
+                            .max(1),
+                    )
+                    .expect("at least one"),
                 ),
             ),
             max_per_10s: max_per_10s.get() as usize,
@@ -396,6 +407,14 @@ mod tests {
         assert_eq!(b.drained_to(t0 + chrono::Duration::minutes(1), 2.0), 0.0);
         assert_eq!(BucketLevel::decode(&b.encode()), Some(b));
         assert_eq!(BucketLevel::decode("garbage"), None);
+    }
+
+    #[test]
+    fn the_headroom_is_a_seconds_drain_within_a_tenth_of_the_bucket() {
+        assert_eq!(headroom(nz(50), nz(2)), 2);
+        assert_eq!(headroom(nz(10), nz(10)), 1);
+        assert_eq!(headroom(nz(1000), nz(1000)), 100);
+        assert_eq!(headroom(nz(5), nz(2)), 1);
     }
 
     #[test]
