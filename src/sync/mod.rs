@@ -19,6 +19,7 @@ mod events;
 mod execute;
 mod followup;
 mod gather;
+mod heartbeat;
 pub mod ledger;
 mod line_alerts;
 mod notify;
@@ -31,7 +32,8 @@ pub mod reconcile;
 mod record_check;
 pub mod runlog;
 mod verify;
-use verify::{verify_by_listing, verify_policy};
+use heartbeat::heartbeat;
+use verify::{dry_run_lookups, verify_by_listing, verify_policy};
 mod summary;
 mod tasks;
 mod telephony;
@@ -273,33 +275,6 @@ pub async fn run_pass_partial(
     (s, result)
 }
 
-/// Keeps proof that Bitrix24 answers even while nothing is due: a pass that got no answer from
-/// it makes one cheap authenticated request (`user.current`) once half of `health.max_age` has
-/// passed since the last answer, so an unreachable portal or a revoked token shows (as a failed
-/// pass, exit 4 past `max_age`) before the health limit, not at the next call.
-async fn heartbeat(ctx: &SyncCtx, spoke: bool) -> Result<(), SyncError> {
-    let now = ctx.clock.now();
-    if !spoke {
-        let last = ctx
-            .store
-            .lock()
-            .fact(crate::store::runs::LAST_CONTACT)?
-            .as_deref()
-            .and_then(crate::store::parse_ts);
-        let half = secs(ctx.cfg.health_max_age) / 2;
-        if last.is_some_and(|t| t <= now && now - t < half) {
-            return Ok(());
-        }
-        ctx.b24.call("user.current", serde_json::json!({})).await?;
-    }
-    ctx.store.lock().set_fact(
-        crate::store::runs::LAST_CONTACT,
-        &crate::store::ts(now),
-        now,
-    )?;
-    Ok(())
-}
-
 async fn pass(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Result<(), SyncError> {
     let cfg = &ctx.cfg;
     check_identity(ctx)?;
@@ -477,47 +452,6 @@ async fn push_due(ctx: &SyncCtx, opts: &PassOptions, s: &mut PassSummary) -> Res
         }
         if s.faults_survived == faults || opts.dry_run {
             break;
-        }
-    }
-    Ok(())
-}
-
-/// The lookups a pass makes before sending (verify-first after a lost state, probes of calls
-/// whose outcome is unknown), as a dry run's plan lines `lookup call ID: …`.
-fn dry_run_lookups(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
-    let method = match ctx.cfg.bitrix24.mode {
-        Mode::Telephony => "voximplant.statistic.get by EXTERNAL_CALL_ID",
-        Mode::Activity => "crm.activity.list by ORIGIN_ID",
-    };
-    let store = ctx.store.lock();
-    let mut ids = HashSet::new();
-    let before = store
-        .fact(FACT_VERIFY_BEFORE)?
-        .as_deref()
-        .and_then(crate::store::parse_ts);
-    if let Some(before) = before {
-        for (id, _) in store.unverified(before)? {
-            s.plan.push(format!(
-                "lookup call {id}: it started before this state file began, so Bitrix24 is asked first (a listing by date, then {method} where that proves nothing); the plan below follows the answer"
-            ));
-            ids.insert(id);
-        }
-    }
-    for w in store.work_due(ctx.clock.now() + Duration::days(36500))? {
-        let id = &w.ledger.call_id;
-        if ids.contains(id) {
-            continue;
-        }
-        if w.ledger.stage == Stage::InFlight {
-            s.plan.push(format!(
-                "lookup call {id}: its last batch had an unknown outcome ({method})"
-            ));
-            ids.insert(id.clone());
-        } else if w.ledger.task_in_flight_since.is_some() {
-            s.plan.push(format!(
-                "lookup call {id}: its task's creation had an unknown outcome (tasks.task.list)"
-            ));
-            ids.insert(id.clone());
         }
     }
     Ok(())

@@ -127,3 +127,44 @@ async fn holds_no_activity_of_ours(ctx: &SyncCtx) -> Result<bool, SyncError> {
         .and_then(Value::as_array)
         .is_some_and(Vec::is_empty))
 }
+
+/// The lookups a pass makes before sending (verify-first after a lost state, probes of calls
+/// whose outcome is unknown), as a dry run's plan lines `lookup call ID: …`.
+pub(super) fn dry_run_lookups(ctx: &SyncCtx, s: &mut PassSummary) -> Result<(), SyncError> {
+    let method = match ctx.cfg.bitrix24.mode {
+        Mode::Telephony => "voximplant.statistic.get by EXTERNAL_CALL_ID",
+        Mode::Activity => "crm.activity.list by ORIGIN_ID",
+    };
+    let store = ctx.store.lock();
+    let mut ids = HashSet::new();
+    let before = store
+        .fact(FACT_VERIFY_BEFORE)?
+        .as_deref()
+        .and_then(crate::store::parse_ts);
+    if let Some(before) = before {
+        for (id, _) in store.unverified(before)? {
+            s.plan.push(format!(
+                "lookup call {id}: it started before this state file began, so Bitrix24 is asked first (a listing by date, then {method} where that proves nothing); the plan below follows the answer"
+            ));
+            ids.insert(id);
+        }
+    }
+    for w in store.work_due(ctx.clock.now() + Duration::days(36500))? {
+        let id = &w.ledger.call_id;
+        if ids.contains(id) {
+            continue;
+        }
+        if w.ledger.stage == Stage::InFlight {
+            s.plan.push(format!(
+                "lookup call {id}: its last batch had an unknown outcome ({method})"
+            ));
+            ids.insert(id.clone());
+        } else if w.ledger.task_in_flight_since.is_some() {
+            s.plan.push(format!(
+                "lookup call {id}: its task's creation had an unknown outcome (tasks.task.list)"
+            ));
+            ids.insert(id.clone());
+        }
+    }
+    Ok(())
+}
